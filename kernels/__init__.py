@@ -1,0 +1,1 @@
+"""Triton kernels, installed as ``virchow_fast.kernels``: one op per file."""

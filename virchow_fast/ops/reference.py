@@ -1,0 +1,161 @@
+"""Pure-PyTorch specification of every op the model and the losses use.
+
+Tests, benchmarks and the CPU path all import these. Each function notes the memory traffic and
+FLOPs it costs (T tokens, H heads, D head dim, C width, K prototypes, b bottleneck, M teacher rows,
+N student rows, P pairs, bytes per element e), which predicts what a fused kernel can win.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+AllReduce = Optional[Callable[[torch.Tensor], None]]  # in-place sum across ranks, or None
+
+
+# ---------------------------------------------------------------------------------------------
+# Backbone
+# ---------------------------------------------------------------------------------------------
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+              max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+    """Non-causal attention over packed variable-length segments.
+
+    q, k, v: [T, H, D] (T = total tokens of all segments, back to back).
+    cu_seqlens: [S + 1] int32 cumulative segment offsets (0, len0, len0 + len1, ...).
+    Each segment attends only to itself. Returns o: [T, H, D] in q's dtype.
+
+    Cost: 4 T L H D FLOPs for a segment length L; eagerly it also writes and reads the
+    [H, L, L] score matrix per segment (SDPA's math path), which a flash kernel never stores.
+    Segments of equal length are batched into one SDPA call.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    offsets = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+    out = torch.empty_like(q)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_len.setdefault(n, []).append(i)
+    for n, segs in by_len.items():
+        if n == 0:
+            continue
+        idx = torch.cat([torch.arange(offsets[s], offsets[s] + n, device=q.device) for s in segs])
+        def gather(t):
+            return t.index_select(0, idx).view(len(segs), n, *t.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), scale=scale)
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(len(segs) * n, *q.shape[1:]))
+    return out
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with fp32 statistics.
+
+    x: [..., C]; weight, bias: [C]. Returns x's dtype.
+    Traffic: read x, write y (2 R C e); backward reads x, dy, writes dx (3 R C e) plus dW/db.
+    """
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(),
+                        None if bias is None else bias.float(), eps).to(x.dtype)
+
+
+def swiglu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU(first half) * second half of the packed fc1 output (timm SwiGLUPacked).
+
+    x: [..., 2H] -> [..., H]. Traffic: read 2 H, write H per row (3 R H e); backward reads
+    x and dy, writes dx (5 R H e).
+    """
+    gate, value = x.chunk(2, dim=-1)
+    return (F.silu(gate.float()) * value.float()).to(x.dtype)
+
+
+def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
+    """x + gamma * y (LayerScale then residual). x, y: [..., C]; gamma: [C] or None."""
+    return x + (y if gamma is None else y * gamma)
+
+
+# ---------------------------------------------------------------------------------------------
+# DINO / iBOT heads: teacher centering and prototype cross-entropy
+# ---------------------------------------------------------------------------------------------
+
+def prototype_logits(z: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """z: [N, b] (L2-normalised), w: [K, b] (unit rows) -> logits [N, K] in fp32.
+
+    2 N K b FLOPs; writes N K fp32 (131072 columns: 512 KiB per row).
+    """
+    return z.float() @ w.float().t()
+
+
+def softmax_center(teacher_logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
+    """softmax((t - c) / temp) over K. teacher_logits [M, K], center [K] -> probs [M, K]."""
+    return torch.softmax((teacher_logits.float() - center.float()) / temp, dim=-1)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iters: int = 3,
+                   all_reduce: AllReduce = None, total_rows: int | None = None) -> torch.Tensor:
+    """Sinkhorn-Knopp teacher probabilities (DINOv2 / SwAV): rows sum to 1, columns to M/K.
+
+    teacher_logits: [M, K] (this rank's rows). total_rows: rows across all ranks (default M;
+    for iBOT the all-reduced masked-token count). all_reduce sums the [K] column sums and the
+    scalar total across ranks so the batch is the global batch.
+    Q = exp(t / temp), then n_iters x (columns to 1/K, rows to 1/B), finally rows scaled to 1.
+    Logits of unit vectors lie in [-1, 1], so exp(1 / 0.04) is safe in fp32.
+    """
+    q = torch.exp(teacher_logits.float() / temp)  # [M, K]
+    n_rows = float(total_rows if total_rows is not None else q.shape[0])
+    n_protos = q.shape[1]
+    total = q.sum().reshape(1)
+    if all_reduce is not None:
+        all_reduce(total)
+    q = q / total
+    for _ in range(n_iters):
+        col = q.sum(dim=0)  # [K]
+        if all_reduce is not None:
+            all_reduce(col)
+        q = q / col / n_protos
+        q = q / q.sum(dim=1, keepdim=True) / n_rows
+    return q * n_rows
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """-sum_k p_k log softmax(s / t_s)_k per row. student_logits, teacher_probs: [P, K] -> [P]."""
+    return -(teacher_probs * torch.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
+
+
+def teacher_probs(teacher_z: torch.Tensor, teacher_w: torch.Tensor, teacher_temp: float, centering: str,
+                  center: torch.Tensor | None = None, sinkhorn_iters: int = 3,
+                  all_reduce: AllReduce = None, total_rows: int | None = None) -> torch.Tensor:
+    """Teacher targets [M, K] from bottleneck features [M, b] and prototypes [K, b]."""
+    logits = prototype_logits(teacher_z, teacher_w)
+    if centering == "sinkhorn":
+        return sinkhorn_knopp(logits, teacher_temp, sinkhorn_iters, all_reduce, total_rows)
+    if centering == "softmax":
+        return softmax_center(logits, center, teacher_temp)
+    raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
+
+
+def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: torch.Tensor,
+                   teacher_w: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor,
+                   pair_weight: torch.Tensor, student_temp: float, teacher_temp: float,
+                   centering: str, center: torch.Tensor | None = None, sinkhorn_iters: int = 3,
+                   all_reduce: AllReduce = None, total_rows: int | None = None):
+    """The whole head loss from bottleneck features: the op the fused kernel replaces.
+
+    student_z: [N, b], student_w: [K, b] (gets gradients); teacher_z: [M, b], teacher_w: [K, b]
+    (no gradients). Pairs p = 0..P-1 score student row s_idx[p] against teacher row t_idx[p]
+    with weight pair_weight[p] ([P] fp32); the loss is sum_p w_p CE_p.
+    Returns (loss scalar, teacher logit mean [K] over this rank's rows, for the softmax center's
+    EMA; the caller all-reduces it).
+    Eagerly: [N, K] student logits, [M, K] teacher logits and probabilities, [P, K] gathered
+    copies and their gradients; the fused kernel keeps none of them.
+    """
+    with torch.no_grad():
+        t_logits = prototype_logits(teacher_z, teacher_w)
+        if centering == "sinkhorn":
+            probs = sinkhorn_knopp(t_logits, teacher_temp, sinkhorn_iters, all_reduce, total_rows)
+        else:
+            probs = softmax_center(t_logits, center, teacher_temp)
+        logit_mean = t_logits.mean(dim=0)
+    s_logits = prototype_logits(student_z, student_w)
+    ce = soft_cross_entropy(s_logits.index_select(0, s_idx), probs.index_select(0, t_idx), student_temp)
+    return (ce * pair_weight).sum(), logit_mean
