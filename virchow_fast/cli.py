@@ -1,0 +1,66 @@
+"""``virchow-fast``: the command line. No logic of its own: each command parses and delegates."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .config import ConfigError, describe, load_config
+
+
+def _load(config: str | None, overrides: tuple[str, ...]):
+    try:
+        return load_config(config, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group()
+@click.version_option(package_name="virchow-fast")
+def main() -> None:
+    """Fast DINOv2 / Virchow 2 pretraining for pathology foundation models."""
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), required=True, help="YAML config file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")
+@click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint in the run directory")
+def train(config: str, overrides: tuple[str, ...], resume: bool) -> None:
+    """Train (single process, or one rank of a torchrun launch)."""
+    cfg = _load(config, overrides)
+    from .train.loop import run
+
+    run_dir = run(cfg, resume=resume, config_path=config)
+    click.echo(f"run directory: {run_dir}")
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(dir_okay=False), required=True, help="YAML config file")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")
+def info(config: str, overrides: tuple[str, ...]) -> None:
+    """Parameter counts (meta device), tokens per crop and FLOPs per tile per step."""
+    cfg = _load(config, overrides)
+    from .model.info import model_info, format_info
+
+    click.echo(format_info(model_info(cfg)))
+
+
+@main.command("config-help")
+def config_help() -> None:
+    """Every config key with its default and documentation."""
+    click.echo("\n".join(describe()))
+
+
+def _register_optional_commands() -> None:
+    """Commands that live beside their subsystem (e.g. ``tiles`` in data/)."""
+    try:
+        from .data.cli import tiles
+    except ImportError:
+        return
+    main.add_command(tiles)
+
+
+_register_optional_commands()
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""iBOT block masks for the student's global crops (DINOv2's MaskingGenerator and collate rule).
+
+Of the n_global * B global crops, ``round(mask_probability * n)`` get a mask; their target ratios
+are spread over [ratio_min, ratio_max] (one draw in each of the equal sub-intervals), the others
+get none, and the order is shuffled. A mask is a union of rectangular blocks of at least
+``min_block_patches`` patches with aspect ratio in [aspect_min, 1 / aspect_min].
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def block_mask(rng: np.random.Generator, grid: int, n_target: int, min_block: int = 4,
+               aspect_min: float = 0.3) -> np.ndarray:
+    """A [grid, grid] bool mask with about ``n_target`` patches set, built from blocks."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    max_block = max(min_block, n_target)
+    log_aspect = (math.log(aspect_min), -math.log(aspect_min))
+    count = 0
+    stalls = 0
+    while count < n_target and stalls < 20:
+        budget = n_target - count
+        hi = min(max_block, budget)
+        if hi < min_block:
+            break
+        added = 0
+        for _ in range(10):
+            area = rng.uniform(min_block, hi)
+            aspect = math.exp(rng.uniform(*log_aspect))
+            h = int(round(math.sqrt(area * aspect)))
+            w = int(round(math.sqrt(area / aspect)))
+            if h < 1 or w < 1 or h * w < min_block or h > grid or w > grid:
+                continue
+            top = int(rng.integers(0, grid - h + 1))
+            left = int(rng.integers(0, grid - w + 1))
+            region = mask[top:top + h, left:left + w]
+            new = h * w - int(region.sum())
+            if 0 < new <= budget:
+                region[...] = True
+                added = new
+                break
+        count += added
+        stalls = stalls + 1 if added == 0 else 0
+    return mask
+
+
+def collate_masks(rng: np.random.Generator, n_images: int, grid: int, mask_probability: float,
+                  ratio_min: float, ratio_max: float, min_block: int = 4, aspect_min: float = 0.3) -> np.ndarray:
+    """Masks for ``n_images`` global crops: [n_images, grid * grid] bool."""
+    n_patches = grid * grid
+    n_masked = int(round(n_images * mask_probability))
+    bounds = np.linspace(ratio_min, ratio_max, n_masked + 1)
+    masks = np.zeros((n_images, n_patches), dtype=bool)
+    for i in range(n_masked):
+        ratio = rng.uniform(bounds[i], bounds[i + 1])
+        masks[i] = block_mask(rng, grid, int(n_patches * ratio), min_block, aspect_min).reshape(-1)
+    return masks[rng.permutation(n_images)]
