@@ -1,0 +1,341 @@
+"""Fused DINO / iBOT head loss: prototype cross-entropy with Sinkhorn-Knopp or softmax-center
+teacher targets, without ever storing a [rows, K] logit matrix.
+
+Spec: :func:`virchow_fast.ops.reference.prototype_loss`. Notation: student features Z [N, b],
+student prototypes W [K, b], teacher features Zt [M, b], teacher prototypes Wt [K, b], pairs
+(s_p, t_p, w_p), p = 0..P-1; S = Z W^T, T = Zt Wt^T (never materialised).
+
+The teacher targets are kept as two scaling vectors: p_mk = exp(T_mk / t_t + beta_k + alpha_m).
+  softmax-center: beta = -center / t_t, alpha_m = -logsumexp_k(T_mk / t_t + beta_k).
+  Sinkhorn-Knopp: Q = diag(r) exp(T / t_t) diag(c) in log form; each iteration is one column pass
+  (S_k = sum_m exp(T_mk / t_t + alpha_m), all-reduced, beta = -log(K S_k)) and one row pass
+  (alpha = -logsumexp_k(...) - log(total_rows)); the last row pass leaves rows summing to 1.
+  The reference's initial division by the grand total is a uniform row scale that the first column
+  pass cancels exactly, so it is skipped (one all-reduce fewer) unless n_iters == 0.
+The loss is linear in the targets, so the cross term needs only y = P Wt-targets @ W, [M, b]:
+  CE_p = lse_s(S / t_s) - (1 / t_s) z_s . y_t          (rows of P sum to 1)
+and the gradients are
+  dZ = (g * (softmax(S / t_s) @ W) - Ybar) / t_s,     g_n = sum_{p: s_p = n} w_p,  Ybar_n = sum w_p y_t
+  dW = (softmax(S / t_s)^T (g Z) - P^T Zbar) / t_s,   Zbar_m = sum_{p: t_p = m} w_p z_s
+Three tiled kernels cover every pass (each recomputes its logit tile from the features):
+  _row_lse: per-row logsumexp over K            (split over K, partials merged on the host)
+  _row_expect: per-row sum_k p_k V_k, V [K, b]    (split over K, partials summed)
+  _col_reduce: per-prototype sum_m p_mk g_m  or  sum_m p_mk V_m, V [M, b]
+Stored: vectors over M, N, K and [M|N, b], [K, b] matrices plus split-K partials
+(splits x rows x b fp32, bounded by ~4 programs per SM); the gradients are computed in the forward
+(the loss is a scalar) and scaled by the incoming gradient in the backward, as Liger's fused
+linear cross-entropy does.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+AllReduce = Optional[Callable[[torch.Tensor], None]]
+
+# fp32 features use TF32 tensor cores on the GPU unless VIRCHOW_FAST_HEAD_LOSS_PRECISION=ieee
+# (logits are divided by t_t = 0.04 so TF32's ~1e-3 relative error shows in the targets).
+_PRECISION = os.environ.get("VIRCHOW_FAST_HEAD_LOSS_PRECISION", "tf32")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# jit kernels
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """[BLOCK_R, BLOCK_C] fp32 tile of z[rows] @ w[cols]^T; z: [R, D], w: [C, D]."""
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        zt = tl.load(z_ptr + rows[:, None] * stride_z + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + cols[:, None] * stride_w + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(zt, tl.trans(wt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_lse_kernel(z_ptr,      # [R, D] features
+                    w_ptr,      # [C, D] prototypes
+                    beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
+                    m_ptr,      # [SPLITS, R] fp32 out: partial running max
+                    l_ptr,      # [SPLITS, R] fp32 out: partial sum of exp(x - max)
+                    R, C, D, stride_z, stride_w, scale, cols_per_split,
+                    HAS_BETA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_R,), tl.float32)
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < c_hi
+        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
+                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale
+        if HAS_BETA:
+            x += tl.load(beta_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        x = tl.where(col_ok[None, :], x, float("-inf"))
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
+        m = m_new
+    tl.store(m_ptr + split * R + rows, m, mask=row_ok)
+    tl.store(l_ptr + split * R + rows, l, mask=row_ok)
+
+
+@triton.jit
+def _row_expect_kernel(z_ptr,      # [R, D] features
+                       w_ptr,      # [C, D] prototypes
+                       beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
+                       alpha_ptr,  # [R] fp32 row bias
+                       v_ptr,      # [C, E] values (student prototypes)
+                       out_ptr,    # [SPLITS, R, E] fp32 out: sum_k p_rk v_k over this split
+                       R, C, D, E, stride_z, stride_w, stride_v, scale, cols_per_split,
+                       HAS_BETA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+    pid_r = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < R
+    alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_R, BLOCK_E), tl.float32)
+    c_lo = split * cols_per_split
+    c_hi = tl.minimum(c_lo + cols_per_split, C)
+    for c0 in range(c_lo, c_hi, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < c_hi
+        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
+                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale + alpha[:, None]
+        if HAS_BETA:
+            x += tl.load(beta_ptr + cols, mask=col_ok, other=0.0)[None, :]
+        p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
+        v = tl.load(v_ptr + cols[:, None] * stride_v + e[None, :], mask=col_ok[:, None] & e_ok[None, :], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+    out = out_ptr + split * R * E + rows[:, None] * E + e[None, :]
+    tl.store(out, acc, mask=row_ok[:, None] & e_ok[None, :])
+
+
+@triton.jit
+def _col_reduce_kernel(z_ptr,      # [R, D] features
+                       w_ptr,      # [C, D] prototypes
+                       beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
+                       alpha_ptr,  # [R] fp32 row bias
+                       v_ptr,      # [R, E] row values (HAS_V) or unused
+                       out_ptr,    # [C, E] fp32 out (HAS_V) or [C] fp32 out: sum_r p_rc (v_r)
+                       R, C, D, E, stride_z, stride_w, stride_v, scale,
+                       HAS_BETA: tl.constexpr, HAS_V: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    pid_c = tl.program_id(0)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    beta = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc_v = tl.zeros((BLOCK_C, BLOCK_E), tl.float32)
+    acc_s = tl.zeros((BLOCK_C,), tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        row_ok = rows < R
+        alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
+                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale
+        p = tl.exp(x + alpha[:, None] + beta[None, :])
+        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        if HAS_V:
+            v = tl.load(v_ptr + rows[:, None] * stride_v + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
+            acc_v = tl.dot(tl.trans(p).to(v.dtype), v, acc_v, input_precision=PRECISION)
+        else:
+            acc_s += tl.sum(p, axis=0)
+    if HAS_V:
+        tl.store(out_ptr + cols[:, None] * E + e[None, :], acc_v, mask=col_ok[:, None] & e_ok[None, :])
+    else:
+        tl.store(out_ptr + cols, acc_s, mask=col_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# launchers
+# ---------------------------------------------------------------------------------------------
+
+def _blocks(d: int, e: int = 16):
+    block_r, block_c = (16, 32) if _interpreting() else (64, 64)
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    return block_r, block_c, block_d, max(16, triton.next_power_of_2(e))
+
+
+def _splits(device: torch.device, row_blocks: int, cols: int, block_c: int):
+    """Split K so that rows x splits fills the GPU (~4 programs per SM); returns (splits, cols per split)."""
+    target = 4 if device.type != "cuda" else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(triton.cdiv(cols, block_c), triton.cdiv(target, row_blocks)))
+    per = triton.cdiv(triton.cdiv(cols, splits), block_c) * block_c
+    return triton.cdiv(cols, per), per
+
+
+def _same_dtype(z: torch.Tensor, w: torch.Tensor):
+    dt = torch.promote_types(z.dtype, w.dtype)
+    return z.to(dt).contiguous(), w.to(dt).contiguous()
+
+
+def row_lse(z, w, scale: float, beta=None):
+    """logsumexp_k(scale * (z @ w^T) + beta) -> [R] fp32. z: [R, D], w: [C, D], beta: [C] or None."""
+    z, w = _same_dtype(z, w)
+    (R, D), C = z.shape, w.shape[0]
+    br, bc, bd, _ = _blocks(D)
+    splits, per = _splits(z.device, triton.cdiv(R, br), C, bc)
+    m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _row_lse_kernel[(triton.cdiv(R, br), splits)](
+        z, w, beta if beta is not None else m, m, l, R, C, D, z.stride(0), w.stride(0), scale, per,
+        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_PRECISION)
+    return torch.logsumexp(m + l.log(), dim=0)
+
+
+def row_expect(z, w, scale: float, beta, alpha, v):
+    """sum_k exp(scale * (z @ w^T) + beta + alpha[:, None])_rk v_k -> [R, E] fp32; v: [C, E]."""
+    z, w = _same_dtype(z, w)
+    v = v.contiguous()
+    (R, D), (C, E) = z.shape, v.shape
+    br, bc, bd, be = _blocks(D, E)
+    splits, per = _splits(z.device, triton.cdiv(R, br), C, bc)
+    out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
+    _row_expect_kernel[(triton.cdiv(R, br), splits)](
+        z, w, beta if beta is not None else alpha, alpha.contiguous(), v, out, R, C, D, E,
+        z.stride(0), w.stride(0), v.stride(0), scale, per,
+        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION)
+    return out.sum(0) if splits > 1 else out[0]
+
+
+def col_reduce(z, w, scale: float, beta, alpha, v=None):
+    """sum_r p_rc v_r -> [C, E] fp32 (or sum_r p_rc -> [C] without v), p = exp(scale z w^T + beta + alpha)."""
+    z, w = _same_dtype(z, w)
+    (R, D), C = z.shape, w.shape[0]
+    E = v.shape[1] if v is not None else 1
+    br, bc, bd, be = _blocks(D, E)
+    out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
+    v = v.contiguous() if v is not None else out
+    _col_reduce_kernel[(triton.cdiv(C, bc),)](
+        z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
+        z.stride(0), w.stride(0), v.stride(0), scale,
+        HAS_BETA=beta is not None, HAS_V=v is not out, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd,
+        BLOCK_E=be, PRECISION=_PRECISION)
+    return out
+
+
+def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, center=None,
+                     sinkhorn_iters: int = 3, all_reduce: AllReduce = None, total_rows: int | None = None):
+    """(alpha [M], beta [K]) with teacher probs p_mk = exp(T_mk / t_t + beta_k + alpha_m), fp32.
+
+    Equals :func:`reference.teacher_probs` without storing [M, K]; all_reduce sums the [K] column
+    sums (and the grand total when sinkhorn_iters == 0) across ranks, as the reference does.
+    """
+    M, K = teacher_z.shape[0], teacher_w.shape[0]
+    inv_t = 1.0 / teacher_temp
+    if centering == "softmax":
+        beta = -center.float() * inv_t
+        return -row_lse(teacher_z, teacher_w, inv_t, beta), beta
+    if centering != "sinkhorn":
+        raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
+    n_rows = float(total_rows if total_rows is not None else M)
+    alpha = torch.zeros(M, device=teacher_z.device, dtype=torch.float32)
+    beta = None
+    for _ in range(sinkhorn_iters):
+        col = col_reduce(teacher_z, teacher_w, inv_t, None, alpha)  # [K] sum_m exp(T / t_t + alpha)
+        if all_reduce is not None:
+            all_reduce(col)
+        beta = -torch.log(col * K)
+        alpha = -row_lse(teacher_z, teacher_w, inv_t, beta)  # rows to 1 (the reference's 1/B, then * B)
+    if beta is None:  # no iteration: exp(T / t_t) / total * total_rows
+        total = col_reduce(teacher_z, teacher_w, inv_t, None, alpha).sum().reshape(1)
+        if all_reduce is not None:
+            all_reduce(total)
+        alpha = alpha + math.log(n_rows) - torch.log(total)
+    return alpha, beta
+
+
+def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight,
+                    student_temp, teacher_temp, centering, center, sinkhorn_iters, all_reduce,
+                    total_rows, need_grad: bool):
+    inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
+    with torch.no_grad():
+        alpha, beta = teacher_scalings(teacher_z, teacher_w, teacher_temp, centering, center,
+                                       sinkhorn_iters, all_reduce, total_rows)
+        y = row_expect(teacher_z, teacher_w, inv_tt, beta, alpha, student_w)  # [M, b] = P @ W
+        lse = row_lse(student_z, student_w, inv_ts)  # [N]
+        zs = student_z.float().index_select(0, s_idx)  # [P, b]
+        yt = y.index_select(0, t_idx)  # [P, b]
+        w = pair_weight.float()
+        loss = (w * (lse.index_select(0, s_idx) - inv_ts * (zs * yt).sum(1))).sum()
+        logit_mean = teacher_z.float().mean(0) @ teacher_w.float().t()  # mean_m T_mk, [K]
+        if not need_grad:
+            return loss, logit_mean, None, None
+        N, M = student_z.shape[0], teacher_z.shape[0]
+        g = torch.zeros(N, device=w.device).index_add_(0, s_idx, w)  # [N]
+        ybar = torch.zeros_like(student_z, dtype=torch.float32).index_add_(0, s_idx, w[:, None] * yt)
+        zbar = torch.zeros(M, zs.shape[1], device=w.device).index_add_(0, t_idx, w[:, None] * zs)
+        soft_w = row_expect(student_z, student_w, inv_ts, None, -lse, student_w)  # softmax(S/t_s) @ W
+        d_z = (g[:, None] * soft_w - ybar) * inv_ts
+        gz = (g[:, None] * student_z.float()).to(student_w.dtype)
+        d_w = col_reduce(student_z, student_w, inv_ts, None, -lse, gz)
+        d_w -= col_reduce(teacher_z, teacher_w, inv_tt, beta, alpha, zbar.to(student_w.dtype))
+        d_w *= inv_ts
+    return loss, logit_mean, d_z, d_w
+
+
+class _PrototypeLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight, student_temp,
+                teacher_temp, centering, center, sinkhorn_iters, all_reduce, total_rows):
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss, logit_mean, d_z, d_w = _loss_and_grads(
+            student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight, student_temp,
+            teacher_temp, centering, center, sinkhorn_iters, all_reduce, total_rows, need)
+        if need:
+            ctx.save_for_backward(d_z.to(student_z.dtype), d_w.to(student_w.dtype))
+        ctx.mark_non_differentiable(logit_mean)
+        return loss, logit_mean
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_mean):
+        d_z, d_w = ctx.saved_tensors
+        return (d_z * grad_loss, d_w * grad_loss) + (None,) * 12
+
+
+def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: torch.Tensor,
+                   teacher_w: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor,
+                   pair_weight: torch.Tensor, student_temp: float, teacher_temp: float,
+                   centering: str, center: torch.Tensor | None = None, sinkhorn_iters: int = 3,
+                   all_reduce: AllReduce = None, total_rows: int | None = None):
+    """Fused head loss; same contract as :func:`virchow_fast.ops.reference.prototype_loss`.
+
+    student_z: [N, b], student_w: [K, b] (both may require grad); teacher_z: [M, b],
+    teacher_w: [K, b] (no grad); s_idx, t_idx: [P] int64 pair rows; pair_weight: [P] fp32;
+    center: [K] for centering="softmax". Returns (loss scalar fp32, teacher logit mean [K] fp32).
+    Memory: O((N + M + K) b + splits R b) fp32, no [N, K] or [M, K] buffer.
+    """
+    if centering == "softmax" and center is None:
+        raise ValueError("centering='softmax' needs center [K]")
+    return _PrototypeLoss.apply(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight,
+                                student_temp, teacher_temp, centering, center, sinkhorn_iters,
+                                all_reduce, total_rows)
+
+
+__all__ = ["prototype_loss", "teacher_scalings", "row_lse", "row_expect", "col_reduce"]
