@@ -1,0 +1,193 @@
+"""LayerNorm over the last dim, forward and backward, fp32 statistics.
+
+Spec: :func:`virchow_fast.ops.reference.layer_norm`. Traffic (R rows, C width, e bytes):
+forward reads x, writes y (2 R C e); backward reads x and dy, writes dx (3 R C e) plus one fp32
+[C] partial per program for dW and db. The backward runs a bounded number of programs (a few per
+SM), each looping over a contiguous run of rows and keeping its dW/db partial in registers, so the
+final reduction is a small [G, C] sum with no atomics or locks at any row count.
+
+Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import check_float, last_dim_contiguous, next_pow2, num_programs
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernels
+# ------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _ln_fwd_kernel(
+    X,  # [R, C] x, row stride stride_x
+    Y,  # [R, C] y (out), row stride stride_y
+    W,  # [C]
+    B,  # [C] or dummy when not HAS_BIAS
+    Mean,  # [R] fp32 (out)
+    Rstd,  # [R] fp32 (out)
+    stride_x, stride_y, C, eps,
+    HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / C
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    y = xc * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Mean + row, mean)
+    tl.store(Rstd + row, rstd)
+
+
+@triton.jit
+def _ln_bwd_kernel(
+    DY,  # [R, C] upstream gradient, row stride stride_dy
+    X,  # [R, C] forward input, row stride stride_x
+    W,  # [C]
+    Mean,  # [R] fp32
+    Rstd,  # [R] fp32
+    DX,  # [R, C] (out), row stride stride_dx
+    DW_partial,  # [G, C] fp32 (out), one row per program
+    DB_partial,  # [G, C] fp32 (out)
+    stride_dy, stride_x, stride_dx, R, C, rows_per_program,
+    BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_C], dtype=tl.float32)
+    db = tl.zeros([BLOCK_C], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64: the loop variable inherits it
+    row_end = tl.minimum(row_start + rows_per_program, R)
+    for r in range(row_start, row_end):
+        x = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(Mean + r)
+        rstd = tl.load(Rstd + r)
+        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / C
+        c2 = tl.sum(wdy, axis=0) / C
+        dx = (wdy - (xhat * c1 + c2)) * rstd
+        tl.store(DX + r * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    tl.store(DW_partial + pid * C + cols, dw, mask=mask)
+    tl.store(DB_partial + pid * C + cols, db, mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Launchers
+# ------------------------------------------------------------------------------------------------
+
+def _warps(block_c: int) -> int:
+    return min(max(block_c // 256, 1), 16)
+
+
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
+    """x: [R, C] -> y [R, C] (x.dtype), mean [R] fp32, rstd [R] fp32."""
+    x = last_dim_contiguous(x)
+    R, C = x.shape
+    y = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    mean = torch.empty(R, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+    if R == 0:
+        return y, mean, rstd
+    block_c = next_pow2(C)
+    _ln_fwd_kernel[(R,)](
+        x, y, weight, bias if bias is not None else weight, mean, rstd,
+        x.stride(0), y.stride(0), C, eps,
+        HAS_BIAS=bias is not None, BLOCK_C=block_c, num_warps=_warps(block_c),
+    )
+    return y, mean, rstd
+
+
+def _backward(dy, x, weight, mean, rstd):
+    """-> dx [R, C] (x.dtype), dw [C] fp32, db [C] fp32."""
+    dy, x = last_dim_contiguous(dy), last_dim_contiguous(x)
+    R, C = x.shape
+    dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
+    g = num_programs(x.device, R)
+    dw_partial = torch.empty((g, C), dtype=torch.float32, device=x.device)
+    db_partial = torch.empty((g, C), dtype=torch.float32, device=x.device)
+    if R == 0:
+        return dx, dw_partial.zero_().sum(0), db_partial.zero_().sum(0)
+    block_c = next_pow2(C)
+    _ln_bwd_kernel[(g,)](
+        dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
+        dy.stride(0), x.stride(0), dx.stride(0), R, C, triton.cdiv(R, g),
+        BLOCK_C=block_c, num_warps=_warps(block_c),
+    )
+    return dx, dw_partial.sum(0), db_partial.sum(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops: torch.compile and FSDP see two opaque ops with fake (meta) implementations
+# ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("virchow_fast::layer_norm_fwd", mutates_args=())
+def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _forward(x, weight, bias, eps)
+
+
+@_layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    R, C = x.shape
+    stats = x.new_empty(R, dtype=torch.float32)
+    return x.new_empty((R, C)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("virchow_fast::layer_norm_bwd", mutates_args=())
+def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, mean, rstd)
+
+
+@_layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd):
+    C = x.shape[1]
+    return x.new_empty(x.shape), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _autograd_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd)
+    return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype) if ctx.has_bias else None, None
+
+
+_layer_norm_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public function
+# ------------------------------------------------------------------------------------------------
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with fp32 statistics (same contract as the reference).
+
+    x: [..., C] fp32 / fp16 / bf16; weight, bias: [C] (any float dtype; bias may be None).
+    Returns y: [..., C] in x's dtype.
+    """
+    check_float("layer_norm x", x)
+    C = x.shape[-1]
+    y, _, _ = _layer_norm_fwd(x.reshape(-1, C), weight, bias, float(eps))
+    return y.view(x.shape)

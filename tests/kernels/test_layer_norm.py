@@ -1,0 +1,65 @@
+"""LayerNorm kernel vs ops/reference.py: forward, dX, dW, db; awkward widths and row counts."""
+import pytest
+import torch
+
+from virchow_fast.ops import reference
+
+ln = pytest.importorskip("virchow_fast.kernels.layer_norm")
+
+# (atol, rtol) of the kernel against the fp32 reference, per input dtype. fp16/bf16: the output
+# rounding (2^-11 / 2^-8 relative) dominates; dW/db sum R rows, so their atol grows with R a little.
+TOL = {
+    torch.float32: {"y": (1e-5, 1e-5), "dx": (1e-4, 1e-4), "dw": (1e-4, 1e-4)},
+    torch.float16: {"y": (4e-3, 4e-3), "dx": (8e-3, 8e-3), "dw": (2e-2, 1e-2)},
+    torch.bfloat16: {"y": (3e-2, 2e-2), "dx": (6e-2, 3e-2), "dw": (1e-1, 2e-2)},
+}
+DTYPES = list(TOL)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+
+
+def _check(shape, dtype, device, close, has_bias=True, eps=1e-6):
+    C = shape[-1]
+    x = torch.randn(shape, device=device, dtype=dtype) * 2 + 0.5
+    w = (torch.randn(C, device=device) * 0.5 + 1).requires_grad_()
+    b = (torch.randn(C, device=device) * 0.1).requires_grad_() if has_bias else None
+    dy = torch.randn(shape, device=device, dtype=dtype)
+    params = [w] + ([b] if has_bias else [])
+
+    xk = x.clone().requires_grad_()
+    y = ln.layer_norm(xk, w, b, eps)
+    grads = torch.autograd.grad(y, [xk] + params, dy)
+
+    xr = x.float().requires_grad_()
+    yr = reference.layer_norm(xr, w, b, eps)
+    ref_grads = torch.autograd.grad(yr, [xr] + params, dy.float())
+
+    tol = TOL[dtype]
+    assert y.dtype == dtype and y.shape == x.shape
+    close(y, yr, tol["y"], "y")
+    close(grads[0], ref_grads[0], tol["dx"], "dx")
+    close(grads[1], ref_grads[1], tol["dw"], "dw")
+    if has_bias:
+        close(grads[2], ref_grads[2], tol["dw"], "db")
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1280), (1, 1664), (37, 1280), (2, 7, 1664), (13, 100), (5, 3)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm(shape, dtype, device, close):
+    _check(shape, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_layer_norm_no_bias_and_strided_rows(device, close):
+    _check((11, 96), torch.float32, device, close, has_bias=False)
+    x = torch.randn(23, 2, 64, device=device)[:, 1]  # row stride 128, unit column stride
+    w, b = torch.randn(64, device=device), torch.randn(64, device=device)
+    close(ln.layer_norm(x, w, b, 1e-5), reference.layer_norm(x, w, b, 1e-5), TOL[torch.float32]["y"], "y")
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(30528, 1280), (30528, 1664), (4099, 1664)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_gpu(shape, dtype, close):
+    _check(shape, dtype, torch.device("cuda"), close)
