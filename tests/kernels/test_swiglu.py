@@ -1,0 +1,57 @@
+"""SwiGLU kernel vs ops/reference.py: forward and dX on the model's widths and awkward ones."""
+import pytest
+import torch
+
+from virchow_fast.ops import reference
+
+sw = pytest.importorskip("virchow_fast.kernels.swiglu")
+
+# (atol, rtol) against the fp32 reference, per input dtype: one rounding of the output.
+TOL = {
+    torch.float32: {"y": (1e-5, 1e-5), "dx": (1e-5, 1e-5)},
+    torch.float16: {"y": (2e-3, 2e-3), "dx": (4e-3, 4e-3)},
+    torch.bfloat16: {"y": (1.6e-2, 1.6e-2), "dx": (3e-2, 1.6e-2)},
+}
+DTYPES = list(TOL)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+
+
+def _check(shape, dtype, device, close):
+    x = torch.randn(shape, device=device, dtype=dtype) * 2
+    dy = torch.randn(*shape[:-1], shape[-1] // 2, device=device, dtype=dtype)
+    xk = x.clone().requires_grad_()
+    y = sw.swiglu(xk)
+    (dx,) = torch.autograd.grad(y, xk, dy)
+    xr = x.float().requires_grad_()
+    yr = reference.swiglu(xr)
+    (dxr,) = torch.autograd.grad(yr, xr, dy.float())
+    assert y.dtype == dtype and y.shape == yr.shape
+    close(y, yr, TOL[dtype]["y"], "y")
+    close(dx, dxr, TOL[dtype]["dx"], "dx")
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# 6832 = ViT-H fc1 (2 x 3416), 10928 = ViT-G fc1 (2 x 5464); 2 x 1037: H not a multiple of the block.
+@pytest.mark.parametrize("shape", [(1, 6832), (7, 10928), (3, 5, 2074), (13, 6), (1, 2)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_swiglu(shape, dtype, device, close):
+    _check(shape, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_swiglu_strided_rows(device, close):
+    x = torch.randn(17, 3, 40, device=device)[:, 1]  # row stride 120
+    close(sw.swiglu(x), reference.swiglu(x), TOL[torch.float32]["y"], "y")
+
+
+def test_swiglu_odd_width_rejected(device):
+    with pytest.raises(ValueError):
+        sw.swiglu(torch.randn(2, 5, device=device))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(30528, 6832), (30528, 10928), (4099, 2074)], ids=lambda s: "x".join(map(str, s)))
+def test_swiglu_gpu(shape, dtype, close):
+    _check(shape, dtype, torch.device("cuda"), close)
