@@ -117,7 +117,8 @@ class TileLoader:
     def _make_iter(self) -> Iterator[Batch]:
         loader = DataLoader(self.dataset, batch_size=None, sampler=_From(self.next_step),
                             num_workers=self.num_workers, persistent_workers=False,
-                            prefetch_factor=2 if self.num_workers else None)
+                            prefetch_factor=2 if self.num_workers else None,
+                            generator=torch.Generator())  # keep the global RNG untouched (exact resume)
         return iter(loader)
 
     def __iter__(self) -> "TileLoader":

@@ -1,0 +1,34 @@
+"""Regularisers that spread the student's cls features over the sphere.
+
+KoLeo (DINOv2): -mean_i log(min_j ||x_i - x_j|| + eps); it blows up on near-duplicates, which
+pathology tiles often are. KDE (Virchow 2): mean_i log sum_{j != i} exp(kappa x_i . x_j), a
+kernel density estimate of the features; minimising it lowers the density at each feature,
+i.e. spreads them (a uniformity loss that stays bounded for duplicates). Both act per global
+crop on the L2-normalised features of this rank's tiles and are summed over crops.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def kde_loss(x: torch.Tensor, kappa: float = 5.0) -> torch.Tensor:
+    """x [N, C] (N >= 2), normalised here -> scalar mean_i log sum_{j != i} exp(kappa cos(x_i, x_j))."""
+    z = F.normalize(x.float(), dim=-1, eps=1e-8)
+    sim = kappa * (z @ z.t())
+    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+    sim = sim.masked_fill(eye, -math.inf)
+    return torch.logsumexp(sim, dim=1).mean()
+
+
+def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """x [N, C] (N >= 2), normalised here -> scalar -mean_i log(distance to nearest neighbour + eps)."""
+    z = F.normalize(x.float(), dim=-1, eps=1e-8)
+    with torch.no_grad():
+        sim = z @ z.t()
+        sim.fill_diagonal_(-2.0)
+        nn_idx = sim.argmax(dim=1)
+    dist = (z - z[nn_idx]).norm(dim=-1)
+    return -torch.log(dist + eps).mean()

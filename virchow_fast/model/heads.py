@@ -1,0 +1,43 @@
+"""DINO / iBOT projection heads: MLP -> L2 normalisation -> weight-normalised prototypes.
+
+The head returns the normalised bottleneck features z [.., b]; the prototypes W [K, b] are
+returned separately (unit rows: DINOv2's weight norm with g fixed at 1), so the loss can fuse
+z @ W^T with its softmax and cross-entropy without ever storing the [N, K] logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class DINOHead(nn.Module):
+    def __init__(self, in_dim: int, prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        # the prototype layer ("last layer" in DINOv2): frozen for the first epoch by the schedule
+        self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck_dim))
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def normalized_prototypes(self) -> torch.Tensor:
+        """W [K, b] with unit rows."""
+        return F.normalize(self.prototypes, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [.., in_dim] -> L2-normalised bottleneck features [.., b]."""
+        return F.normalize(self.mlp(x), dim=-1, eps=1e-6)

@@ -1,0 +1,210 @@
+"""The ViT backbone of Virchow 2: registers, SwiGLU, LayerScale, stochastic depth, packed crops.
+
+Parameter names and layout follow timm's ``VisionTransformer`` (``cls_token``, ``reg_token``,
+``pos_embed`` covering cls + registers + patch grid, ``blocks.N.{norm1, attn.qkv, attn.proj,
+ls1.gamma, norm2, mlp.fc1, mlp.fc2, ls2.gamma}``, ``norm``), so timm checkpoints load with strict
+keys (see model/timm_compat.py). ``mask_token`` (iBOT) is ours.
+
+Tokens run *packed*: every crop of a step (2 x 224 + 8 x 98 for the student) is concatenated into
+one [T, C] sequence and each block runs once; attention is restricted to each crop through
+``cu_seqlens`` (block-diagonal). Everything token-wise (norms, MLP, residuals) is oblivious to
+the packing. No parallelism, checkpointing or compilation here (train/parallelize.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import ops
+from ..config import ModelConfig
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed through ops.layer_norm (backend switch)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """x: [T, C] packed tokens -> [T, C]."""
+        t, c = x.shape
+        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)
+        o = ops.attention(q, k, v, cu_seqlens, max_seqlen, self.head_dim ** -0.5)
+        return self.proj(o.reshape(t, c))
+
+
+class SwiGLU(nn.Module):
+    """fc1 emits [gate, value] packed (timm SwiGLUPacked); fc2 maps SiLU(gate) * value back."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(ops.swiglu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, drop_path: float):
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = LayerNorm(dim, eps=cfg.ln_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias)
+        self.ls1 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=cfg.ln_eps)
+        self.mlp = SwiGLU(dim, cfg.mlp_hidden)
+        self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
+        self.drop_path = drop_path
+
+    def _keep(self, seg_ids: torch.Tensor, n_segments: int, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-crop stochastic depth as a per-token scale [T, 1], or None when inactive."""
+        if not self.training or self.drop_path == 0.0:
+            return None
+        keep = (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
+        return keep[seg_ids].unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                seg_ids: torch.Tensor) -> torch.Tensor:
+        n_seg = cu_seqlens.numel() - 1
+        scale = self._keep(seg_ids, n_seg, x)
+        y = self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
+        x = x + (y if scale is None else y * scale)
+        scale = self._keep(seg_ids, n_seg, x)
+        y = self.ls2(self.mlp(self.norm2(x)))
+        return x + (y if scale is None else y * scale)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dim = cfg.embed_dim
+        self.patch_size = cfg.patch_size
+        self.grid = cfg.img_size // cfg.patch_size
+        self.num_prefix = 1 + cfg.num_registers
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, cfg.patch_size, cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.reg_token = nn.Parameter(torch.zeros(1, cfg.num_registers, dim)) if cfg.num_registers else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.grid ** 2, dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList([Block(cfg, r) for r in rates])
+        self.norm = LayerNorm(dim, eps=cfg.ln_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.reg_token is not None:
+            nn.init.normal_(self.reg_token, std=1e-6)
+        nn.init.zeros_(self.mask_token)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, LayerScale):
+                nn.init.constant_(m.gamma, self.cfg.layerscale_init)
+        w = self.patch_embed.proj.weight
+        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    def pos_embed_for(self, grid: int) -> torch.Tensor:
+        """Position embedding [1, prefix + grid^2, C] for a grid x grid crop (timm's bicubic resample)."""
+        if grid == self.grid:
+            return self.pos_embed
+        prefix, patch = self.pos_embed[:, :self.num_prefix], self.pos_embed[:, self.num_prefix:]
+        c = patch.shape[-1]
+        patch = patch.float().reshape(1, self.grid, self.grid, c).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+        patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, c).to(self.pos_embed.dtype)
+        return torch.cat([prefix, patch], dim=1)
+
+    def prepare_tokens(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """images [N, 3, S, S] (+ iBOT masks [N, (S/p)^2] bool) -> tokens [N, prefix + (S/p)^2, C]."""
+        n, _, h, w = images.shape
+        if h != w or h % self.patch_size:
+            raise ValueError(f"crop of {h}x{w} px: expected a square multiple of the patch size {self.patch_size}")
+        x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # [N, P, C]
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
+        prefix = [self.cls_token.expand(n, -1, -1)]
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(n, -1, -1))
+        x = torch.cat(prefix + [x], dim=1)
+        return x + self.pos_embed_for(h // self.patch_size)
+
+    def forward_packed(self, crops: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Run groups of crops (each [N_g, 3, S_g, S_g]) through the blocks in one packed sequence.
+
+        Returns the final-normed tokens of each group, [N_g, L_g, C]. Attention never crosses crops.
+        """
+        masks = masks if masks is not None else [None] * len(crops)
+        tokens = [self.prepare_tokens(c, m) for c, m in zip(crops, masks)]
+        shapes = [t.shape[:2] for t in tokens]
+        lengths = torch.tensor([l for n, l in shapes for _ in range(n)], dtype=torch.int32)
+        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(tokens[0].device)
+        max_seqlen = max(l for _, l in shapes)
+        seg_ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long()).to(tokens[0].device)
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens], dim=0)
+        for block in self.blocks:
+            x = block(x, cu_seqlens, max_seqlen, seg_ids)
+        x = self.norm(x)
+        out, start = [], 0
+        for n, l in shapes:
+            out.append(x[start:start + n * l].view(n, l, -1))
+            start += n * l
+        return out
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """images [N, 3, S, S] -> final-normed tokens [N, prefix + (S/p)^2, C] (cls, registers, patches)."""
+        return self.forward_packed([images], [masks])[0]
+
+
+def tile_embedding(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """Virchow's tile embedding: concat(cls token, mean of patch tokens) -> [N, 2C]."""
+    return torch.cat([tokens[:, 0], tokens[:, num_prefix:].mean(dim=1)], dim=-1)
+
+
+def layer_id(name: str, depth: int) -> int:
+    """Layer index for layer-wise lr decay: embeddings 0, block i -> i + 1, the rest depth + 1."""
+    if name.startswith(("cls_token", "reg_token", "pos_embed", "mask_token", "patch_embed")):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def mlp_ratio(cfg: ModelConfig) -> float:
+    """timm's mlp_ratio for the packed SwiGLU (fc1 width / embed_dim)."""
+    return 2 * cfg.mlp_hidden / cfg.embed_dim
+

@@ -1,0 +1,140 @@
+"""Checkpoints through torch.distributed.checkpoint (DCP), complete or absent.
+
+A checkpoint is the folder ``<run>/checkpoints/step_XXXXXXXX``; it is written as
+``.tmp-step_XXXXXXXX`` and renamed when every rank has finished, so a folder with the final name is
+complete and a half-written one (killed mid-save) is never picked. Inside: the student, teacher,
+optimizer (sharded or not: DCP reshards on load, also to another number of processes), the loss
+state (centers), the step, the data position and each rank's RNG state.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / ".metadata").is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _app_state(student, teacher, optimizer, extra: dict) -> dict:
+    opts = StateDictOptions()
+    return {
+        "student": get_model_state_dict(student, options=opts),
+        "teacher": get_model_state_dict(teacher, options=opts),
+        "optimizer": get_optimizer_state_dict(student, optimizer, options=opts),
+        "extra": extra,
+    }
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, optimizer, losses: dict,
+                    data_state: dict, keep: int) -> Path:
+    """Write the checkpoint of ``step`` (the next step to run) atomically; keep the newest ``keep``."""
+    root = checkpoint_dir(run_dir)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".tmp-step_{step:08d}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _barrier()
+    rank = _rank()
+    extra = {
+        "step": step,
+        "world_size": _world(),
+        "losses": {name: {k: v.detach().cpu() for k, v in loss.state_dict().items()} for name, loss in losses.items()},
+        # per-rank entries: rank r's data position and RNG (DCP stores non-tensor objects per rank)
+        f"data_rank{rank}": data_state,
+        f"rng_rank{rank}": _rng_state(),
+    }
+    state = _app_state(student, teacher, optimizer, extra)
+    dcp.save(state, checkpoint_id=str(tmp))
+    _barrier()
+    if _rank() == 0:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses: dict) -> dict:
+    """Load ``path`` into the given objects; returns {"step", "data": this rank's data state or None}.
+
+    Works across a change in the number of processes: model and optimizer shards are resharded by
+    DCP; a rank that has no saved data position / RNG of its own starts them from the step.
+    """
+    rank = _rank()
+    opts = StateDictOptions()
+    meta = dcp.FileSystemReader(str(path)).read_metadata()
+    saved_keys = {k.split(".")[1] for k in meta.state_data_meta if k.startswith("extra.")}
+    extra: dict = {"step": 0, "world_size": 1,
+                   "losses": {name: {k: v.detach().cpu().clone() for k, v in loss.state_dict().items()}
+                              for name, loss in losses.items()}}
+    for key in (f"data_rank{rank}", f"rng_rank{rank}"):
+        if key in saved_keys:
+            extra[key] = None
+    state = _app_state(student, teacher, optimizer, extra)
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(student, state["student"], options=opts)
+    set_model_state_dict(teacher, state["teacher"], options=opts)
+    set_optimizer_state_dict(student, optimizer, state["optimizer"], options=opts)
+    extra = state["extra"]
+    for name, loss in losses.items():
+        loss.load_state_dict({k: v.to(next(iter(loss.buffers())).device) for k, v in extra["losses"][name].items()})
+    same_world = int(extra["world_size"]) == _world()
+    if same_world and extra.get(f"rng_rank{rank}") is not None:
+        _set_rng_state(extra[f"rng_rank{rank}"])
+    data = extra.get(f"data_rank{rank}") if same_world else None
+    return {"step": int(extra["step"]), "data": data}
