@@ -9,7 +9,7 @@ The teacher targets are kept as two scaling vectors: p_mk = exp(T_mk / t_t + bet
   softmax-center: beta = -center / t_t, alpha_m = -logsumexp_k(T_mk / t_t + beta_k).
   Sinkhorn-Knopp: Q = diag(r) exp(T / t_t) diag(c) in log form; each iteration is one column pass
   (S_k = sum_m exp(T_mk / t_t + alpha_m), all-reduced, beta = -log(K S_k)) and one row pass
-  (alpha = -logsumexp_k(...) - log(total_rows)); the last row pass leaves rows summing to 1.
+  (alpha = -logsumexp_k(...) - log(total_rows)); the final * total_rows leaves rows summing to 1.
   The reference's initial division by the grand total is a uniform row scale that the first column
   pass cancels exactly, so it is skipped (one all-reduce fewer) unless n_iters == 0.
 The loss is linear in the targets, so the cross term needs only y = P Wt-targets @ W, [M, b]:
@@ -177,7 +177,7 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
 # ---------------------------------------------------------------------------------------------
 
 def _blocks(d: int, e: int = 16):
-    block_r, block_c = (16, 32) if _interpreting() else (64, 64)
+    block_r, block_c = (32, 128) if _interpreting() else (64, 64)
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     return block_r, block_c, block_d, max(16, triton.next_power_of_2(e))
 
@@ -262,8 +262,12 @@ def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, 
         if all_reduce is not None:
             all_reduce(col)
         beta = -torch.log(col * K)
-        alpha = -row_lse(teacher_z, teacher_w, inv_t, beta)  # rows to 1 (the reference's 1/B, then * B)
-    if beta is None:  # no iteration: exp(T / t_t) / total * total_rows
+        # rows to 1 / total_rows as the reference does: without it (alpha, beta) drift by log(M) per
+        # iteration (the scaling's gauge freedom) and overflow after a few dozen iterations
+        alpha = -row_lse(teacher_z, teacher_w, inv_t, beta) - math.log(n_rows)
+    if beta is not None:
+        alpha = alpha + math.log(n_rows)  # the reference's final q * total_rows: rows sum to 1
+    else:  # no iteration: exp(T / t_t) / total * total_rows
         total = col_reduce(teacher_z, teacher_w, inv_t, None, alpha).sum().reshape(1)
         if all_reduce is not None:
             all_reduce(total)
