@@ -1,0 +1,146 @@
+"""The tile index: for each slide, every context tile worth reading, at every magnification.
+
+One ``.npz`` per slide (numpy's zip of columns, no extra dependency), columns of equal length:
+``mag`` float32, ``level`` int16, ``x`` ``y`` int64 (level-0 top-left of the context),
+``read`` int32 (px read at ``level``; != context size means a resize), ``tissue`` float32; plus
+scalars ``slide`` (path), ``slide_mpp``, ``width``, ``height``, ``backend``, ``context``,
+``source_size`` and ``source_mtime`` (a re-run skips a slide whose index matches the file).
+
+Tiles form a grid of contexts (``context`` px at the target mpp) lying wholly inside the slide,
+so no tile ever reads past an edge; the tissue fraction is measured over the whole context.
+A magnification finer than the slide's own mpp is not indexed (it would be an upsampled fake).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .slides import Slide, SlideError
+from .tissue import tile_fractions, tissue_mask
+
+INDEX_VERSION = 1
+MAX_TILES_PER_MAG = 2_000_000  # a grid larger than this is a bogus header, not a slide
+
+
+@dataclass
+class IndexSettings:
+    mags: tuple[float, ...] = (40.0, 20.0, 10.0, 5.0)
+    mag_mpp: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    context: int = 392
+    min_tissue: float = 0.65
+    mpp: float | None = None  # user-given mpp for slides without one
+
+
+def index_name(slide_path: str) -> str:
+    """<stem>-<8 hex of the absolute path>: unique per file, readable."""
+    digest = hashlib.sha1(os.path.abspath(slide_path).encode()).hexdigest()[:8]
+    return f"{Path(slide_path).stem}-{digest}"
+
+
+def _tissue_level(slide: Slide) -> tuple[np.ndarray, int]:
+    level = slide.thumbnail_level(2048)
+    lev = slide.levels[level]
+    if lev.width * lev.height > 8192 * 8192:
+        raise SlideError(f"{slide.path}: no level small enough for a tissue mask (coarsest {lev.width}x{lev.height})")
+    return slide.read(0, 0, level, lev.width, lev.height), level
+
+
+def index_slide(path: str, settings: IndexSettings) -> tuple[dict, np.ndarray, np.ndarray]:
+    """(columns, thumbnail RGB, tissue mask) for one slide; raises SlideError with one line."""
+    with Slide(path, mpp=settings.mpp) as slide:
+        thumb, tlevel = _tissue_level(slide)
+        scale = slide.levels[tlevel].downsample
+        mask = tissue_mask(thumb, slide.level_mpp(tlevel))
+        width, height = slide.dimensions
+        cols: dict[str, list] = {k: [] for k in ("mag", "level", "x", "y", "read", "tissue")}
+        for mag, target in zip(settings.mags, settings.mag_mpp):
+            choice = slide.choose_level(target)
+            if choice is None:
+                continue
+            level, factor = choice
+            side = settings.context * target / slide.mpp  # context side in level-0 px
+            nx, ny = int((width - side) // side) + 1, int((height - side) // side) + 1
+            if side > width or side > height or nx * ny == 0:
+                continue
+            if nx * ny > MAX_TILES_PER_MAG:
+                raise SlideError(f"{path}: {nx * ny} tiles at {mag}x: refusing (cap {MAX_TILES_PER_MAG})")
+            gx, gy = np.meshgrid(np.arange(nx) * side, np.arange(ny) * side)
+            xs, ys = gx.ravel(), gy.ravel()
+            frac = tile_fractions(mask, scale, xs, ys, side)
+            keep = frac >= settings.min_tissue
+            n = int(keep.sum())
+            read_px = settings.context if factor == 1.0 else int(round(settings.context * factor))
+            cols["mag"].append(np.full(n, mag, np.float32))
+            cols["level"].append(np.full(n, level, np.int16))
+            cols["x"].append(np.floor(xs[keep]).astype(np.int64))
+            cols["y"].append(np.floor(ys[keep]).astype(np.int64))
+            cols["read"].append(np.full(n, read_px, np.int32))
+            cols["tissue"].append(frac[keep])
+        dtypes = {"mag": np.float32, "level": np.int16, "x": np.int64, "y": np.int64, "read": np.int32, "tissue": np.float32}
+        out = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in cols.items()}
+        st = os.stat(path)
+        out.update(slide=np.array(os.path.abspath(path)), slide_mpp=np.float64(slide.mpp), width=np.int64(width),
+                   height=np.int64(height), backend=np.array(slide.backend), context=np.int32(settings.context),
+                   source_size=np.int64(st.st_size), source_mtime=np.float64(st.st_mtime),
+                   version=np.int32(INDEX_VERSION))
+        return out, thumb, np.float64(scale)
+
+
+def draw_thumbnail(thumb: np.ndarray, cols: dict, scale: float, context: int, slide_mpp: float,
+                   mag_mpp: dict[float, float]) -> "Image.Image":  # noqa: F821
+    """The low-res level with each kept tile outlined, one colour per magnification."""
+    from PIL import Image, ImageDraw
+
+    colours = {40.0: (0, 160, 0), 20.0: (0, 0, 220), 10.0: (230, 120, 0), 5.0: (200, 0, 0)}
+    img = Image.fromarray(thumb)
+    draw = ImageDraw.Draw(img)
+    for mag, x, y in zip(cols["mag"], cols["x"], cols["y"]):
+        side = context * mag_mpp.get(float(mag), slide_mpp) / slide_mpp / scale
+        x0, y0 = x / scale, y / scale
+        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=colours.get(float(mag), (0, 0, 0)), width=2)
+    return img
+
+
+def write_index(path: str, out_dir: str | Path, settings: IndexSettings) -> Path:
+    """Index one slide into ``out_dir`` (npz + png, written atomically); returns the npz path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = index_name(path)
+    cols, thumb, scale = index_slide(path, settings)
+    png = draw_thumbnail(thumb, cols, float(scale), settings.context, float(cols["slide_mpp"]),
+                         dict(zip(settings.mags, settings.mag_mpp)))
+    png.save(out_dir / f"{name}.png")
+    target = out_dir / f"{name}.npz"
+    tmp = out_dir / f"{name}.tmp.npz"
+    np.savez(tmp, **cols)
+    os.replace(tmp, target)
+    return target
+
+
+def is_done(path: str, out_dir: str | Path) -> bool:
+    """True when ``out_dir`` holds a complete, current index of ``path``."""
+    target = Path(out_dir) / f"{index_name(path)}.npz"
+    if not target.is_file():
+        return False
+    try:
+        with np.load(target) as z:
+            st = os.stat(path)
+            return (int(z["version"]) == INDEX_VERSION and int(z["source_size"]) == st.st_size
+                    and float(z["source_mtime"]) == st.st_mtime)
+    except Exception:  # noqa: BLE001 (a broken index is redone)
+        return False
+
+
+def load_index(index_dir: str | Path) -> list[dict]:
+    """Every slide index in ``index_dir``, as dicts of numpy columns (sorted by file name)."""
+    out = []
+    for f in sorted(Path(index_dir).glob("*.npz")):
+        if f.name.endswith(".tmp.npz"):
+            continue
+        with np.load(f) as z:
+            out.append({k: z[k] for k in z.files})
+    return out

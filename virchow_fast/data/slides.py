@@ -1,0 +1,265 @@
+"""Whole-slide reading: cuCIM first, OpenSlide for what cuCIM cannot open.
+
+Decisions that follow the measured behaviour of the readers (shared/DESIGN.md, last section):
+- mpp comes from the Aperio description, then the backend's resolution (OpenSlide's
+  ``openslide.mpp-x``, cuCIM's spacing only with a real unit: an empty unit is "no mpp", never
+  1 um/px). No mpp and none given -> :class:`SlideError`, one line naming the file.
+- Coordinates are level-0 pixels (OpenSlide's convention). Whatever lies outside the slide reads
+  as white glass (255): the readers disagree there (transparent / black / exception), ours does not.
+- An OpenSlide handle is reopened after any failed read (it stays broken otherwise).
+- Absurd headers are refused: a side above ``MAX_SIDE`` or almost no bytes per pixel.
+- Every decoded region passes :func:`sane_region` (cuCIM may hand back leftover buffer contents
+  for a corrupt tile without an exception). Reads that may crash belong in :mod:`.workers`.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MAX_SIDE = 400_000  # px at level 0; the largest real slides are ~200k
+MIN_BYTES_PER_PIXEL = 1e-5  # JPEG slides hold ~0.05-1 B/px; a 200k x 200k header over a few KB is not a slide
+MAG_TOLERANCE = 0.02  # a level within 2 % of the target mpp serves it without a resize (downsample 2.0003)
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
+
+
+class SlideError(RuntimeError):
+    """A slide that cannot be used; ``str()`` is one line naming the file."""
+
+
+def _aperio_mpp(description: str) -> float | None:
+    m = re.search(r"\|\s*MPP\s*=\s*([0-9.eE+-]+)", description or "")
+    if m:
+        try:
+            v = float(m.group(1))
+            return v if v > 0 else None
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass
+class Level:
+    width: int
+    height: int
+    downsample: float  # level-0 px per level px, measured from the sizes (non-integral allowed)
+
+
+class Slide:
+    """One opened slide. ``backend`` is "cucim" or "openslide"; ``mpp`` is at level 0."""
+
+    def __init__(self, path: str | os.PathLike, mpp: float | None = None, backend: str = "auto"):
+        self.path = str(path)
+        p = Path(self.path)
+        if not p.is_file():
+            raise SlideError(f"{self.path}: no such file")
+        size = p.stat().st_size
+        if size == 0:
+            raise SlideError(f"{self.path}: empty file")
+        self._handle = None
+        self.backend = ""
+        errors = []
+        for name in (("cucim", "openslide") if backend == "auto" else (backend,)):
+            try:
+                self._open(name)
+                break
+            except Exception as exc:  # noqa: BLE001 (each reader raises its own types)
+                errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        if not self.backend:
+            raise SlideError(f"{self.path}: not a readable slide ({'; '.join(errors)})")
+        w, h = self.levels[0].width, self.levels[0].height
+        if w <= 0 or h <= 0 or max(w, h) > MAX_SIDE:
+            raise SlideError(f"{self.path}: refusing absurd size {w} x {h} (max side {MAX_SIDE})")
+        if size / (float(w) * h) < MIN_BYTES_PER_PIXEL:
+            raise SlideError(f"{self.path}: {w} x {h} px in {size} bytes: header and data disagree (truncated or bogus)")
+        found = self._find_mpp()
+        self.mpp = float(mpp) if mpp else found
+        if not self.mpp:
+            raise SlideError(f"{self.path}: no microns-per-pixel in its metadata; give it with --mpp")
+
+    # -- opening -------------------------------------------------------------------------------
+
+    def _open(self, name: str) -> None:
+        if name == "cucim":
+            from cucim import CuImage
+
+            img = CuImage(self.path)
+            res = img.resolutions
+            dims = res["level_dimensions"]
+            self._meta = img.metadata if isinstance(img.metadata, dict) else {}
+            self._spacing = (img.spacing(), img.spacing_units())
+        elif name == "openslide":
+            import openslide
+
+            img = openslide.OpenSlide(self.path)
+            dims = img.level_dimensions
+            self._props = dict(img.properties)
+        else:
+            raise ValueError(f"unknown backend {name!r}")
+        self._handle, self.backend = img, name
+        w0 = dims[0][0]
+        self.levels = [Level(int(w), int(h), w0 / float(w)) for w, h in dims]
+
+    def _reopen(self) -> None:
+        try:
+            self.close()
+        finally:
+            self._open(self.backend)
+
+    def close(self) -> None:
+        h, self._handle = self._handle, None
+        if h is not None and hasattr(h, "close"):
+            h.close()
+
+    def _find_mpp(self) -> float | None:
+        if self.backend == "cucim":
+            aperio = self._meta.get("aperio", {}) if isinstance(self._meta, dict) else {}
+            if aperio.get("MPP"):
+                try:
+                    return float(aperio["MPP"]) or None
+                except ValueError:
+                    pass
+            tiff = self._meta.get("tiff", {})
+            mpp = _aperio_mpp(str(tiff.get("image_description", "")))
+            if mpp:
+                return mpp
+            spacing, units = self._spacing
+            unit = (units[0] or "").lower() if units else ""
+            factor = {"micrometer": 1.0, "um": 1.0, "micron": 1.0, "millimeter": 1e3, "mm": 1e3,
+                      "centimeter": 1e4, "cm": 1e4, "nanometer": 1e-3, "nm": 1e-3}.get(unit)
+            if factor and spacing and spacing[0] > 0:
+                return float(spacing[0]) * factor
+            return None
+        v = self._props.get("openslide.mpp-x") or ""
+        try:
+            return float(v) or None
+        except ValueError:
+            return _aperio_mpp(self._props.get("tiff.ImageDescription", ""))
+
+    # -- geometry ------------------------------------------------------------------------------
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.levels[0].width, self.levels[0].height
+
+    def level_mpp(self, level: int) -> float:
+        return self.mpp * self.levels[level].downsample
+
+    def choose_level(self, target_mpp: float) -> tuple[int, float] | None:
+        """(level, resize factor) for ``target_mpp``; None when even level 0 is coarser than it.
+
+        The level is the one whose mpp is closest at or below the target (a level within
+        MAG_TOLERANCE of the target counts as matching: factor 1, no resize). Otherwise the region is
+        read at that finer level, ``factor = target / level mpp`` larger, and resized down.
+        """
+        best = None
+        for i in range(len(self.levels)):
+            m = self.level_mpp(i)
+            if m <= target_mpp * (1 + MAG_TOLERANCE) and (best is None or m > self.level_mpp(best)):
+                best = i
+        if best is None:
+            return None
+        m = self.level_mpp(best)
+        factor = 1.0 if abs(m / target_mpp - 1) <= MAG_TOLERANCE else target_mpp / m
+        return best, factor
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 [height, width, 3] at ``level`` from level-0 position (x, y); outside = white."""
+        lev = self.levels[level]
+        ds = lev.downsample
+        # the part inside the slide, in level pixels
+        lx0, ly0 = int(np.floor(x / ds)), int(np.floor(y / ds))
+        ix0, iy0 = max(lx0, 0), max(ly0, 0)
+        ix1, iy1 = min(lx0 + width, lev.width), min(ly0 + height, lev.height)
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        if ix1 <= ix0 or iy1 <= iy0:
+            return out
+        loc = (int(round(ix0 * ds)), int(round(iy0 * ds))) if (ix0, iy0) != (lx0, ly0) else (int(x), int(y))
+        try:
+            region = self._read_raw(loc, level, ix1 - ix0, iy1 - iy0)
+        except Exception as exc:  # noqa: BLE001
+            if self.backend == "openslide":
+                try:
+                    self._reopen()
+                except Exception:  # noqa: BLE001
+                    pass
+            msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise SlideError(f"{self.path}: read failed at level {level} ({x}, {y}) {width}x{height}: {msg}") from None
+        out[iy0 - ly0:iy1 - ly0, ix0 - lx0:ix1 - lx0] = region
+        return out
+
+    def _read_raw(self, loc: tuple[int, int], level: int, w: int, h: int) -> np.ndarray:
+        if self.backend == "cucim":
+            a = np.asarray(self._handle.read_region(location=loc, size=(w, h), level=level))
+            if a.ndim != 3 or a.shape[:2] != (h, w):
+                raise SlideError(f"{self.path}: cuCIM returned shape {a.shape} for {w}x{h}")
+            return a[..., :3]
+        rgba = np.asarray(self._handle.read_region(loc, level, (w, h)))
+        rgb = rgba[..., :3].astype(np.uint16)
+        alpha = rgba[..., 3:4].astype(np.uint16)
+        # OpenSlide returns premultiplied-then-unpremultiplied RGBA; composite on white
+        return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+    def read_context(self, x: int, y: int, target_mpp: float, size: int, choice: tuple[int, float] | None = None) -> np.ndarray:
+        """A ``size`` px square at ``target_mpp`` whose top-left is level-0 (x, y)."""
+        choice = choice or self.choose_level(target_mpp)
+        if choice is None:
+            raise SlideError(f"{self.path}: {target_mpp} um/px is finer than the slide's {self.mpp:.4f}")
+        level, factor = choice
+        if factor == 1.0:
+            return self.read(x, y, level, size, size)
+        n = int(round(size * factor))
+        region = self.read(x, y, level, n, n)
+        return resize(region, size)
+
+    def thumbnail_level(self, max_side: int = 2048) -> int:
+        """The finest level whose larger side is at most ``max_side`` (the coarsest when none is)."""
+        for i, lev in enumerate(self.levels):
+            if max(lev.width, lev.height) <= max_side:
+                return i
+        return len(self.levels) - 1
+
+    def __enter__(self) -> "Slide":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def resize(region: np.ndarray, size: int) -> np.ndarray:
+    """Antialiased (area/bicubic) resize of an RGB uint8 square to ``size``."""
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(region).resize((size, size), Image.Resampling.BICUBIC, reducing_gap=2.0))
+
+
+def sane_region(region: np.ndarray, shape: tuple[int, int]) -> str | None:
+    """Why a decoded region is not trustworthy, or None. Cheap: shape, dtype, zero-filled area.
+
+    Glass is white and stained tissue is never pure black, so a region that is more than a quarter
+    exact (0, 0, 0) is a failed decode (leftover or zeroed buffer), not tissue.
+    """
+    if region is None or region.dtype != np.uint8 or region.shape != (shape[0], shape[1], 3):
+        return f"bad shape/dtype {None if region is None else (region.shape, region.dtype)}"
+    sub = region[::4, ::4]
+    black = np.count_nonzero(sub.max(axis=-1) == 0) / (sub.shape[0] * sub.shape[1])
+    if black > 0.25:
+        return f"{black:.0%} of the region is exact black (failed decode)"
+    return None
+
+
+def find_slides(paths: list[str] | tuple[str, ...]) -> list[str]:
+    """Files given, plus slide files (by suffix) under the folders given, sorted; missing ones kept (reported later)."""
+    out: list[str] = []
+    for p in paths:
+        q = Path(p)
+        if q.is_dir():
+            out.extend(str(f) for f in sorted(q.rglob("*")) if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+        else:
+            out.append(str(q))
+    return out
