@@ -110,7 +110,19 @@ def backend_for(op: str, device: torch.device | str) -> str:
     return choice
 
 
+@torch.compiler.assume_constant_result
+def _traced_backend(op: str, device_type: str) -> str:
+    """backend_for, run for real while torch.compile traces (imports, logging and env lookups
+    cannot be traced); the choice is baked into the graph, so call torch._dynamo.reset() after
+    changing backends for an already compiled module."""
+    backend = backend_for(op, device_type)
+    _load_backend(op, backend)
+    return backend
+
+
 def _dispatch(op: str, device: torch.device) -> Callable:
+    if torch.compiler.is_compiling():
+        return _impls[(op, _traced_backend(op, device.type))]
     backend = backend_for(op, device)
     fn = _load_backend(op, backend)
     if fn is None:
