@@ -1,0 +1,70 @@
+"""Config: YAML + overrides, typed, and every bad value fails before work starts, naming file and key."""
+import pytest
+import yaml
+
+from virchow_fast.config import ConfigError, derive, load_config, save_resolved
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_configs_load():
+    for name in ("debug", "vit_h14_virchow2", "vit_g14_virchow2g"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.name == name
+
+
+def test_override_types_and_nesting(tmp_path):
+    cfg = load_config(_write(tmp_path, "model: {depth: 2}\n"), ["optim.base_lr=3e-4", "data.crops.hflip=0.0",
+                                                                  "data.mags=[40, 20]", "data.mag_weights=[1, 1]",
+                                                                  "data.mag_mpp=[0.25, 0.5]"])
+    assert cfg.model.depth == 2
+    assert cfg.optim.base_lr == pytest.approx(3e-4)
+    assert cfg.data.crops.hflip == 0.0
+    assert cfg.data.mags == [40.0, 20.0]
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    ("model: {depht: 3}\n", [], "model.depht: unknown key"),
+    ("", ["optim.nope=1"], "optim.nope: unknown key"),
+    ("model: {depth: three}\n", [], "model.depth: expected an integer"),
+    ("model: {qkv_bias: 1}\n", [], "model.qkv_bias: expected true/false"),
+    ("data: {crops: {global_size: 225}}\n", [], "data.crops.global_size: 225 is not a positive multiple"),
+    ("model: {embed_dim: 100, num_heads: 3}\n", [], "model.embed_dim: 100 is not divisible"),
+    ("", ["loss.centering=kmeans"], "loss.centering: 'kmeans' is not one of"),
+    ("", ["data.crops.hflip=1.5"], "data.crops.hflip: must be a probability"),
+    ("data: {source: slides}\n", [], "data.paths: needs at least one path"),
+    ("- 1\n- 2\n", [], "top level must be a mapping"),
+])
+def test_bad_values_name_file_and_key(tmp_path, text, overrides, needle):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(path) in str(err.value)
+    assert needle in str(err.value)
+
+
+def test_missing_file_and_bad_override_syntax(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "absent.yaml")
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(None, ["optim.base_lr"])
+
+
+def test_derived_values_and_resolved_file(tmp_path):
+    cfg = load_config("configs/vit_h14_virchow2.yaml")
+    d = derive(cfg, world_size=128)
+    assert d["global_batch"] == 32 * 128
+    assert d["peak_lr"] == pytest.approx(2e-4 * (4096 / 1024) ** 0.5)
+    assert d["total_steps"] == cfg.train.epochs * cfg.train.steps_per_epoch
+    assert (d["global_tokens"], d["local_tokens"]) == (261, 54)
+    save_resolved(cfg, d, tmp_path / "resolved.yaml")
+    saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    assert saved["config"]["model"]["embed_dim"] == 1280
+    assert saved["derived"]["peak_lr"] == pytest.approx(d["peak_lr"])
+    # the saved config loads back to the same values
+    again = load_config(_write(tmp_path, yaml.safe_dump(saved["config"])))
+    assert again == cfg
