@@ -89,7 +89,7 @@ class MaskConfig:
 
 @dataclass
 class DataConfig:
-    source: str = _doc("tile source: synthetic | slides | shards", "synthetic")
+    source: str = _doc("tile source: synthetic | slides | shards | demo (generated slides in <run>/demo_slides)", "synthetic")
     paths: list[str] = _doc("slide files/folders, or shard folders, depending on source", factory=list)
     batch_size: int = _doc("tiles per process per step", 8)
     num_workers: int = _doc("reader worker processes", 0)
@@ -99,6 +99,10 @@ class DataConfig:
     mag_mpp: list[float] = _doc("microns per pixel per magnification", factory=lambda: [0.25, 0.5, 1.0, 2.0])
     min_tissue: float = _doc("keep tiles with at least this tissue fraction", 0.65)
     index_dir: str = _doc("tile index folder (slides source); empty = <run>/tiles", "")
+    pipeline: str = _doc("augmentation path for slides/shards/demo: auto (dali if installed) | dali | torch", "auto")
+    dali_threads: int = _doc("DALI CPU threads per process", 1)
+    mpp: float = _doc("microns per pixel for slides whose metadata has none (0 = refuse such slides)", 0.0)
+    demo_slides: int = _doc("source demo: number of generated slides (4096 x 3072 at 0.25 um/px)", 3)
     crops: CropConfig = _doc("multi-crop / ECT augmentation", factory=CropConfig)
     masks: MaskConfig = _doc("iBOT block masks", factory=MaskConfig)
 
@@ -344,7 +348,12 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= mk.ratio_min <= mk.ratio_max < 1.0, "data.masks.ratio_min", "need 0 <= ratio_min <= ratio_max < 1")
     _check(0 < mk.aspect_min <= 1.0, "data.masks.aspect_min", "must be in (0, 1]")
     d = cfg.data
-    _choice(d.source, "data.source", ("synthetic", "slides", "shards"))
+    _choice(d.source, "data.source", ("synthetic", "slides", "shards", "demo"))
+    _choice(d.pipeline, "data.pipeline", ("auto", "dali", "torch"))
+    _check(d.dali_threads >= 1, "data.dali_threads", "must be >= 1")
+    _check(d.mpp >= 0, "data.mpp", "must be >= 0 (0 = from the slide metadata)")
+    _check(d.demo_slides >= 1, "data.demo_slides", "must be >= 1")
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _choice(d.device, "data.device", ("auto", "cpu", "gpu"))
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")
     _check(len(d.mags) == len(d.mag_weights) == len(d.mag_mpp) and len(d.mags) > 0, "data.mag_weights",
