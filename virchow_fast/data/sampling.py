@@ -1,0 +1,114 @@
+"""What tile index ``i`` is, and how its crops are augmented: pure functions of (seed, i).
+
+Tile ``i`` of step ``s`` on rank ``r`` is global index ``(s * world + r) * B + i`` (loader.py), so
+ranks never draw the same index and a resumed run draws exactly what it would have drawn. For
+index ``i``: the magnification by ``mag_weights`` (renormalised over the magnifications the index
+holds), then a tile uniformly among that magnification's tiles (with replacement: at millions of
+tiles this is an epoch in all but name), then every augmentation parameter of every crop. The
+DALI graph only executes these parameters, so its output is deterministic too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..config import CropConfig, DataConfig
+from .index import load_index
+from .multicrop import ect_box
+
+# columns of the per-crop parameter row fed to the DALI graph
+P_Y0, P_X0, P_Y1, P_X1, P_HFLIP, P_VFLIP, P_ANGLE, P_BRIGHT, P_CONTRAST, P_SAT, P_HUE, P_SOLAR, P_BLUR, P_SIGMA = range(14)
+N_PARAMS = 14
+
+
+@dataclass
+class TileTable:
+    """All indexed tiles of all slides, one row per tile, grouped by magnification."""
+
+    slides: list[str]
+    slide_mpp: np.ndarray  # [n_slides] float64
+    slide: np.ndarray  # [N] int32
+    mag: np.ndarray  # [N] float32
+    level: np.ndarray  # [N] int16
+    x: np.ndarray  # [N] int64
+    y: np.ndarray  # [N] int64
+    read: np.ndarray  # [N] int32
+    context: int
+    by_mag: dict[float, np.ndarray]
+
+    @classmethod
+    def from_index(cls, index_dir: str | Path) -> "TileTable":
+        parts = load_index(index_dir)
+        if not parts:
+            raise FileNotFoundError(f"{index_dir}: no tile index (run `virchow-fast tiles` first)")
+        slides = [str(p["slide"]) for p in parts]
+        cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
+        slide = np.concatenate([np.full(len(p["x"]), i, np.int32) for i, p in enumerate(parts)])
+        mag = cat("mag")
+        by_mag = {float(m): np.flatnonzero(mag == m) for m in np.unique(mag)}
+        return cls(slides, np.array([float(p["slide_mpp"]) for p in parts]), slide, mag, cat("level"), cat("x"),
+                   cat("y"), cat("read"), int(parts[0]["context"]), by_mag)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def task(self, row: int, mpp_override: float | None = None) -> tuple:
+        """The worker task (path, x, y, level, read_px, out_px, mpp) of one row."""
+        return (self.slides[self.slide[row]], int(self.x[row]), int(self.y[row]), int(self.level[row]),
+                int(self.read[row]), self.context, mpp_override or float(self.slide_mpp[self.slide[row]]))
+
+
+class MagSampler:
+    """Draws (magnification, row) for an index from ``cfg.mags`` / ``cfg.mag_weights``."""
+
+    def __init__(self, table: TileTable, cfg: DataConfig):
+        mags, weights = [], []
+        for m, w in zip(cfg.mags, cfg.mag_weights):
+            if w > 0 and float(m) in table.by_mag and len(table.by_mag[float(m)]):
+                mags.append(float(m))
+                weights.append(w)
+        if not mags:
+            have = sorted(table.by_mag)
+            raise ValueError(f"the tile index holds no tiles at magnifications {cfg.mags} (it has {have})")
+        self.table, self.mags = table, mags
+        self.p = np.asarray(weights, np.float64) / sum(weights)
+
+    def draw(self, rng: np.random.Generator) -> tuple[float, int]:
+        k = int(rng.choice(len(self.mags), p=self.p))
+        rows = self.table.by_mag[self.mags[k]]
+        return self.mags[k], int(rows[int(rng.integers(len(rows)))])
+
+
+def crop_params(rng: np.random.Generator, cfg: CropConfig, size: int, solarize_p: float) -> np.ndarray:
+    """One crop's parameter row (see the P_* columns); draws in a fixed order."""
+    top, left, h, w = ect_box(rng, cfg.context_size, size, tuple(cfg.ect_scale), tuple(cfg.ect_ratio))
+    p = np.zeros(N_PARAMS, np.float32)
+    p[P_Y0], p[P_X0], p[P_Y1], p[P_X1] = top, left, top + h, left + w
+    p[P_HFLIP] = rng.random() < cfg.hflip
+    p[P_VFLIP] = rng.random() < cfg.vflip
+    p[P_ANGLE] = 90.0 * int(rng.integers(0, 4)) if cfg.rot90 else 0.0
+    jitter = rng.random() < cfg.color_jitter
+    u = rng.uniform(-1, 1, 4)
+    p[P_BRIGHT] = 1 + cfg.brightness * u[0] if jitter else 1.0
+    p[P_CONTRAST] = 1 + cfg.contrast * u[1] if jitter else 1.0
+    sat = 1 + cfg.saturation * u[2] if jitter else 1.0
+    p[P_HUE] = 360.0 * cfg.hue * u[3] if jitter else 0.0  # DALI takes degrees; cfg.hue is a fraction of a turn
+    gray = rng.random() < cfg.grayscale
+    p[P_SAT] = 0.0 if gray else sat
+    p[P_SOLAR] = rng.random() < solarize_p
+    p[P_BLUR] = rng.random() < cfg.blur
+    p[P_SIGMA] = rng.uniform(0.1, 2.0)
+    return p
+
+
+def tile_params(rng: np.random.Generator, cfg: CropConfig) -> list[np.ndarray]:
+    """Parameter rows of the n_global + n_local crops of one tile; solarise on the 2nd global only."""
+    out = [crop_params(rng, cfg, cfg.global_size, cfg.solarize if i == 1 else 0.0) for i in range(cfg.n_global)]
+    out += [crop_params(rng, cfg, cfg.local_size, 0.0) for _ in range(cfg.n_local)]
+    return out
+
+
+def index_of(step: int, rank: int, world: int, batch: int, i: int) -> int:
+    return (step * world + rank) * batch + i

@@ -1,0 +1,99 @@
+"""Index many slides in parallel processes; a crash or a bad file costs one slide, never the run.
+
+Each slide is indexed in its own child process (a segfaulting reader takes only that child
+down), up to ``workers`` at a time, with a progress bar. Finished slides (a current index in the
+output folder) are skipped; unreadable ones are reported with one line naming the file.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait
+from pathlib import Path
+
+from .index import IndexSettings, is_done, write_index
+from .slides import SlideError, find_slides
+
+SLIDE_TIMEOUT_S = 1800.0
+
+
+@dataclass
+class TilingReport:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already indexed
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+
+
+def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
+    try:
+        write_index(path, out_dir, settings)
+        conn.send(("ok", ""))
+    except SlideError as exc:
+        conn.send(("err", str(exc)))
+    except Exception as exc:  # noqa: BLE001 (any failure is this slide's, reported in one line)
+        conn.send(("err", f"{path}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"))
+
+
+def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings, workers: int = 2,
+                 progress: bool = True, log=None, start_method: str = "spawn") -> TilingReport:
+    """Index every slide in ``paths`` (files or folders) into ``out_dir``."""
+    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    report = TilingReport()
+    todo = []
+    for p in find_slides(paths):
+        if Path(p).is_file() and is_done(p, out_dir):
+            report.skipped.append(p)
+        else:
+            todo.append(p)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    bar = None
+    if progress and todo:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="tiles", unit="slide", file=sys.stderr)
+    ctx = mp.get_context(start_method)
+    running: dict = {}  # sentinel -> (path, proc, conn)
+    queue = list(todo)
+
+    def finish(path: str, status: str, msg: str) -> None:
+        if status == "ok":
+            report.done.append(path)
+        else:
+            report.failed.append((path, msg))
+            log(f"tiles: skipped {msg}")
+        if bar:
+            bar.update(1)
+
+    while queue or running:
+        while queue and len(running) < max(1, workers):
+            path = queue.pop(0)
+            parent, child = ctx.Pipe(duplex=False)
+            proc = ctx.Process(target=_child, args=(path, str(out_dir), settings, child), daemon=True)
+            proc.start()
+            child.close()
+            running[proc.sentinel] = (path, proc, parent)
+        ready = wait(list(running), timeout=SLIDE_TIMEOUT_S)
+        if not ready:
+            for s, (path, proc, _) in list(running.items()):
+                proc.kill()
+                proc.join()
+                del running[s]
+                finish(path, "err", f"{path}: indexing timed out after {SLIDE_TIMEOUT_S:.0f} s")
+            continue
+        for s in ready:
+            path, proc, conn = running.pop(s)
+            proc.join()
+            msg = None
+            try:
+                if conn.poll():
+                    msg = conn.recv()
+            except (EOFError, OSError):
+                msg = None
+            if msg is None:
+                finish(path, "err", f"{path}: reader process crashed (exit {proc.exitcode})")
+            else:
+                finish(path, *msg)
+    if bar:
+        bar.close()
+    return report
