@@ -8,6 +8,7 @@ state (centers), the step, the data position and each rank's RNG state.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -93,7 +94,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
         "world_size": _world(),
         "losses": {name: {k: v.detach().cpu() for k, v in loss.state_dict().items()} for name, loss in losses.items()},
         # per-rank entries: rank r's data position and RNG (DCP stores non-tensor objects per rank)
-        f"data_rank{rank}": data_state,
+        f"data_rank{rank}": json.dumps(data_state),  # a leaf object: DCP would flatten a dict
         f"rng_rank{rank}": _rng_state(),
     }
     state = _app_state(student, teacher, optimizer, extra)
@@ -118,13 +119,15 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
     rank = _rank()
     opts = StateDictOptions()
     meta = dcp.FileSystemReader(str(path)).read_metadata()
-    saved_keys = {k.split(".")[1] for k in meta.state_data_meta if k.startswith("extra.")}
+    saved_keys = {k.split(".")[1] for k in meta.state_dict_metadata if k.startswith("extra.")}
     extra: dict = {"step": 0, "world_size": 1,
                    "losses": {name: {k: v.detach().cpu().clone() for k, v in loss.state_dict().items()}
                               for name, loss in losses.items()}}
-    for key in (f"data_rank{rank}", f"rng_rank{rank}"):
-        if key in saved_keys:
-            extra[key] = None
+    # placeholders of the saved structure: a JSON string, and RNG tensors of the right size
+    if f"data_rank{rank}" in saved_keys:
+        extra[f"data_rank{rank}"] = ""
+    if f"rng_rank{rank}" in saved_keys:
+        extra[f"rng_rank{rank}"] = _rng_state()
     state = _app_state(student, teacher, optimizer, extra)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"], options=opts)
@@ -136,5 +139,5 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
     same_world = int(extra["world_size"]) == _world()
     if same_world and extra.get(f"rng_rank{rank}") is not None:
         _set_rng_state(extra[f"rng_rank{rank}"])
-    data = extra.get(f"data_rank{rank}") if same_world else None
+    data = json.loads(extra[f"data_rank{rank}"]) if same_world and extra.get(f"data_rank{rank}") else None
     return {"step": int(extra["step"]), "data": data}
