@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test suite on the CPU (GPU cases run when a GPU is present and are skipped, visibly, when not).
+# Default: everything, the `slow` cases included. Extra arguments go to pytest (e.g. -m "not slow").
+set -euo pipefail
+. "$(dirname "$0")/env.sh"
+set +e
+python -m pytest -ra "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "virchow-fast: pytest collected no tests: failing on purpose" >&2
+    exit 1
+fi
+exit "$rc"
