@@ -1,0 +1,151 @@
+"""Packed multi-crop attention, forward and forward+backward, on the model's real shapes.
+
+One step of one GPU: 32 tiles, each 2 global + 8 local crops, all packed into one sequence
+(ViT-H: 261 / 54 tokens, 16 heads of 80; ViT-G: 265 / 58 tokens with 8 registers, 16 heads of 104).
+Side by side: our Triton kernel (one launch for every crop), the torch reference eagerly and under
+torch.compile, SDPA with each backend (flash, efficient, cuDNN) on the same per-crop work (crops of
+equal length batched, inputs pre-gathered into [B, H, L, D], so SDPA is not charged for packing),
+FlexAttention over the packed sequence with a block-diagonal block mask, and flash-attn's varlen
+function when it is installed. TFLOP/s: forward 4 * sum(L^2) * H * D, backward 2.5 x forward.
+
+    python benchmarks/bench_attention.py              # GPU: real shapes
+    python benchmarks/bench_attention.py --cpu-smoke  # tiny shapes, Triton interpreter (automatic without CUDA)
+"""
+from __future__ import annotations
+
+from _common import print_table, setup, skip, time_fn, try_run, write_json
+
+args, device = setup("bench_attention", __doc__)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from virchow_fast.ops import reference  # noqa: E402
+
+DTYPE = torch.float32 if args.smoke else torch.bfloat16
+if args.smoke:  # tiny: 1 tile of 2 "global" + 2 "local" crops, 2 heads
+    MODELS = {"vit_h_tiny": dict(heads=2, dim=80, crops=[21] * 2 + [9] * 2, tiles=1)}
+else:
+    MODELS = {
+        "vit_h14": dict(heads=16, dim=80, crops=[261] * 2 + [54] * 8, tiles=32),
+        "vit_g14": dict(heads=16, dim=104, crops=[265] * 2 + [58] * 8, tiles=32),
+    }
+rows, skipped = [], []
+
+
+def packed_inputs(cfg):
+    lengths = cfg["crops"] * cfg["tiles"]
+    T = sum(lengths)
+    q, k, v, do = (torch.randn(T, cfg["heads"], cfg["dim"], device=device, dtype=DTYPE) for _ in range(4))
+    cu = F.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
+    return lengths, cu, (q, k, v), do
+
+
+def measure(model, impl, fwd, inputs, do, flops_fwd, note=""):
+    """Time fwd() and fwd + backward w.r.t. inputs; one row."""
+    plain = [t.detach() for t in inputs]
+    inputs = [t.detach().requires_grad_() for t in inputs]
+
+    def fwd_only():
+        with torch.no_grad():
+            return fwd(*plain)
+
+    def fwd_bwd():
+        out = fwd(*inputs)
+        return torch.autograd.grad(out, inputs, do)
+
+    t_f = try_run(skipped, f"{model} {impl} forward", lambda: time_fn(fwd_only, device, args.iters, args.warmup))
+    if t_f is None:
+        return
+    t_fb = try_run(skipped, f"{model} {impl} fwd+bwd", lambda: time_fn(fwd_bwd, device, args.iters, args.warmup))
+    rows.append({
+        "model": model, "impl": impl,
+        "fwd_ms": t_f["ms"], "fwd_TFLOPs": flops_fwd / (t_f["ms"] * 1e-3) / 1e12,
+        "fwdbwd_ms": t_fb["ms"] if t_fb else None,
+        "fwdbwd_TFLOPs": 3.5 * flops_fwd / (t_fb["ms"] * 1e-3) / 1e12 if t_fb else None,
+        "note": note,
+    })
+    print(f"  {model} {impl}: fwd {t_f['ms']:.3f} ms" + (f", fwd+bwd {t_fb['ms']:.3f} ms" if t_fb else ""), flush=True)
+
+
+def sdpa_batched(lengths, heads, dim, do_packed):
+    """Per distinct crop length: pre-gathered [B, H, L, D] q, k, v and dO (same work as the packed call)."""
+    groups = {}
+    for n in lengths:
+        groups[n] = groups.get(n, 0) + 1
+    ins, dos = [], []
+    for n, b in groups.items():
+        ins.extend(torch.randn(b, heads, n, dim, device=device, dtype=DTYPE) for _ in range(3))
+        dos.append(torch.randn(b, heads, n, dim, device=device, dtype=DTYPE))
+    return ins, torch.cat([d.flatten() for d in dos])
+
+
+for model, cfg in MODELS.items():
+    lengths, cu, qkv, do = packed_inputs(cfg)
+    H, D = cfg["heads"], cfg["dim"]
+    max_len = max(lengths)
+    flops = 4 * sum(n * n for n in lengths) * H * D
+    print(f"{model}: {len(lengths)} crops, T={sum(lengths)}, H={H}, D={D}, {DTYPE}, "
+          f"{flops / 1e9:.2f} GFLOP forward", flush=True)
+    scale = D ** -0.5
+
+    try:
+        from virchow_fast.kernels.attention import attention as triton_attention
+        measure(model, "triton (ours, packed)", lambda q, k, v: triton_attention(q, k, v, cu, max_len, scale),
+                qkv, do, flops, "interpreter" if args.smoke else "")
+    except ImportError as exc:
+        skip(skipped, f"{model} triton", f"ImportError: {exc}")
+
+    ref = lambda q, k, v: reference.attention(q, k, v, cu, max_len, scale)  # noqa: E731
+    measure(model, "torch reference (eager)", ref, qkv, do, flops, "gather + SDPA default per length")
+    if args.compile:
+        compiled_ref = torch.compile(ref)
+        measure(model, "torch.compile(reference)", compiled_ref, qkv, do, flops)
+    else:
+        skip(skipped, f"{model} torch.compile(reference)", "compile baselines off (--compile to run them)")
+
+    # SDPA per backend on pre-batched crops: no packing copies charged to it
+    ins, do_flat = sdpa_batched(lengths, H, D, do)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    for name, backend in [("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+                          ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        def sdpa_all(*t, backend=backend):
+            with sdpa_kernel(backend):
+                outs = [F.scaled_dot_product_attention(t[i], t[i + 1], t[i + 2], scale=scale)
+                        for i in range(0, len(t), 3)]
+            return torch.cat([o.flatten() for o in outs])
+        measure(model, f"SDPA {name} (per length)", sdpa_all, ins, do_flat, flops, f"{len(ins) // 3} calls")
+
+    if args.compile:
+        def flex_setup():
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            seg = torch.repeat_interleave(torch.arange(len(lengths), device=device),
+                                          torch.tensor(lengths, device=device))
+            T = seg.numel()
+            mask = create_block_mask(lambda b, h, qi, ki: seg[qi] == seg[ki], None, None, T, T, device=device)
+            flex = torch.compile(flex_attention)
+            return lambda q, k, v: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                        block_mask=mask, scale=scale)[0].transpose(0, 1)
+        flex_fn = try_run(skipped, f"{model} FlexAttention", flex_setup)
+        if flex_fn is not None:
+            measure(model, "FlexAttention (block mask)", flex_fn, qkv, do, flops, "packed, compiled")
+    else:
+        skip(skipped, f"{model} FlexAttention", "needs torch.compile; compile baselines off (--compile)")
+
+    try:
+        from flash_attn import flash_attn_varlen_func
+        measure(model, "flash-attn varlen", lambda q, k, v: flash_attn_varlen_func(
+            q, k, v, cu, cu, max_len, max_len, softmax_scale=scale), qkv, do, flops)
+    except ImportError:
+        skip(skipped, f"{model} flash-attn varlen", "flash_attn not installed")
+
+print()
+print_table(rows, ["model", "impl", "fwd_ms", "fwd_TFLOPs", "fwdbwd_ms", "fwdbwd_TFLOPs", "note"])
+if skipped:
+    print(f"\nskipped ({len(skipped)}):")
+    for s in skipped:
+        print(f"  - {s['what']}: {s['reason']}")
+if args.smoke:
+    print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
+write_json("bench_attention", {"smoke": args.smoke, "dtype": str(DTYPE), "models": MODELS,
+                               "rows": rows, "skipped": skipped}, args.out, device)

@@ -1,0 +1,98 @@
+"""LayerNorm forward and backward on the model's token rows, in GB/s against the copy bandwidth.
+
+Rows: all tokens of one GPU step (32 tiles x (2 x 261 + 8 x 54) = 30528 for ViT-H at width 1280;
+32 x (2 x 265 + 8 x 58) = 31808 for ViT-G at 1664), bf16 activations, fp32 weight and bias (as
+FSDP2 mixed precision leaves them in the reference path). Bytes: forward reads x, writes y
+(2 R C e); backward reads x and dy, writes dx (3 R C e); weights and the fp32 statistics are
+counted too. Side by side: our Triton kernel, the torch reference (fp32 upcast) eagerly and
+under torch.compile, torch's native F.layer_norm in bf16, and Liger / apex when installed.
+
+    python benchmarks/bench_layer_norm.py              # GPU
+    python benchmarks/bench_layer_norm.py --cpu-smoke  # tiny shapes, Triton interpreter (automatic without CUDA)
+"""
+from __future__ import annotations
+
+from _common import copy_bandwidth, print_table, setup, skip, time_fn, try_run, write_json
+
+args, device = setup("bench_layer_norm", __doc__)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from virchow_fast.ops import reference  # noqa: E402
+
+DTYPE = torch.float32 if args.smoke else torch.bfloat16
+SHAPES = {"vit_tiny": (37, 1280)} if args.smoke else {"vit_h14": (30528, 1280), "vit_g14": (31808, 1664)}
+EPS = 1e-6
+rows, skipped = [], []
+
+
+def impls():
+    out = {}
+    try:
+        from virchow_fast.kernels.layer_norm import layer_norm as triton_ln
+        out["triton (ours)"] = triton_ln
+    except ImportError as exc:
+        skip(skipped, "triton", f"ImportError: {exc}")
+    out["torch reference (eager)"] = reference.layer_norm
+    if args.compile:
+        out["torch.compile(reference)"] = torch.compile(reference.layer_norm)
+    else:
+        skip(skipped, "torch.compile(reference)", "compile baselines off (--compile to run them)")
+    out["F.layer_norm (native, x dtype)"] = lambda x, w, b, eps: F.layer_norm(x, (x.shape[-1],), w.to(x.dtype),
+                                                                           b.to(x.dtype), eps)
+    try:
+        from liger_kernel.ops.layer_norm import LigerLayerNormFunction
+        out["Liger"] = lambda x, w, b, eps: LigerLayerNormFunction.apply(x, w, b, eps)
+    except ImportError:
+        skip(skipped, "Liger layer_norm", "liger_kernel not installed")
+    try:
+        from apex.normalization.fused_layer_norm import fused_layer_norm_affine
+        out["apex"] = lambda x, w, b, eps: fused_layer_norm_affine(x, w, b, (x.shape[-1],), eps)
+    except ImportError:
+        skip(skipped, "apex fused_layer_norm", "apex not installed")
+    return out
+
+
+IMPLS = impls()
+for model, (R, C) in SHAPES.items():
+    e = torch.tensor([], dtype=DTYPE).element_size()
+    fwd_bytes = 2 * R * C * e + 2 * C * 4 + 2 * R * 4
+    bwd_bytes = 3 * R * C * e + 2 * R * 4 + 2 * C * 4
+    copy = copy_bandwidth(device, R * C * e, args.iters, args.warmup)
+    print(f"{model}: R={R} C={C} {DTYPE}; copy bandwidth {copy:.1f} GB/s", flush=True)
+    x = torch.randn(R, C, device=device, dtype=DTYPE)
+    dy = torch.randn(R, C, device=device, dtype=DTYPE)
+    w = torch.randn(C, device=device, requires_grad=True)
+    b = torch.randn(C, device=device, requires_grad=True)
+    xg = x.clone().requires_grad_()
+    for impl, fn in IMPLS.items():
+        def fwd(fn=fn):
+            with torch.no_grad():
+                return fn(x, w, b, EPS)
+        t_f = try_run(skipped, f"{model} {impl} forward", lambda: time_fn(fwd, device, args.iters, args.warmup))
+        if t_f is None:
+            continue
+        y = try_run(skipped, f"{model} {impl} backward", lambda fn=fn: fn(xg, w, b, EPS))
+        t_b = None
+        if y is not None:
+            t_b = try_run(skipped, f"{model} {impl} backward", lambda: time_fn(
+                lambda: torch.autograd.grad(y, [xg, w, b], dy, retain_graph=True), device, args.iters, args.warmup))
+        gbs_f = fwd_bytes / (t_f["ms"] * 1e-3) / 1e9
+        gbs_b = bwd_bytes / (t_b["ms"] * 1e-3) / 1e9 if t_b else None
+        rows.append({"model": model, "impl": impl, "fwd_ms": t_f["ms"], "fwd_GBs": gbs_f,
+                     "fwd_%copy": 100 * gbs_f / copy, "bwd_ms": t_b["ms"] if t_b else None, "bwd_GBs": gbs_b,
+                     "bwd_%copy": 100 * gbs_b / copy if gbs_b else None, "copy_GBs": copy})
+        print(f"  {impl}: fwd {t_f['ms']:.3f} ms" + (f", bwd {t_b['ms']:.3f} ms" if t_b else ""), flush=True)
+
+print()
+print_table(rows, ["model", "impl", "fwd_ms", "fwd_GBs", "fwd_%copy", "bwd_ms", "bwd_GBs", "bwd_%copy", "copy_GBs"])
+if skipped:
+    print(f"\nskipped ({len(skipped)}):")
+    for s in skipped:
+        print(f"  - {s['what']}: {s['reason']}")
+if args.smoke:
+    print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
+print("goal (issue 3, H200): triton >= 85 % of copy bandwidth forward, >= 75 % backward")
+write_json("bench_layer_norm", {"smoke": args.smoke, "dtype": str(DTYPE), "shapes": SHAPES, "eps": EPS,
+                                "rows": rows, "skipped": skipped}, args.out, device)
