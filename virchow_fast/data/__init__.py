@@ -7,7 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from ..config import DataConfig
-from .loader import Batch, TileLoader, synthetic_source
+
+
+def __getattr__(name: str):
+    # torch is imported lazily so that reader and indexing processes (spawned) start fast
+    if name in ("Batch", "TileLoader", "synthetic_source"):
+        from . import loader
+
+        return getattr(loader, name)
+    raise AttributeError(name)
 
 
 def _dali_available() -> bool:
@@ -61,6 +69,8 @@ def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1
     slides / demo / shards go through the DALI graph (CPU: ``device_id=None``; GPU: mixed decode)
     when DALI is installed, else through the torch reference multi-crop (``data.pipeline``).
     """
+    from .loader import TileLoader, synthetic_source
+
     if cfg.source == "synthetic":
         return TileLoader(synthetic_source(cfg), cfg, patch_size, rank, world, seed, start_step)
     use_dali = cfg.pipeline == "dali" or (cfg.pipeline == "auto" and _dali_available())

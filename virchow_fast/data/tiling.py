@@ -23,12 +23,21 @@ class TilingReport:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # already indexed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+    empty: list[str] = field(default_factory=list)  # indexed, but no tile kept (tiny slide, no tissue)
 
 
 def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
     try:
-        write_index(path, out_dir, settings)
-        conn.send(("ok", ""))
+        target = write_index(path, out_dir, settings)
+        import numpy as np
+
+        with np.load(target) as z:
+            n = len(z["x"])
+        if n == 0:
+            conn.send(("empty", f"{path}: no tiles kept (smaller than a {settings.context} px context at every "
+                                f"magnification, or no tissue >= {settings.min_tissue:.2f})"))
+        else:
+            conn.send(("ok", ""))
     except SlideError as exc:
         conn.send(("err", str(exc)))
     except Exception as exc:  # noqa: BLE001 (any failure is this slide's, reported in one line)
@@ -38,7 +47,6 @@ def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
 def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings, workers: int = 2,
                  progress: bool = True, log=None, start_method: str = "spawn") -> TilingReport:
     """Index every slide in ``paths`` (files or folders) into ``out_dir``."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
     report = TilingReport()
     todo = []
     for p in find_slides(paths):
@@ -52,6 +60,8 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="tiles", unit="slide", file=sys.stderr)
+        log = bar.write if log is None else log
+    log = log or _print
     ctx = mp.get_context(start_method)
     running: dict = {}  # sentinel -> (path, proc, conn)
     queue = list(todo)
@@ -59,6 +69,10 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
     def finish(path: str, status: str, msg: str) -> None:
         if status == "ok":
             report.done.append(path)
+        elif status == "empty":
+            report.done.append(path)
+            report.empty.append(path)
+            log(f"tiles: {msg}")
         else:
             report.failed.append((path, msg))
             log(f"tiles: skipped {msg}")
@@ -97,3 +111,7 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
     if bar:
         bar.close()
     return report
+
+
+def _print(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

@@ -3,13 +3,16 @@
 Otsu on saturation alone calls every pixel of a blank, noisy slide tissue (shared/DESIGN.md): the
 threshold is therefore never below an absolute floor on saturation, and a pixel must also absorb
 some light (optical density floor), so glass, however noisy, has no tissue. Small holes and
+specks are then removed; the threshold is also capped (SAT_CEIL) because
+on a slide that is all tissue Otsu separates stroma from nuclei instead of tissue from glass. Small holes and
 specks are then removed, at sizes given in microns so the result does not depend on the level.
 """
 from __future__ import annotations
 
 import numpy as np
 
-SAT_FLOOR = 0.08  # H&E stroma has saturation ~0.25, glass with noise < 0.06
+SAT_FLOOR = 0.08  # H&E stroma has saturation ~0.15-0.3, glass with noise < 0.06
+SAT_CEIL = 0.12  # Otsu on a slide that is all tissue splits stroma from nuclei: never threshold above this
 OD_FLOOR = 0.05  # mean optical density; glass ~0.01
 SPECK_UM2 = 150.0 * 150.0  # objects smaller than this are dust, not tissue
 HOLE_UM2 = 100.0 * 100.0  # holes smaller than this are filled
@@ -35,7 +38,7 @@ def tissue_mask(rgb: np.ndarray, mpp: float) -> np.ndarray:
     candidates = sat[::2, ::2]
     thr = SAT_FLOOR
     if candidates.size and float(candidates.max()) > float(candidates.min()):
-        thr = max(float(threshold_otsu(candidates)), SAT_FLOOR)
+        thr = min(max(float(threshold_otsu(candidates)), SAT_FLOOR), SAT_CEIL)
     mask = (sat > thr) & (od > OD_FLOOR)
     px_area = mpp * mpp
     mask = remove_small_objects(mask, max_size=max(1, int(SPECK_UM2 / px_area)))

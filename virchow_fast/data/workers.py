@@ -119,7 +119,10 @@ class ReadPool:
                 continue
             w = min(self._workers, key=lambda w: len(w.pending))
             w.pending.append((tid, task))
-            w.conn.send((tid, task))
+            try:
+                w.conn.send((tid, task))
+            except (BrokenPipeError, OSError):
+                pass  # a dead worker: _poll sees its sentinel and hands its tasks to a new one
         return ids
 
     def collect(self, ids: list[int]) -> list[np.ndarray | ReadFailure]:
@@ -146,16 +149,17 @@ class ReadPool:
             self._replace(busy[0], "reader process timed out")
             return
         for w in busy:
-            if w.conn in ready or w.conn.poll():
-                try:
-                    while w.conn.poll():
-                        tid, result = w.conn.recv()
-                        w.pending.popleft()
-                        self._done[tid] = result
-                except (EOFError, OSError):
-                    self._replace(w, "reader process crashed")
-                    continue
-            if w.proc.sentinel in ready and not w.proc.is_alive() and w.pending:
+            if w.conn not in ready and w.proc.sentinel not in ready:
+                continue
+            dead = False
+            try:
+                while w.conn.poll():
+                    tid, result = w.conn.recv()
+                    w.pending.popleft()
+                    self._done[tid] = result
+            except (EOFError, OSError):
+                dead = True
+            if w.pending and (dead or not w.proc.is_alive()):
                 self._replace(w, f"reader process crashed (exit {w.proc.exitcode})")
 
     def _replace(self, w: _Worker, why: str) -> None:
@@ -165,12 +169,14 @@ class ReadPool:
             w.proc.kill()
         w.proc.join(5)
         rest = list(w.pending)
+        w.pending.clear()
         i = self._workers.index(w)
         nw = _Worker(self._ctx)
         self._workers[i] = nw
         for tid2, task2 in rest:
             nw.pending.append((tid2, task2))
             nw.conn.send((tid2, task2))
+        self.log(f"data: {why}; reader process respawned ({self.crashed + 1} crashes so far)")
 
     def close(self) -> None:
         for w in self._workers:
