@@ -1,14 +1,22 @@
-"""Process-group setup from torchrun's environment; a plain single process needs none."""
+"""Process-group setup from torchrun's environment, and the stop signal every rank agrees on.
+
+A plain single process needs no process group, unless ``parallel.fsdp: on`` asks for FSDP2 on
+one process: then a one-rank group is made in memory (no rendezvous variables needed).
+"""
 from __future__ import annotations
 
 import datetime
+import logging
 import os
-from dataclasses import dataclass
+import signal
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config
+
+log = logging.getLogger("virchow_fast.train")
 
 
 @dataclass
@@ -17,6 +25,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    mesh: object | None = field(default=None, repr=False)  # 1-D DeviceMesh when a process group exists
 
     @property
     def is_main(self) -> bool:
@@ -43,16 +52,67 @@ def init_distributed(cfg: Config) -> DistInfo:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        backend = cfg.parallel.backend
-        if backend == "auto":
-            backend = "nccl" if use_cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30),
-                                device_id=device if use_cuda else None)
-    return DistInfo(rank, world, local_rank, device)
-
-
-def shutdown_distributed() -> None:
+    backend = cfg.parallel.backend
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(minutes=30)
+        if world > 1:
+            dist.init_process_group(backend=backend, timeout=timeout, device_id=device if use_cuda else None)
+        elif cfg.parallel.fsdp == "on":
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout,
+                                    device_id=device if use_cuda else None)
+    mesh = None
     if dist.is_initialized():
-        dist.barrier()  # gloo can abort ranks that leave while others are still in a collective
+        from torch.distributed.device_mesh import init_device_mesh
+
+        world, rank = dist.get_world_size(), dist.get_rank()
+        mesh = init_device_mesh(device.type, (world,))
+    return DistInfo(rank, world, local_rank, device, mesh)
+
+
+def shutdown_distributed(barrier: bool = True) -> None:
+    """Leave the process group; ``barrier=False`` after an error (the other ranks may never arrive)."""
+    if dist.is_initialized():
+        if barrier:
+            dist.barrier()  # gloo can abort ranks that leave while others are still in a collective
         dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> finish the step, checkpoint, exit.
+
+    The handler only records the signal. The loop sends ``pending`` through its per-step
+    all-reduce, so every rank stops after the same step even when only one was signalled.
+    A second SIGINT / SIGTERM while stopping is not intercepted (handlers restored by ``close``).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. an embedding application): no preemption support
+                log.warning("cannot install a handler for %s outside the main thread", signal.Signals(sig).name)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is None:
+            self.signum = signum
+            # print, not log: safe enough in a handler, and visible in SLURM's output without logging setup
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
+                  flush=True)
+
+    @property
+    def pending(self) -> bool:
+        return self.signum is not None
+
+    def close(self) -> None:
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+        self._previous.clear()

@@ -1,7 +1,15 @@
-"""The training loop: build, (resume), step, log, checkpoint. Same code on one CPU or many GPUs."""
+"""The training loop: build, (resume), step, log, checkpoint. Same code on one CPU or many GPUs.
+
+Per step every rank runs forward and backward (always: the FSDP collectives must match), then one
+small all-reduce carries the loss terms (logged as the mean over ranks), the gradient norm and the
+stop request. From it every rank takes the same decisions:
+- a non-finite loss or gradient norm skips the step (no optimizer step, no EMA, the loss centers
+  restored), is counted and logged; ``train.max_nonfinite_steps`` in a row stop the run with
+  :class:`NonFiniteLossError`;
+- a SIGTERM / SIGUSR1 on any rank ends the run after this step with a checkpoint (clean exit).
+"""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -13,37 +21,22 @@ from ..config import Config, derive, save_resolved
 from ..data import build_loader
 from ..model.ssl import SSLNetwork, ema_update, make_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .distributed import init_distributed, shutdown_distributed
+from .distributed import StopRequest, init_distributed, shutdown_distributed
+from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import apply_schedules, build_optimizer
-from .parallelize import parallelize
+from .parallelize import parallelize, use_fsdp
 from .schedules import build_schedules
 from .step import SSLLoss
 
 log = logging.getLogger("virchow_fast.train")
 
+TERMS = ("loss", "dino", "ibot", "reg")
+
+__all__ = ["run", "NonFiniteLossError", "MetricsWriter"]
+
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class MetricsWriter:
-    """Per-step metrics as JSON lines in <run>/metrics.jsonl (rank 0); resume drops later lines."""
-
-    def __init__(self, path: Path, start_step: int, enabled: bool):
-        self.path, self.enabled = path, enabled
-        if enabled and path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < start_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self._f = open(path, "a") if enabled else None
-
-    def write(self, record: dict) -> None:
-        if self._f is not None:
-            self._f.write(json.dumps(record) + "\n")
-            self._f.flush()
-
-    def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -55,17 +48,39 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def run(cfg: Config, resume: bool = False, config_path: str | None = None) -> Path:
-    """Train per ``cfg``; returns the run directory."""
+    """Train per ``cfg``; returns the run directory (also after a SIGTERM / SIGUSR1 stop)."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg)
+    stop = StopRequest().install()  # before the loader forks workers: they inherit it and survive a group signal
+    clean = False
     try:
-        return _run(cfg, resume, info)
+        out = _run(cfg, resume, info, stop)
+        clean = True
+        return out
     finally:
-        shutdown_distributed()
+        stop.close()
+        # after an error only this rank may be here: no barrier, let the launcher tear the rest down
+        shutdown_distributed(barrier=clean)
 
 
-def _run(cfg: Config, resume: bool, info) -> Path:
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks (fp32 scalar, plain tensor); clips in place when max_norm > 0."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+    if hasattr(total, "full_tensor"):  # FSDP2: DTensor with a pending sum over shards
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
+    if info.world_size > 1 and not use_fsdp(cfg.parallel, info):
+        raise ValueError(f"parallel.fsdp=off with {info.world_size} processes would train unsynchronised "
+                         "replicas; use fsdp: auto or on")
     derived = derive(cfg, info.world_size)
     run_dir = Path(cfg.train.output_dir)
     if info.is_main:
@@ -75,13 +90,15 @@ def _run(cfg: Config, resume: bool, info) -> Path:
     torch.manual_seed(cfg.train.seed)  # same init on every rank
     student = SSLNetwork(cfg.model, cfg.heads)
     teacher = make_teacher(student)
-    student, teacher = parallelize(student, teacher, cfg.parallel, info)
     student.to(info.device)
     teacher.to(info.device)
+    student, teacher = parallelize(student, teacher, cfg.parallel, info)
+    params = [p for p in student.parameters() if p.requires_grad]
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
     loss_fn.to(info.device)
+    losses_dict = {"dino": loss_fn.dino, "ibot": loss_fn.ibot}
     total_steps = derived["total_steps"]
     sched = build_schedules(cfg, derived["peak_lr"], total_steps)
 
@@ -92,7 +109,7 @@ def _run(cfg: Config, resume: bool, info) -> Path:
         if ckpt is None:
             log.warning("--resume: no complete checkpoint in %s, starting from step 0", run_dir)
         else:
-            loaded = load_checkpoint(ckpt, student, teacher, optimizer, {"dino": loss_fn.dino, "ibot": loss_fn.ibot})
+            loaded = load_checkpoint(ckpt, student, teacher, optimizer, losses_dict)
             start_step, data_state = loaded["step"], loaded["data"]
             if info.is_main:
                 print(f"resumed from {ckpt} at step {start_step}", flush=True)
@@ -103,14 +120,13 @@ def _run(cfg: Config, resume: bool, info) -> Path:
         loader.load_state_dict(data_state)
     metrics = MetricsWriter(run_dir / "metrics.jsonl", start_step, info.is_main)
     bar = _progress(total_steps, start_step, info.is_main)
-    losses_dict = {"dino": loss_fn.dino, "ibot": loss_fn.ibot}
+    throughput = Throughput(cfg, info.world_size, info.device)
 
     def checkpoint(step: int) -> None:
         save_checkpoint(run_dir, step, student, teacher, optimizer, losses_dict, loader.state_dict(),
                         cfg.train.keep_checkpoints)
 
-    bad_in_a_row = 0
-    tiles = cfg.data.batch_size * info.world_size
+    bad_in_a_row = bad_total = 0
     student.train()
     teacher.eval()
     try:
@@ -120,33 +136,52 @@ def _run(cfg: Config, resume: bool, info) -> Path:
             t1 = time.perf_counter()
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"])
+            centers = [b.clone() for b in loss_fn.buffers()]  # a skipped step must not move them
             out = loss_fn(student, teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
-            optimizer.zero_grad(set_to_none=True)
-            loss = out["loss"]
-            if not torch.isfinite(loss).item():
+            out["loss"].backward()
+            grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
+            stats = torch.stack([out[k].detach().float().reshape(()) for k in TERMS]
+                                + [torch.tensor(float(stop.pending), device=info.device)])
+            info.all_reduce(stats)
+            stats = stats.cpu()  # also the step's synchronisation point
+            terms = {k: float(v) / info.world_size for k, v in zip(TERMS, stats[:len(TERMS)])}
+            stop_now = bool(stats[len(TERMS)] > 0)
+            grad_norm = float(grad_norm)
+            finite = all(map(torch.isfinite, stats[:len(TERMS)])) and torch.isfinite(torch.tensor(grad_norm))
+            if finite:
+                bad_in_a_row = 0
+                optimizer.step()
+                ema_update(teacher, student, s["momentum"])
+            else:
                 bad_in_a_row += 1
-                log.warning("step %d: non-finite loss %s, skipped (%d in a row)", step, loss.item(), bad_in_a_row)
-                if bad_in_a_row >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step}")
-                continue
-            bad_in_a_row = 0
-            loss.backward()
-            grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.optim.clip_grad)
-                         if cfg.optim.clip_grad > 0 else torch.zeros(()))
-            optimizer.step()
-            ema_update(teacher, student, s["momentum"])
+                bad_total += 1
+                with torch.no_grad():
+                    for b, saved in zip(loss_fn.buffers(), centers):
+                        b.copy_(saved)
+                log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (%d in a row, %d in all)",
+                            step, terms["loss"], grad_norm, bad_in_a_row, bad_total)
+            optimizer.zero_grad(set_to_none=True)
             if info.device.type == "cuda":
                 torch.cuda.synchronize()
             t2 = time.perf_counter()
-            record = {"step": step, **{k: float(v.detach()) for k, v in out.items()},
-                      "grad_norm": float(grad_norm), **s, "tiles_per_s": tiles / (t2 - t0),
-                      "data_s": t1 - t0, "compute_s": t2 - t1}
+            record = {"step": step, **terms, "grad_norm": grad_norm, **s, **throughput(t2 - t0),
+                      "data_s": t1 - t0, "compute_s": t2 - t1, "peak_mem_gib": peak_memory_gib(info.device),
+                      "skipped": not finite, "nonfinite_total": bad_total}
             metrics.write(record)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tiles_s=f"{record['tiles_per_s']:.1f}")
-            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
+                bar.set_postfix(loss=f"{terms['loss']:.4f}", tiles_s=f"{record['tiles_per_s']:.1f}")
+            if bad_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step} "
+                                         f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
+                                         "lower the lr or check the data")
+            if stop_now or (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
                 checkpoint(step + 1)
+            if stop_now:
+                if info.is_main:
+                    print(f"stopped on a signal after step {step}: checkpoint step_{step + 1:08d} saved; "
+                          "continue with --resume", flush=True)
+                break
     finally:
         if bar is not None:
             bar.close()
