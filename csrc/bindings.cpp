@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 
@@ -21,8 +22,9 @@ vf::DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return vf::DType::kFloat32;
     case at::kHalf: return vf::DType::kFloat16;
     case at::kBFloat16: return vf::DType::kBFloat16;
-    default: TORCH_CHECK(false, "virchow_fast: dtype ", t.scalar_type(), " not supported (fp32, fp16, bf16)");
+    default: break;
   }
+  TORCH_CHECK(false, "virchow_fast: dtype ", t.scalar_type(), " not supported (fp32, fp16, bf16)");
 }
 
 void check(cudaError_t err, const char* what) {

@@ -1,6 +1,8 @@
 // Teacher centering kernels over a materialised [M, K] matrix; see centering.cuh for the contract.
 #include "centering.cuh"
 
+#include "device.cuh"
+
 namespace vf {
 namespace {
 

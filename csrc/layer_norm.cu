@@ -1,6 +1,8 @@
 // LayerNorm forward / backward kernels; see layer_norm.cuh for the contract.
 #include "layer_norm.cuh"
 
+#include "device.cuh"
+
 namespace vf {
 namespace {
 
