@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -31,7 +32,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool) -> None:
     from .train.loop import run
 
     run_dir = run(cfg, resume=resume, config_path=config)
-    click.echo(f"run directory: {run_dir}")
+    click.echo(f"run directory: {Path(run_dir).resolve()}")
 
 
 @main.command()
@@ -55,7 +56,9 @@ def _register_optional_commands() -> None:
     """Commands that live beside their subsystem (e.g. ``tiles`` in data/)."""
     try:
         from .data.cli import tiles
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != "virchow_fast.data.cli":
+            raise
         return
     main.add_command(tiles)
 
