@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The prepared script for a lent GPU (H200, no network, python 3.12, torch 2.11, triton 3.6, no DALI):
+# install the package, run the GPU tests, run the kernel benchmarks; logs + JSON under $OUT.
+# Budget on the GPU: expected ~3-4 minutes; the steps' timeouts cap it at ~8 (x3 on a CPU). Also runs on a CPU box (benchmarks in their
+# smoke mode, GPU tests skipped by pytest) and says what it skipped.
+#
+#   OUT=/some/dir bash benchmarks/gpu_check.sh        # default OUT: benchmarks/results/gpu_check_<utc>
+#
+# To add a step, append one line to STEPS below:  "name|timeout_s|when|command"
+#   when: all = always; gpu = only with CUDA (listed as SKIPPED on a CPU); cpu = only without CUDA.
+# A step's stdout+stderr go to $OUT/<name>.log; a failing step does not stop the others; the
+# summary (step, status, seconds) is printed at the end and written to $OUT/summary.txt.
+set -u
+cd "$(dirname "$0")/.."
+export OUT="${OUT:-benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)}"
+mkdir -p "$OUT"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
+PY="${PYTHON:-python}"
+
+if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  HAVE_GPU=1
+else
+  HAVE_GPU=0
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
+fi
+
+# Editable install. PEP 660 (--use-pep517) is what maps kernels/ to virchow_fast.kernels; pip's
+# legacy `setup.py develop` fallback (old pip, no pyproject.toml) does not. The CUDA extension is
+# not built here unless GPU_CHECK_BUILD_CUDA_EXT=1 (nvcc builds can eat the whole budget).
+install() {
+  export VIRCHOW_FAST_NO_CUDA_EXT=$([ "${GPU_CHECK_BUILD_CUDA_EXT:-0}" = 1 ] && echo 0 || echo 1)
+  "$PY" -m pip install --no-deps --no-build-isolation --use-pep517 -e . \
+    || "$PY" -m pip install --no-deps --no-build-isolation -e .
+  (cd /tmp && "$PY" -c "import virchow_fast.kernels.attention as m; print('virchow_fast.kernels at', m.__file__)")
+}
+
+versions() {
+  "$PY" - <<'PYEOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton; print("triton", triton.__version__)
+except ImportError as e:
+    print("triton missing:", e)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+for name in ("flash_attn", "liger_kernel", "apex"):
+    try:
+        __import__(name); print(name, "installed")
+    except ImportError:
+        print(name, "not installed")
+PYEOF
+}
+
+STEPS=(
+  "versions|30|all|versions"
+  "install|90|gpu|install"
+  "tests_kernels|150|all|$PY -m pytest -q -rs -p no:cacheprovider tests/kernels"
+  "bench_layer_norm|45|all|$PY benchmarks/bench_layer_norm.py"
+  "bench_swiglu|45|all|$PY benchmarks/bench_swiglu.py"
+  "bench_attention|150|all|$PY benchmarks/bench_attention.py"
+)
+
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+echo "gpu_check: HAVE_GPU=$HAVE_GPU OUT=$OUT $(date -u +%FT%TZ)" | tee -a "$SUMMARY"
+[ "$HAVE_GPU" = 1 ] || echo "NO CUDA: GPU-only steps SKIPPED, GPU tests skipped by pytest, benchmarks in CPU smoke mode (no GPU numbers)" | tee -a "$SUMMARY"
+
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit when cmd <<< "$step"
+  if { [ "$when" = gpu ] && [ "$HAVE_GPU" = 0 ]; } || { [ "$when" = cpu ] && [ "$HAVE_GPU" = 1 ]; }; then
+    printf '%-22s SKIPPED (%s only)\n' "$name" "$when" | tee -a "$SUMMARY"
+    continue
+  fi
+  [ "$HAVE_GPU" = 1 ] || limit=$(( limit * 3 ))  # the CPU interpreter is slow; the budget is the GPU's
+  echo "== $name (limit ${limit}s): $cmd"
+  start=$(date +%s)
+  if declare -F "$cmd" > /dev/null; then
+    timeout "$limit" bash -c "$(declare -f "$cmd"); PY='$PY'; $cmd" > "$OUT/$name.log" 2>&1
+  else
+    timeout "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+  fi
+  rc=$?
+  secs=$(( $(date +%s) - start ))
+  case $rc in 0) status=ok ;; 124) status="TIMEOUT after ${limit}s" ;; *) status="FAILED rc=$rc" ;; esac
+  printf '%-22s %-22s %4ss  log: %s\n' "$name" "$status" "$secs" "$OUT/$name.log" | tee -a "$SUMMARY"
+  tail -n 25 "$OUT/$name.log"
+  grep -E "SKIPPED|skipped" "$OUT/$name.log" | head -n 30 >> "$OUT/skipped.txt" 2>/dev/null || true
+done
+
+echo
+echo "== summary ($SUMMARY)"
+cat "$SUMMARY"
+echo "what was skipped: $OUT/skipped.txt"
