@@ -2,16 +2,20 @@
 
 A checkpoint is the folder ``<run>/checkpoints/step_XXXXXXXX``; it is written as
 ``.tmp-step_XXXXXXXX`` and renamed when every rank has finished, so a folder with the final name is
-complete and a half-written one (killed mid-save) is never picked. Inside: the student, teacher,
+complete and a half-written one (killed mid-save) is never picked (and is removed by the next
+save). The run directory must be on a filesystem every rank sees (rank 0 renames and prunes). Inside: the student, teacher,
 optimizer (sharded or not: DCP reshards on load, also to another number of processes), the loss
 state (centers), the step, the data position and each rank's RNG state.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +23,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+
+log = logging.getLogger("virchow_fast.train")
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -36,6 +42,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -50,8 +64,12 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
+    """The newest complete checkpoint, as rank 0 sees it (broadcast, so every rank loads the same)."""
+    found = list_checkpoints(run_dir) if _rank() == 0 else []
+    choice = [str(found[-1]) if found else None]
+    if dist.is_initialized() and _world() > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0]) if choice[0] is not None else None
 
 
 def _rng_state() -> dict:
@@ -85,8 +103,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
     tmp = root / f".tmp-step_{step:08d}"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for stale in root.glob(".tmp-step_*"):  # this save's own, and any left by a run killed mid-save
+            shutil.rmtree(stale, ignore_errors=True)
     _barrier()
     rank = _rank()
     extra = {
@@ -98,7 +116,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
         f"rng_rank{rank}": _rng_state(),
     }
     state = _app_state(student, teacher, optimizer, extra)
-    dcp.save(state, checkpoint_id=str(tmp))
+    with _single_process_quiet():
+        dcp.save(state, checkpoint_id=str(tmp))
     _barrier()
     if _rank() == 0:
         if final.exists():
@@ -129,7 +148,8 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
     if f"rng_rank{rank}" in saved_keys:
         extra[f"rng_rank{rank}"] = _rng_state()
     state = _app_state(student, teacher, optimizer, extra)
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(student, state["student"], options=opts)
     set_model_state_dict(teacher, state["teacher"], options=opts)
     set_optimizer_state_dict(student, optimizer, state["optimizer"], options=opts)
@@ -137,6 +157,10 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
     for name, loss in losses.items():
         loss.load_state_dict({k: v.to(next(iter(loss.buffers())).device) for k, v in extra["losses"][name].items()})
     same_world = int(extra["world_size"]) == _world()
+    if not same_world and rank == 0:
+        log.warning("checkpoint %s was written by %s process(es), resuming on %d: model and optimizer resharded, "
+                    "data position taken from the step, per-rank RNG streams restarted",
+                    path, extra["world_size"], _world())
     if same_world and extra.get(f"rng_rank{rank}") is not None:
         _set_rng_state(extra[f"rng_rank{rank}"])
     data = json.loads(extra[f"data_rank{rank}"]) if same_world and extra.get(f"data_rank{rank}") else None
