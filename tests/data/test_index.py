@@ -1,0 +1,83 @@
+"""Tissue mask, tile index round trip / re-run, the tiles command and its bad inputs."""
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from virchow_fast.data.index import IndexSettings, index_slide, is_done, load_index, write_index
+from virchow_fast.data.slides import Slide
+from virchow_fast.data.tissue import tile_fractions, tissue_mask
+
+
+def test_tissue_fraction_known_layout(slides):
+    s = Slide(slides["halves"])  # 3136 x 1568: left half tissue, right half glass
+    level = s.thumbnail_level(1024)
+    lev = s.levels[level]
+    mask = tissue_mask(s.read(0, 0, level, lev.width, lev.height), s.level_mpp(level))
+    assert mask[:, : lev.width // 2 - 8].mean() > 0.97
+    assert mask[:, lev.width // 2 + 8:].mean() < 0.01
+    side = 784.0  # a 5x3 ... 4x2 grid of 784 px squares
+    xs = np.array([0, 784, 1568, 2352, 1176], float)
+    ys = np.zeros(5)
+    frac = tile_fractions(mask, lev.downsample, xs, ys, side)
+    np.testing.assert_allclose(frac, [1, 1, 0, 0, 0.5], atol=0.03)
+
+
+def test_blank_slide_has_no_tissue(slides):
+    s = Slide(slides["blank"])
+    level = s.thumbnail_level(1024)
+    lev = s.levels[level]
+    assert tissue_mask(s.read(0, 0, level, lev.width, lev.height), s.level_mpp(level)).sum() == 0
+    cols, _, _ = index_slide(str(slides["blank"]), IndexSettings())
+    assert len(cols["x"]) == 0
+
+
+def test_index_round_trip_and_rerun(slides, tmp_path):
+    st = IndexSettings(min_tissue=0.65)
+    target = write_index(str(slides["generic"]), tmp_path, st)  # 2048 x 1536, all tissue
+    assert is_done(str(slides["generic"]), tmp_path)
+    (part,) = load_index(tmp_path)
+    assert set(np.unique(part["mag"])) == {40.0, 20.0}  # 10x and 5x contexts exceed the slide
+    m40 = part["mag"] == 40.0
+    assert m40.sum() == (2048 // 392) * (1536 // 392)
+    assert (part["level"][m40] == 0).all() and (part["level"][part["mag"] == 20.0] == 1).all()
+    assert (part["tissue"] >= 0.65).all() and (part["read"] == 392).all()
+    assert ((part["x"] + 392 * part["mag"].astype(float) ** -1 * 10 / 0.25) <= 2048 + 1).all()
+    assert str(part["slide"]).endswith("generic.tiff") and float(part["slide_mpp"]) == pytest.approx(0.25)
+    assert target.with_suffix(".png").is_file()
+    # a touched slide is redone
+    import os
+
+    os.utime(slides["generic"], (1, 1))
+    assert not is_done(str(slides["generic"]), tmp_path)
+
+
+def test_cmu_index(cmu, tmp_path):
+    write_index(str(cmu), tmp_path, IndexSettings())
+    (part,) = load_index(tmp_path)
+    assert 40.0 not in set(part["mag"].tolist())  # a 20x scan gives no 40x tiles
+    assert (part["mag"] == 20.0).sum() >= 4
+    assert (part["read"][part["mag"] == 10.0] == round(392 * 1.0 / 0.499)).all()
+
+
+def test_tiles_command_bad_inputs_and_rerun(slides, tmp_path):
+    from virchow_fast.cli import main
+
+    bad = tmp_path / "in"
+    bad.mkdir()
+    data = slides["aperio"].read_bytes()
+    (bad / "truncated.svs").write_bytes(data[: len(data) // 3])
+    (bad / "notaslide.svs").write_text("hello\n" * 100)
+    (bad / "empty.svs").write_bytes(b"")
+    args = ["tiles", str(bad), str(slides["generic"]), str(slides["tiny"]), str(slides["blank"]),
+            "--out", str(tmp_path / "out"), "--workers", "2"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    out = res.output
+    assert "tiles: 3 indexed, 0 already done, 2 without tiles, 3 unreadable" in out
+    for name in ("truncated.svs", "notaslide.svs", "empty.svs"):
+        lines = [l for l in out.splitlines() if "skipped" in l and name in l]
+        assert len(lines) == 1, out
+    for name in ("tiny.tiff", "blank.tiff"):
+        assert len([l for l in out.splitlines() if "no tiles kept" in l and name in l]) == 1, out
+    res = CliRunner().invoke(main, args)
+    assert "0 indexed, 3 already done" in res.output
