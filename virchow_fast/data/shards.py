@@ -56,8 +56,8 @@ class ShardWriter:
         for ext, data in (("jpg", jpeg), ("json", json.dumps(meta).encode())):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
+            off = self._tar.offset + len(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
             self._tar.addfile(info, io.BytesIO(data))
-            off = self._tar.members[-1].offset_data
             members.append(f"{ext} {off} {len(data)} {key}.{ext}")
             if ext == "jpg":
                 self.rows["shard"].append(len(self.shards) - 1)
