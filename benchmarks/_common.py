@@ -175,14 +175,21 @@ def print_table(rows: list[dict], columns: Iterable[str] | None = None) -> None:
     sys.stdout.flush()
 
 
-def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = None, device=None) -> Path:
-    """Write ``payload`` plus ``meta`` (device, versions, date) to <out_dir>/<name>_<device>_<date>.json."""
-    out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
+def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = None, device=None,
+               path: str | os.PathLike | None = None) -> Path:
+    """Write ``payload`` plus ``meta`` (device, versions, date) to <out_dir>/<name>_<device>_<date>.json.
+
+    Pass the returned ``path`` back to rewrite the same file (a bench that saves after each shape
+    keeps its partial results if it is cut off).
+    """
     info = meta(device if device is not None else "cpu")
-    tag = "cpu" if info["device"].startswith("cpu") else info["device"].replace(" ", "-").lower()
-    stamp = info["date_utc"][:19].replace(":", "").replace("-", "")
-    path = out / f"{name}_{tag}_{stamp}.json"
+    if path is None:
+        out = Path(out_dir or os.environ.get("OUT") or RESULTS_DIR)
+        out.mkdir(parents=True, exist_ok=True)
+        tag = "cpu" if info["device"].startswith("cpu") else info["device"].replace(" ", "-").lower()
+        stamp = info["date_utc"][:19].replace(":", "").replace("-", "")
+        path = out / f"{name}_{tag}_{stamp}.json"
+    path = Path(path)
     path.write_text(json.dumps({"meta": info, **payload}, indent=2, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path

@@ -80,6 +80,15 @@ def sdpa_batched(lengths, heads, dim, do_packed):
     return ins, torch.cat([d.flatten() for d in dos])
 
 
+json_path = None
+
+
+def save():
+    global json_path
+    json_path = write_json("bench_attention", {"smoke": args.smoke, "dtype": str(DTYPE), "models": MODELS,
+                                               "rows": rows, "skipped": skipped}, args.out, device, json_path)
+
+
 for model, cfg in MODELS.items():
     lengths, cu, qkv, do = packed_inputs(cfg)
     H, D = cfg["heads"], cfg["dim"]
@@ -91,18 +100,16 @@ for model, cfg in MODELS.items():
 
     try:
         from virchow_fast.kernels.attention import attention as triton_attention
+        with torch.no_grad():  # a correctness spot check on the real shapes, recorded with the timing
+            err = (triton_attention(*qkv, cu, max_len, scale).float()
+                   - reference.attention(*(t.float() for t in qkv), cu, max_len, scale)).abs().max().item()
         measure(model, "triton (ours, packed)", lambda q, k, v: triton_attention(q, k, v, cu, max_len, scale),
-                qkv, do, flops, "interpreter" if args.smoke else "")
+                qkv, do, flops, ("interpreter; " if args.smoke else "") + f"max|o - ref32| {err:.1e}")
     except ImportError as exc:
         skip(skipped, f"{model} triton", f"ImportError: {exc}")
 
     ref = lambda q, k, v: reference.attention(q, k, v, cu, max_len, scale)  # noqa: E731
     measure(model, "torch reference (eager)", ref, qkv, do, flops, "gather + SDPA default per length")
-    if args.compile:
-        compiled_ref = torch.compile(ref)
-        measure(model, "torch.compile(reference)", compiled_ref, qkv, do, flops)
-    else:
-        skip(skipped, f"{model} torch.compile(reference)", "compile baselines off (--compile to run them)")
 
     # SDPA per backend on pre-batched crops: no packing copies charged to it
     ins, do_flat = sdpa_batched(lengths, H, D, do)
@@ -115,6 +122,21 @@ for model, cfg in MODELS.items():
                         for i in range(0, len(t), 3)]
             return torch.cat([o.flatten() for o in outs])
         measure(model, f"SDPA {name} (per length)", sdpa_all, ins, do_flat, flops, f"{len(ins) // 3} calls")
+
+    save()  # partial results survive a timeout in the compiled baselines below
+    try:
+        from flash_attn import flash_attn_varlen_func
+        measure(model, "flash-attn varlen", lambda q, k, v: flash_attn_varlen_func(
+            q, k, v, cu, cu, max_len, max_len, softmax_scale=scale), qkv, do, flops)
+    except ImportError:
+        skip(skipped, f"{model} flash-attn varlen", "flash_attn not installed")
+
+    # compiled baselines last: slow to build, so the rows above are saved first
+    if args.compile:
+        compiled_ref = torch.compile(ref)
+        measure(model, "torch.compile(reference)", compiled_ref, qkv, do, flops)
+    else:
+        skip(skipped, f"{model} torch.compile(reference)", "compile baselines off (--compile to run them)")
 
     if args.compile:
         def flex_setup():
@@ -132,12 +154,7 @@ for model, cfg in MODELS.items():
     else:
         skip(skipped, f"{model} FlexAttention", "needs torch.compile; compile baselines off (--compile)")
 
-    try:
-        from flash_attn import flash_attn_varlen_func
-        measure(model, "flash-attn varlen", lambda q, k, v: flash_attn_varlen_func(
-            q, k, v, cu, cu, max_len, max_len, softmax_scale=scale), qkv, do, flops)
-    except ImportError:
-        skip(skipped, f"{model} flash-attn varlen", "flash_attn not installed")
+    save()
 
 print()
 print_table(rows, ["model", "impl", "fwd_ms", "fwd_TFLOPs", "fwdbwd_ms", "fwdbwd_TFLOPs", "note"])
@@ -147,5 +164,4 @@ if skipped:
         print(f"  - {s['what']}: {s['reason']}")
 if args.smoke:
     print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
-write_json("bench_attention", {"smoke": args.smoke, "dtype": str(DTYPE), "models": MODELS,
-                               "rows": rows, "skipped": skipped}, args.out, device)
+save()
