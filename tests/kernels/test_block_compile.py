@@ -16,6 +16,7 @@ from virchow_fast import ops
 pytest.importorskip("triton")
 from virchow_fast.kernels import attention as attn_k  # noqa: E402
 from virchow_fast.kernels import layer_norm as ln_k  # noqa: E402
+from virchow_fast.kernels import layer_scale as rls_k  # noqa: E402
 from virchow_fast.kernels import swiglu as sw_k  # noqa: E402
 
 TRITON = {"attention": "triton", "layer_norm": "triton", "swiglu": "triton"}
@@ -42,6 +43,8 @@ def test_opcheck_custom_ops(device):
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, b, 1e-6))
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, None, 1e-6))
     torch.library.opcheck(sw_k._swiglu_fwd, (torch.randn(5, 18, device=device, requires_grad=True),))
+    y = torch.randn(7, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w))
 
 
 def _block_case(device):

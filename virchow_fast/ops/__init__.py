@@ -23,7 +23,7 @@ from . import reference
 
 log = logging.getLogger("virchow_fast.ops")
 
-OPS = ("attention", "layer_norm", "swiglu", "head_loss", "centering")
+OPS = ("attention", "layer_norm", "swiglu", "residual_layer_scale", "head_loss", "centering")
 BACKENDS = ("torch", "triton", "cuda")
 
 # auto order per op on CUDA tensors; CPU tensors always take torch (the interpreter is for tests).
@@ -31,6 +31,7 @@ _AUTO: dict[str, tuple[str, ...]] = {
     "attention": ("triton", "torch"),
     "layer_norm": ("triton", "cuda", "torch"),
     "swiglu": ("triton", "torch"),
+    "residual_layer_scale": ("triton", "torch"),
     "head_loss": ("triton", "torch"),
     "centering": ("cuda", "torch"),
 }
@@ -145,6 +146,11 @@ def swiglu(x):
     return _dispatch("swiglu", x.device)(x)
 
 
+def residual_layer_scale(x, y, gamma):
+    """x + gamma * y, the residual add fused with LayerScale; see :func:`reference.residual_layer_scale`."""
+    return _dispatch("residual_layer_scale", x.device)(x, y, gamma)
+
+
 def prototype_loss(*args, **kwargs):
     """DINO / iBOT head loss from bottleneck features; see :func:`reference.prototype_loss`."""
     return _dispatch("head_loss", args[0].device)(*args, **kwargs)
@@ -155,5 +161,5 @@ def teacher_probs(*args, **kwargs):
     return _dispatch("centering", args[0].device)(*args, **kwargs)
 
 
-__all__ = ["attention", "layer_norm", "swiglu", "prototype_loss", "teacher_probs", "configure",
+__all__ = ["attention", "layer_norm", "swiglu", "residual_layer_scale", "prototype_loss", "teacher_probs", "configure",
            "backend_for", "register", "reference", "OPS", "BACKENDS"]

@@ -14,6 +14,7 @@ _KERNELS = {
     "attention": ("attention", "attention"),
     "layer_norm": ("layer_norm", "layer_norm"),
     "swiglu": ("swiglu", "swiglu"),
+    "residual_layer_scale": ("layer_scale", "residual_layer_scale"),
     "head_loss": ("prototype_loss", "prototype_loss"),
 }
 
