@@ -138,9 +138,10 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
                        beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
                        alpha_ptr,  # [R] fp32 row bias
                        v_ptr,      # [R, E] row values (HAS_V) or unused
-                       out_ptr,    # [C, E] fp32 out (HAS_V) or [C] fp32 out: sum_r p_rc (v_r)
-                       R, C, D, E, stride_z, stride_w, stride_v, scale,
-                       HAS_BETA: tl.constexpr, HAS_V: tl.constexpr, BLOCK_R: tl.constexpr,
+                       out_ptr,    # [C, E] fp32 (HAS_V) or [C] fp32: (out +) coef * sum_r p_rc (v_r)
+                       R, C, D, E, stride_z, stride_w, stride_v, scale, coef,
+                       HAS_BETA: tl.constexpr, HAS_V: tl.constexpr, ACCUMULATE: tl.constexpr,
+                       BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
                        PRECISION: tl.constexpr):
     pid_c = tl.program_id(0)
@@ -167,8 +168,16 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
         else:
             acc_s += tl.sum(p, axis=0)
     if HAS_V:
-        tl.store(out_ptr + cols[:, None] * E + e[None, :], acc_v, mask=col_ok[:, None] & e_ok[None, :])
+        out = out_ptr + cols[:, None] * E + e[None, :]
+        out_ok = col_ok[:, None] & e_ok[None, :]
+        acc_v = acc_v * coef
+        if ACCUMULATE:
+            acc_v += tl.load(out, mask=out_ok, other=0.0)
+        tl.store(out, acc_v, mask=out_ok)
     else:
+        acc_s = acc_s * coef
+        if ACCUMULATE:
+            acc_s += tl.load(out_ptr + cols, mask=col_ok, other=0.0)
         tl.store(out_ptr + cols, acc_s, mask=col_ok)
 
 
@@ -177,8 +186,9 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
 # ---------------------------------------------------------------------------------------------
 
 def _blocks(d: int, e: int = 16):
+    # the interpreter pays per op, not per element: big tiles there
     block_r, block_c = (32, 128) if _interpreting() else (64, 64)
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    block_d = max(16, min(256 if _interpreting() else 64, triton.next_power_of_2(d)))
     return block_r, block_c, block_d, max(16, triton.next_power_of_2(e))
 
 
@@ -224,19 +234,26 @@ def row_expect(z, w, scale: float, beta, alpha, v):
     return out.sum(0) if splits > 1 else out[0]
 
 
-def col_reduce(z, w, scale: float, beta, alpha, v=None):
-    """sum_r p_rc v_r -> [C, E] fp32 (or sum_r p_rc -> [C] without v), p = exp(scale z w^T + beta + alpha)."""
+def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=None):
+    """coef * sum_r p_rc v_r -> [C, E] fp32 (or [C] without v), p = exp(scale z w^T + beta + alpha).
+
+    With ``out`` given (contiguous fp32) the result is added to it in place: one [C, E] buffer
+    holds both terms of dW.
+    """
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
     E = v.shape[1] if v is not None else 1
     br, bc, bd, be = _blocks(D, E)
-    out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
-    v = v.contiguous() if v is not None else out
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
+    has_v = v is not None
+    v = v.contiguous() if has_v else out
     _col_reduce_kernel[(triton.cdiv(C, bc),)](
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
-        z.stride(0), w.stride(0), v.stride(0), scale,
-        HAS_BETA=beta is not None, HAS_V=v is not out, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd,
-        BLOCK_E=be, PRECISION=_PRECISION)
+        z.stride(0), w.stride(0), v.stride(0), scale, coef,
+        HAS_BETA=beta is not None, HAS_V=has_v, ACCUMULATE=accumulate, BLOCK_R=br, BLOCK_C=bc,
+        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION)
     return out
 
 
@@ -298,9 +315,8 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
         soft_w = row_expect(student_z, student_w, inv_ts, None, -lse, student_w)  # softmax(S/t_s) @ W
         d_z = (g[:, None] * soft_w - ybar) * inv_ts
         gz = (g[:, None] * student_z.float()).to(student_w.dtype)
-        d_w = col_reduce(student_z, student_w, inv_ts, None, -lse, gz)
-        d_w -= col_reduce(teacher_z, teacher_w, inv_tt, beta, alpha, zbar.to(student_w.dtype))
-        d_w *= inv_ts
+        d_w = col_reduce(student_z, student_w, inv_ts, None, -lse, gz, coef=inv_ts)
+        col_reduce(teacher_z, teacher_w, inv_tt, beta, alpha, zbar.to(student_w.dtype), coef=-inv_ts, out=d_w)
     return loss, logit_mean, d_z, d_w
 
 
@@ -312,15 +328,19 @@ class _PrototypeLoss(torch.autograd.Function):
         loss, logit_mean, d_z, d_w = _loss_and_grads(
             student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight, student_temp,
             teacher_temp, centering, center, sinkhorn_iters, all_reduce, total_rows, need)
-        if need:
-            ctx.save_for_backward(d_z.to(student_z.dtype), d_w.to(student_w.dtype))
+        # kept as attributes, not saved tensors: backward scales them in place (no second [K, b])
+        ctx.grads = (d_z.to(student_z.dtype), d_w.to(student_w.dtype)) if need else None
         ctx.mark_non_differentiable(logit_mean)
         return loss, logit_mean
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_mean):
-        d_z, d_w = ctx.saved_tensors
-        return (d_z * grad_loss, d_w * grad_loss) + (None,) * 12
+        if ctx.grads is None:
+            raise RuntimeError("fused prototype_loss: backward runs once per forward (its gradients are "
+                               "computed in the forward and handed over); call the loss again instead")
+        d_z, d_w = ctx.grads
+        ctx.grads = None
+        return (d_z.mul_(grad_loss), d_w.mul_(grad_loss)) + (None,) * 12
 
 
 def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: torch.Tensor,
