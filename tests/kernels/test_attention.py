@@ -19,7 +19,12 @@ TOL = {
     torch.bfloat16: {"o": (1.6e-2, 1.6e-2), "grad": (4e-2, 3e-2)},
 }
 DTYPES = list(TOL)
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+
+
+def gpu(test):
+    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _cu(lengths, device):

@@ -14,7 +14,12 @@ TOL = {
     torch.bfloat16: {"y": (3e-2, 2e-2), "dx": (6e-2, 3e-2), "dw": (1e-1, 2e-2)},
 }
 DTYPES = list(TOL)
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+
+
+def gpu(test):
+    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _check(shape, dtype, device, close, has_bias=True, eps=1e-6):

@@ -13,7 +13,12 @@ TOL = {
     torch.float16: {"z": (2e-3, 2e-3), "grad": (1e-2, 4e-3)},
     torch.bfloat16: {"z": (1.6e-2, 1.6e-2), "grad": (6e-2, 1.6e-2)},
 }
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
+
+
+def gpu(test):
+    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
+    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _check(shape, dtype, x_dtype, device, close):
