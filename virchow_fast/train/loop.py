@@ -77,6 +77,24 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return total
 
 
+def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
+    """Student, teacher (parallelized per ``cfg.parallel``), optimizer and losses on ``info.device``.
+
+    Built on the device (fast for a 1.85B model; the seed gives the same weights on every rank),
+    then sharded. Also used by benchmarks/bench_step.py.
+    """
+    ops.configure(cfg.ops)
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    with torch.device(info.device):
+        student = SSLNetwork(cfg.model, cfg.heads)
+    teacher = make_teacher(student)
+    student, teacher = parallelize(student, teacher, cfg.parallel, info)
+    optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
+    loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
+                      cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
+    return student, teacher, optimizer, loss_fn.to(info.device)
+
+
 def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
     if info.world_size > 1 and not use_fsdp(cfg.parallel, info):
         raise ValueError(f"parallel.fsdp=off with {info.world_size} processes would train unsynchronised "
@@ -86,18 +104,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, derived, run_dir / "resolved_config.yaml")
-    ops.configure(cfg.ops)
-    torch.manual_seed(cfg.train.seed)  # same init on every rank
-    student = SSLNetwork(cfg.model, cfg.heads)
-    teacher = make_teacher(student)
-    student.to(info.device)
-    teacher.to(info.device)
-    student, teacher = parallelize(student, teacher, cfg.parallel, info)
+    student, teacher, optimizer, loss_fn = build(cfg, info)
     params = [p for p in student.parameters() if p.requires_grad]
-    optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
-    loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
-                      cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
-    loss_fn.to(info.device)
     losses_dict = {"dino": loss_fn.dino, "ibot": loss_fn.ibot}
     total_steps = derived["total_steps"]
     sched = build_schedules(cfg, derived["peak_lr"], total_steps)
