@@ -85,6 +85,7 @@ STEPS=(
   "tests_kernels|150|all|$PY -m pytest -q -rs -p no:cacheprovider tests/kernels"
   "bench_layer_norm|45|all|$PY benchmarks/bench_layer_norm.py"
   "bench_swiglu|45|all|$PY benchmarks/bench_swiglu.py"
+  "bench_layer_scale|30|all|$PY benchmarks/bench_layer_scale.py"
   "bench_attention|150|all|$PY benchmarks/bench_attention.py"
   "bench_step|360|all|$PY benchmarks/bench_step.py"  # full training step, ViT-H/G: ~4-6 min on the H200 (JSON kept per row)
 )
