@@ -34,6 +34,11 @@ def impls():
         out["triton (ours)"] = triton_ln
     except ImportError as exc:
         skip(skipped, "triton", f"ImportError: {exc}")
+    try:  # csrc/layer_norm.cu through the virchow_fast._C extension (python setup.py build_ext --inplace)
+        from virchow_fast.ops.cuda_ops import layer_norm as cuda_ln
+        out["cuda (ours, csrc)"] = cuda_ln
+    except ImportError as exc:
+        skip(skipped, "cuda (csrc)", f"ImportError: {exc}")
     out["torch reference (eager)"] = reference.layer_norm
     if args.compile:
         out["torch.compile(reference)"] = torch.compile(reference.layer_norm)
