@@ -9,6 +9,7 @@ and the install goes on (ops then has no cuda backend). VIRCHOW_FAST_NO_CUDA_EXT
 import glob
 import importlib.util
 import os
+import shutil
 import sys
 
 GENCODE = ["-gencode=arch=compute_90a,code=sm_90a", "-gencode=arch=compute_80,code=sm_80"]
@@ -82,4 +83,5 @@ def cuda_extension():
         extra_compile_args={"cxx": kw["extra_cflags"], "nvcc": kw["extra_cuda_cflags"]},
         optional=True,  # a failed compile must not fail the install: ops falls back to triton / torch
     )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    # ninja when installed (parallel, MAX_JOBS bounds it), else one file after another
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}

@@ -257,6 +257,62 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     return out
 
 
+# custom ops: torch.compile and FSDP see each pass as one opaque node with a fake (shape-only) kernel
+
+@torch.library.custom_op("virchow_fast_kernels::head_row_lse", mutates_args=())
+def _row_lse_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor]) -> torch.Tensor:
+    return row_lse(z, w, scale, beta)
+
+
+@_row_lse_op.register_fake
+def _(z, w, scale, beta):
+    return z.new_empty(z.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("virchow_fast_kernels::head_row_expect", mutates_args=())
+def _row_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
+                   alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return row_expect(z, w, scale, beta, alpha, v).contiguous()
+
+
+@_row_expect_op.register_fake
+def _(z, w, scale, beta, alpha, v):
+    return z.new_empty(z.shape[0], v.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("virchow_fast_kernels::head_col_sum", mutates_args=())
+def _col_sum_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
+                alpha: torch.Tensor) -> torch.Tensor:
+    return col_reduce(z, w, scale, beta, alpha)
+
+
+@_col_sum_op.register_fake
+def _(z, w, scale, beta, alpha):
+    return w.new_empty(w.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("virchow_fast_kernels::head_col_reduce", mutates_args=())
+def _col_reduce_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
+                   alpha: torch.Tensor, v: torch.Tensor, coef: float) -> torch.Tensor:
+    return col_reduce(z, w, scale, beta, alpha, v, coef)
+
+
+@_col_reduce_op.register_fake
+def _(z, w, scale, beta, alpha, v, coef):
+    return w.new_empty(w.shape[0], v.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("virchow_fast_kernels::head_col_reduce_add_", mutates_args=("out",))
+def _col_reduce_add_op(out: torch.Tensor, z: torch.Tensor, w: torch.Tensor, scale: float,
+                       beta: Optional[torch.Tensor], alpha: torch.Tensor, v: torch.Tensor, coef: float) -> None:
+    col_reduce(z, w, scale, beta, alpha, v, coef, out=out)
+
+
+@_col_reduce_add_op.register_fake
+def _(out, z, w, scale, beta, alpha, v, coef):
+    return None
+
+
 def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, center=None,
                      sinkhorn_iters: int = 3, all_reduce: AllReduce = None, total_rows: int | None = None):
     """(alpha [M], beta [K]) with teacher probs p_mk = exp(T_mk / t_t + beta_k + alpha_m), fp32.
@@ -268,24 +324,24 @@ def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, 
     inv_t = 1.0 / teacher_temp
     if centering == "softmax":
         beta = -center.float() * inv_t
-        return -row_lse(teacher_z, teacher_w, inv_t, beta), beta
+        return -_row_lse_op(teacher_z, teacher_w, inv_t, beta), beta
     if centering != "sinkhorn":
         raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
     n_rows = float(total_rows if total_rows is not None else M)
     alpha = torch.zeros(M, device=teacher_z.device, dtype=torch.float32)
     beta = None
     for _ in range(sinkhorn_iters):
-        col = col_reduce(teacher_z, teacher_w, inv_t, None, alpha)  # [K] sum_m exp(T / t_t + alpha)
+        col = _col_sum_op(teacher_z, teacher_w, inv_t, None, alpha)  # [K] sum_m exp(T / t_t + alpha)
         if all_reduce is not None:
             all_reduce(col)
         beta = -torch.log(col * K)
         # rows to 1 / total_rows as the reference does: without it (alpha, beta) drift by log(M) per
         # iteration (the scaling's gauge freedom) and overflow after a few dozen iterations
-        alpha = -row_lse(teacher_z, teacher_w, inv_t, beta) - math.log(n_rows)
+        alpha = -_row_lse_op(teacher_z, teacher_w, inv_t, beta) - math.log(n_rows)
     if beta is not None:
         alpha = alpha + math.log(n_rows)  # the reference's final q * total_rows: rows sum to 1
     else:  # no iteration: exp(T / t_t) / total * total_rows
-        total = col_reduce(teacher_z, teacher_w, inv_t, None, alpha).sum().reshape(1)
+        total = _col_sum_op(teacher_z, teacher_w, inv_t, None, alpha).sum().reshape(1)
         if all_reduce is not None:
             all_reduce(total)
         alpha = alpha + math.log(n_rows) - torch.log(total)
@@ -299,8 +355,8 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
     with torch.no_grad():
         alpha, beta = teacher_scalings(teacher_z, teacher_w, teacher_temp, centering, center,
                                        sinkhorn_iters, all_reduce, total_rows)
-        y = row_expect(teacher_z, teacher_w, inv_tt, beta, alpha, student_w)  # [M, b] = P @ W
-        lse = row_lse(student_z, student_w, inv_ts)  # [N]
+        y = _row_expect_op(teacher_z, teacher_w, inv_tt, beta, alpha, student_w)  # [M, b] = P @ W
+        lse = _row_lse_op(student_z, student_w, inv_ts, None)  # [N]
         zs = student_z.float().index_select(0, s_idx)  # [P, b]
         yt = y.index_select(0, t_idx)  # [P, b]
         w = pair_weight.float()
@@ -312,11 +368,11 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
         g = torch.zeros(N, device=w.device).index_add_(0, s_idx, w)  # [N]
         ybar = torch.zeros_like(student_z, dtype=torch.float32).index_add_(0, s_idx, w[:, None] * yt)
         zbar = torch.zeros(M, zs.shape[1], device=w.device).index_add_(0, t_idx, w[:, None] * zs)
-        soft_w = row_expect(student_z, student_w, inv_ts, None, -lse, student_w)  # softmax(S/t_s) @ W
+        soft_w = _row_expect_op(student_z, student_w, inv_ts, None, -lse, student_w)  # softmax(S/t_s) @ W
         d_z = (g[:, None] * soft_w - ybar) * inv_ts
         gz = (g[:, None] * student_z.float()).to(student_w.dtype)
-        d_w = col_reduce(student_z, student_w, inv_ts, None, -lse, gz, coef=inv_ts)
-        col_reduce(teacher_z, teacher_w, inv_tt, beta, alpha, zbar.to(student_w.dtype), coef=-inv_ts, out=d_w)
+        d_w = _col_reduce_op(student_z, student_w, inv_ts, None, -lse, gz, inv_ts)
+        _col_reduce_add_op(d_w, teacher_z, teacher_w, inv_tt, beta, alpha, zbar.to(student_w.dtype), -inv_ts)
     return loss, logit_mean, d_z, d_w
 
 

@@ -207,3 +207,16 @@ def test_no_grad_path_and_grad_scaling():
     loss3, _ = pl.prototype_loss(sz, sw, tz, tw, *args)
     (g3,) = torch.autograd.grad(3 * loss3, sz)
     torch.testing.assert_close(g3, 3 * g1)
+
+
+def test_custom_ops_opcheck():
+    """The kernel passes are registered custom ops with fake kernels (torch.compile / FSDP trace them)."""
+    torch.manual_seed(9)
+    z, w, v = _unit(5, 16), _unit(40, 16), torch.randn(5, 16, device=DEVICE)
+    beta, alpha = torch.randn(40, device=DEVICE), torch.randn(5, device=DEVICE)
+    ops_ = torch.ops.virchow_fast_kernels
+    for op, args in [(ops_.head_row_lse, (z, w, 2.0, beta)), (ops_.head_row_expect, (z, w, 2.0, None, alpha, w)),
+                     (ops_.head_col_sum, (z, w, 2.0, beta, alpha)),
+                     (ops_.head_col_reduce, (z, w, 2.0, beta, alpha, v, 0.5)),
+                     (ops_.head_col_reduce_add_, (torch.zeros(40, 16, device=DEVICE), z, w, 2.0, None, alpha, v, -1.0))]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
