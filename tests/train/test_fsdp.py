@@ -11,6 +11,7 @@ loss here (weight 0, still computed). Tolerances:
 Launches take ~10-20 s each on 2 CPU cores (most of it is start-up).
 """
 import pytest
+import torch
 
 from distrun import assert_losses_close, cached, metrics
 
@@ -54,3 +55,33 @@ def test_single_process_bf16_autocast_close_to_fp32():
     bf16 = metrics(cached(1, ("parallel.mixed_precision=bf16",)))
     worst = assert_losses_close(bf16, ref, BF16_REL)
     assert worst > 0.0
+
+
+def _saved_networks(run_dir, step: int = 4) -> dict:
+    import torch.distributed.checkpoint as dcp
+
+    from distrun import TINY
+    from virchow_fast.config import load_config
+    from virchow_fast.model.ssl import SSLNetwork
+
+    cfg = load_config("configs/debug.yaml", TINY)
+    torch.manual_seed(cfg.train.seed)  # the runs' initial weights
+    initial = {k: v.clone() for k, v in SSLNetwork(cfg.model, cfg.heads).state_dict().items()}
+    state = {name: {k: v.clone() for k, v in initial.items()} for name in ("student", "teacher")}
+    dcp.load(state, checkpoint_id=str(run_dir / "checkpoints" / f"step_{step:08d}"))
+    return {**state, "initial": initial}
+
+
+def test_fsdp_weights_and_sharded_teacher_ema_equal_one_process():
+    """The saved student and teacher (EMA of the local shards) match the 1-process run's weights."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one, two = _saved_networks(cached(1)), _saved_networks(cached(2))
+    for name in ("student", "teacher"):
+        for key, want in one[name].items():
+            assert (two[name][key] - want).abs().max() <= 1e-6 * (1 + want.abs().max()), (name, key)
+    # the EMA moved the teacher, in the root's parameters and in the blocks' (separate FSDP groups)
+    for key in ("backbone.pos_embed", "dino_head.prototypes", "backbone.blocks.1.mlp.fc1.weight"):
+        assert (two["teacher"][key] - two["initial"][key]).abs().max() > 1e-7, key
