@@ -5,8 +5,8 @@ GPU: the ViT-H (K 65536, b 256) and ViT-G (K 131072, b 384 DINO / 256 iBOT) head
 GPU: DINO N = 320 student crops, M = 64 teacher crops, 576 pairs; iBOT N = M = 2458 masked tokens
 (2 globals x half masked x mean ratio 0.3 x 256 patches). Goal: peak <= 1/10 of eager, time <= eager.
 
-CPU (automatic without CUDA): the same head shapes with K and tiles scaled down (--cpu-k,
---cpu-tiles), each variant in its own process; peak memory = the process's peak RSS above its
+CPU (automatic without CUDA): the DINO and iBOT pairings with K, b and tiles scaled down (--cpu-k,
+--cpu-b, --cpu-tiles; the interpreter needs minutes even so), each variant in its own process; peak memory = the process's peak RSS above its
 resident size after the inputs exist (VmHWM reset through /proc/self/clear_refs; glibc's mmap
 threshold fixed at 64 KiB so freed buffers leave RSS), which counts every allocation (torch, numpy
 in the Triton interpreter). Times there are the interpreter's: they
@@ -159,10 +159,10 @@ def cpu_worker(spec: dict) -> dict:
 
     import torch
 
+    fn = loss_fn(spec["variant"])
+    make_step(fn, make_inputs(spec["kind"], 256, spec["b"], 1, "cpu"))()  # imports, first calls: small
     x = make_inputs(spec["kind"], spec["k"], spec["b"], spec["tiles"], "cpu")
-    step = make_step(loss_fn(spec["variant"]), x)
-    step()  # imports, interpreter setup, first allocations
-    x["sz"].grad = x["sw"].grad = None
+    step = make_step(fn, x)
     rss = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
@@ -176,8 +176,7 @@ def cpu_worker(spec: dict) -> dict:
 def bench_cpu(args, shapes):
     rows, skipped = [], []
     for name in shapes:
-        kind, _, b = SHAPES[name]
-        k = args.cpu_k
+        kind, k, b = SHAPES[name][0], args.cpu_k, args.cpu_b
         eager = None
         for variant in ["eager"] + (["compile"] if args.compile else []) + ["fused"]:
             spec = dict(kind=kind, k=k, b=b, tiles=args.cpu_tiles, variant=variant)
@@ -210,18 +209,22 @@ def main():
         return
 
     def extra(p):
-        p.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of " + ", ".join(SHAPES))
-        p.add_argument("--cpu-k", type=int, default=8192, help="prototypes in the CPU memory run")
+        p.add_argument("--shapes", default=None, help="comma-separated subset of " + ", ".join(SHAPES)
+                       + " (default: all on a GPU, vit_h_dino,vit_h_ibot on the CPU)")
+        p.add_argument("--cpu-k", type=int, default=4096, help="prototypes in the CPU memory run")
+        p.add_argument("--cpu-b", type=int, default=64, help="bottleneck width in the CPU memory run")
         p.add_argument("--cpu-tiles", type=int, default=8, help="tiles per rank in the CPU memory run")
 
     args, device = setup("bench_head_loss", __doc__, extra)
-    shapes = [s for s in args.shapes.split(",") if s]
+    default = ",".join(SHAPES) if device.type == "cuda" else "vit_h_dino,vit_h_ibot"
+    shapes = [s for s in (args.shapes or default).split(",") if s]
     if device.type == "cuda":
         rows, skipped = bench_gpu(args, device, shapes)
         mode = "gpu"
     else:
         rows, skipped = bench_cpu(args, shapes)
-        mode = f"cpu peak RSS, K={args.cpu_k}, tiles={args.cpu_tiles} (interpreter times are not speeds)"
+        mode = (f"cpu peak RSS, K={args.cpu_k}, b={args.cpu_b}, tiles={args.cpu_tiles} "
+                "(Triton interpreter: times are not speeds)")
     print()
     print_table(rows)
     write_json("bench_head_loss", {"mode": mode, "rows": rows, "skipped": skipped}, args.out, device)

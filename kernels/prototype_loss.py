@@ -186,16 +186,25 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
 # ---------------------------------------------------------------------------------------------
 
 def _blocks(d: int, e: int = 16):
-    # the interpreter pays per op, not per element: big tiles there
-    block_r, block_c = (32, 128) if _interpreting() else (64, 64)
-    block_d = max(16, min(256 if _interpreting() else 64, triton.next_power_of_2(d)))
-    return block_r, block_c, block_d, max(16, triton.next_power_of_2(e))
+    """(BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_E, num_warps). Not tuned on a GPU yet (none lent so far)."""
+    block_e = max(16, triton.next_power_of_2(e))
+    if _interpreting():  # the interpreter pays per op, not per element: big tiles
+        return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, 4
+    # an fp32 [64, BLOCK_E] accumulator (row_expect / col_reduce with values) over 8 warps:
+    # 64 registers per thread at BLOCK_E = 256; halve the tile for b = 384 (BLOCK_E = 512)
+    block = 32 if block_e > 256 else 64
+    return block, block, max(16, min(64, triton.next_power_of_2(d))), block_e, 8 if block_e > 16 else 4
 
 
-def _splits(device: torch.device, row_blocks: int, cols: int, block_c: int):
-    """Split K so that rows x splits fills the GPU (~4 programs per SM); returns (splits, cols per split)."""
+_MAX_PARTIAL = 1 << 23  # fp32 elements of split-K partials (32 MiB)
+
+
+def _splits(device: torch.device, row_blocks: int, rows: int, width: int, cols: int, block_c: int):
+    """Split K so that row blocks x splits fills the GPU (~4 programs per SM) while the fp32
+    partials (splits x rows x width) stay under 32 MiB; returns (splits, cols per split)."""
     target = 4 if device.type != "cuda" else 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    splits = max(1, min(triton.cdiv(cols, block_c), triton.cdiv(target, row_blocks)))
+    splits = min(triton.cdiv(cols, block_c), triton.cdiv(target, row_blocks), _MAX_PARTIAL // max(1, rows * width))
+    splits = max(1, splits)
     per = triton.cdiv(triton.cdiv(cols, splits), block_c) * block_c
     return triton.cdiv(cols, per), per
 
@@ -209,13 +218,14 @@ def row_lse(z, w, scale: float, beta=None):
     """logsumexp_k(scale * (z @ w^T) + beta) -> [R] fp32. z: [R, D], w: [C, D], beta: [C] or None."""
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
-    br, bc, bd, _ = _blocks(D)
-    splits, per = _splits(z.device, triton.cdiv(R, br), C, bc)
+    br, bc, bd, _, warps = _blocks(D)
+    splits, per = _splits(z.device, triton.cdiv(R, br), R, 2, C, bc)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _row_lse_kernel[(triton.cdiv(R, br), splits)](
         z, w, beta if beta is not None else m, m, l, R, C, D, z.stride(0), w.stride(0), scale, per,
-        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_PRECISION)
+        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_PRECISION,
+        num_warps=warps)
     return torch.logsumexp(m + l.log(), dim=0)
 
 
@@ -224,13 +234,14 @@ def row_expect(z, w, scale: float, beta, alpha, v):
     z, w = _same_dtype(z, w)
     v = v.contiguous()
     (R, D), (C, E) = z.shape, v.shape
-    br, bc, bd, be = _blocks(D, E)
-    splits, per = _splits(z.device, triton.cdiv(R, br), C, bc)
+    br, bc, bd, be, warps = _blocks(D, E)
+    splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
     _row_expect_kernel[(triton.cdiv(R, br), splits)](
         z, w, beta if beta is not None else alpha, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, per,
-        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION)
+        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION,
+        num_warps=warps)
     return out.sum(0) if splits > 1 else out[0]
 
 
@@ -243,7 +254,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
     E = v.shape[1] if v is not None else 1
-    br, bc, bd, be = _blocks(D, E)
+    br, bc, bd, be, warps = _blocks(D, E)
     accumulate = out is not None
     if out is None:
         out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
@@ -253,7 +264,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, coef,
         HAS_BETA=beta is not None, HAS_V=has_v, ACCUMULATE=accumulate, BLOCK_R=br, BLOCK_C=bc,
-        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION)
+        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION, num_warps=warps)
     return out
 
 
