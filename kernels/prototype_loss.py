@@ -12,7 +12,8 @@ The teacher targets are kept as two scaling vectors: p_mk = exp(T_mk / t_t + bet
   (alpha = -logsumexp_k(...) - log(total_rows)); the final * total_rows leaves rows summing to 1.
   The reference's initial division by the grand total is a uniform row scale that the first column
   pass cancels exactly, so it is skipped (one all-reduce fewer) unless n_iters == 0.
-The loss is linear in the targets, so the cross term needs only y = P Wt-targets @ W, [M, b]:
+The loss is linear in the targets, so the cross term needs only y = P @ W ([M, b], P the teacher
+probabilities, W the student prototypes):
   CE_p = lse_s(S / t_s) - (1 / t_s) z_s . y_t          (rows of P sum to 1)
 and the gradients are
   dZ = (g * (softmax(S / t_s) @ W) - Ybar) / t_s,     g_n = sum_{p: s_p = n} w_p,  Ybar_n = sum w_p y_t
@@ -21,10 +22,16 @@ Three tiled kernels cover every pass (each recomputes its logit tile from the fe
   _row_lse: per-row logsumexp over K            (split over K, partials merged on the host)
   _row_expect: per-row sum_k p_k V_k, V [K, b]    (split over K, partials summed)
   _col_reduce: per-prototype sum_m p_mk g_m  or  sum_m p_mk V_m, V [M, b]
-Stored: vectors over M, N, K and [M|N, b], [K, b] matrices plus split-K partials
-(splits x rows x b fp32, bounded by ~4 programs per SM); the gradients are computed in the forward
-(the loss is a scalar) and scaled by the incoming gradient in the backward, as Liger's fused
-linear cross-entropy does.
+Passes (each 2 R K b FLOPs for its logit tiles, plus as much again for the second dot of the
+expect / reduce passes): teacher 2 x iters (Sinkhorn) or 1 (softmax) + y + dW; student lse +
+softmax @ W + dW. The gradients are computed in the forward (the loss is a scalar) and scaled in
+place by the incoming gradient in the backward, as Liger's fused linear cross-entropy does.
+Memory, fp32 words, nothing of size [N, K], [M, K] or [P, K]:
+  K (b + 3)                      dW (the gradient itself) and the vectors beta, column sums, mean
+  (4 N + 3 M + 2 P) b            y, Zbar, Ybar, softmax @ W, dZ, gathered z_s and y_t
+  <= 2^23 (32 MiB)               split-K partials of the row passes
+against the eager reference's N K + 2 M K + several P K (each [2458, 131072] fp32 buffer of the
+ViT-G iBOT head is 1.2 GiB).
 """
 from __future__ import annotations
 
