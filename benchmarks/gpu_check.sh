@@ -84,6 +84,7 @@ STEPS=(
   "install|90|gpu|install"
   "build_cuda_ext|180|gpu|VIRCHOW_FAST_NO_CUDA_EXT=0 MAX_JOBS=16 $PY setup.py -q build_ext --inplace"  # csrc/ -> virchow_fast/_C*.so (~1-2 min, ninja)
   "tests_kernels|150|all|$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/kernels"  # slow = nvcc builds, done above
+  "tests_block_inductor|90|gpu|$PY -m pytest -q -rs -p no:cacheprovider -m slow tests/kernels/test_block_compile.py"  # ViT block, triton ops, torch.compile(inductor, fullgraph)
   "bench_layer_norm|45|all|$PY benchmarks/bench_layer_norm.py"
   "bench_head_loss|240|gpu|$PY benchmarks/bench_head_loss.py --iters 10"  # 4 head shapes x eager / compile / fused
   "bench_swiglu|45|all|$PY benchmarks/bench_swiglu.py"
