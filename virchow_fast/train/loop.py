@@ -1,8 +1,8 @@
 """The training loop: build, (resume), step, log, checkpoint. Same code on one CPU or many GPUs.
 
 Per step every rank runs forward and backward (always: the FSDP collectives must match), then one
-small all-reduce carries the loss terms (logged as the mean over ranks), the gradient norm and the
-stop request. From it every rank takes the same decisions:
+small all-reduce carries the loss terms (logged as the mean over ranks) and the stop request; the
+gradient norm is global already. From them every rank takes the same decisions:
 - a non-finite loss or gradient norm skips the step (no optimizer step, no EMA, the loss centers
   restored), is counted and logged; ``train.max_nonfinite_steps`` in a row stop the run with
   :class:`NonFiniteLossError`;
@@ -11,6 +11,7 @@ stop request. From it every rank takes the same decisions:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -155,7 +156,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
             terms = {k: float(v) / info.world_size for k, v in zip(TERMS, stats[:len(TERMS)])}
             stop_now = bool(stats[len(TERMS)] > 0)
             grad_norm = float(grad_norm)
-            finite = all(map(torch.isfinite, stats[:len(TERMS)])) and torch.isfinite(torch.tensor(grad_norm))
+            finite = bool(torch.isfinite(stats[:len(TERMS)]).all()) and math.isfinite(grad_norm)
             if finite:
                 bad_in_a_row = 0
                 optimizer.step()
