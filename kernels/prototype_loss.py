@@ -218,7 +218,13 @@ def _splits(device: torch.device, row_blocks: int, rows: int, width: int, cols: 
 
 def _same_dtype(z: torch.Tensor, w: torch.Tensor):
     dt = torch.promote_types(z.dtype, w.dtype)
+    if _interpreting() and dt == torch.bfloat16:
+        dt = torch.float32  # Triton 3.6's interpreter computes bf16 tl.dot wrongly (off by ~1e10)
     return z.to(dt).contiguous(), w.to(dt).contiguous()
+
+
+def _values(v: torch.Tensor) -> torch.Tensor:
+    return v.float().contiguous() if _interpreting() and v.dtype == torch.bfloat16 else v.contiguous()
 
 
 def row_lse(z, w, scale: float, beta=None):
@@ -239,7 +245,7 @@ def row_lse(z, w, scale: float, beta=None):
 def row_expect(z, w, scale: float, beta, alpha, v):
     """sum_k exp(scale * (z @ w^T) + beta + alpha[:, None])_rk v_k -> [R, E] fp32; v: [C, E]."""
     z, w = _same_dtype(z, w)
-    v = v.contiguous()
+    v = _values(v)
     (R, D), (C, E) = z.shape, v.shape
     br, bc, bd, be, warps = _blocks(D, E)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
@@ -266,7 +272,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     if out is None:
         out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
     has_v = v is not None
-    v = v.contiguous() if has_v else out
+    v = _values(v) if has_v else out
     _col_reduce_kernel[(triton.cdiv(C, bc),)](
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, coef,

@@ -220,3 +220,24 @@ def test_custom_ops_opcheck():
                      (ops_.head_col_reduce, (z, w, 2.0, beta, alpha, v, 0.5)),
                      (ops_.head_col_reduce_add_, (torch.zeros(40, 16, device=DEVICE), z, w, 2.0, None, alpha, v, -1.0))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
+def test_bf16_features(centering):
+    """bf16 heads (autocast): grads come back in bf16. (On the CPU the interpreter's bf16 tl.dot is
+    wrong, so the kernel upcasts there; the bf16 dots themselves are checked on a GPU only.)"""
+    torch.manual_seed(10)
+    n, m, k, b = 19, 7, 1000, 32
+    sz, sw = (_unit(r, b).bfloat16().requires_grad_() for r in (n, k))
+    tz, tw = _unit(m, b).bfloat16(), _unit(k, b).bfloat16()
+    s_idx, t_idx = torch.randint(0, n, (30,), device=DEVICE), torch.randint(0, m, (30,), device=DEVICE)
+    weight, center = torch.rand(30, device=DEVICE), 0.1 * torch.randn(k, device=DEVICE)
+    args = (sz, sw, tz, tw, s_idx, t_idx, weight, T_S, T_T, centering, center)
+    loss, _ = pl.prototype_loss(*args)
+    g = torch.autograd.grad(loss, [sz, sw])
+    loss_r, _ = ref.prototype_loss(*args)
+    g_r = torch.autograd.grad(loss_r, [sz, sw])
+    torch.testing.assert_close(loss, loss_r, rtol=1e-2, atol=1e-3)
+    for got, want in zip(g, g_r):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=1e-2 * want.float().abs().max().item())
