@@ -116,3 +116,13 @@ class StopRequest:
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
         self._previous.clear()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` for data-loader workers: leave SIGTERM / SIGUSR1 / SIGINT to the main process.
+
+    torch gives each worker its own SIGTERM handler, so a signal sent to every process (SLURM
+    preemption) kills the workers and fails the run before :class:`StopRequest` can checkpoint.
+    """
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
