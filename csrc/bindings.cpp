@@ -71,13 +71,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd(const at::Tensor& 
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int parts = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(2 * sms, (rows + 3) / 4)));
   auto part = at::empty({2, parts, cols}, x.options().dtype(at::kFloat));
-  auto dwb = at::empty({2, cols}, x.options().dtype(at::kFloat));
+  // separate buffers: the schema promises outputs that do not alias each other
+  auto dw = at::empty({cols}, x.options().dtype(at::kFloat));
+  auto db = at::empty({cols}, x.options().dtype(at::kFloat));
   check(vf::layer_norm_bwd(dyc.data_ptr(), xc.data_ptr(), w.data_ptr<float>(), mean.data_ptr<float>(),
                            rstd.data_ptr<float>(), dx.data_ptr(), part[0].data_ptr<float>(),
-                           part[1].data_ptr<float>(), parts, dwb[0].data_ptr<float>(), dwb[1].data_ptr<float>(),
-                           rows, static_cast<int>(cols), dtype_of(x), at::cuda::getCurrentCUDAStream()),
+                           part[1].data_ptr<float>(), parts, dw.data_ptr<float>(), db.data_ptr<float>(), rows,
+                           static_cast<int>(cols), dtype_of(x), at::cuda::getCurrentCUDAStream()),
         "layer_norm_bwd");
-  return {dx, dwb[0].to(weight.scalar_type()), dwb[1].to(weight.scalar_type())};
+  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
 }
 
 at::Tensor softmax_center(const at::Tensor& logits, const at::Tensor& center, double temp) {

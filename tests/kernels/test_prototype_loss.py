@@ -241,3 +241,21 @@ def test_bf16_features(centering):
     for got, want in zip(g, g_r):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=1e-2 * want.float().abs().max().item())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: model-size head shapes run on a GPU only")
+@pytest.mark.parametrize("kind, k, b", [("dino", 65536, 256), ("ibot", 131072, 256), ("dino", 131072, 384)])
+def test_model_shapes_on_gpu(kind, k, b):
+    """ViT-H / ViT-G head sizes at 8 tiles (the benchmark runs 32): multi-split K, b = 384 tiles."""
+    torch.manual_seed(11)
+    tiles = 8
+    if kind == "dino":
+        n, m = 10 * tiles, 2 * tiles
+        pairs = [(c * tiles + i, g * tiles + i) for g in range(2) for c in range(10) if c != g for i in range(tiles)]
+        s_idx, t_idx = (torch.tensor(v, device=DEVICE) for v in zip(*pairs))
+    else:
+        n = m = 614
+        s_idx = t_idx = torch.arange(n, device=DEVICE)
+    weight = torch.full((s_idx.numel(),), 1.0 / s_idx.numel(), device=DEVICE)
+    sz, sw, tz, tw = _heads(n, m, k, b)
+    _check((sz, sw, tz, tw, s_idx, t_idx, weight, T_S, T_T, "sinkhorn"), {})
