@@ -67,7 +67,7 @@ def test_seeded_deterministic_and_resumable(index_dir):
 
 def test_crops_inside_context_and_exact():
     from virchow_fast.config import CropConfig
-    from virchow_fast.data.dali_pipeline import build_pipeline
+    from virchow_fast.data.dali_pipeline import build_pipeline, feed_outputs
 
     crops = CropConfig()
     rng = np.random.default_rng(0)
@@ -79,12 +79,17 @@ def test_crops_inside_context_and_exact():
             assert 0.95 / 1.05 <= w / h <= 1.05 / 0.95 * 1.02
     ctx = np.random.default_rng(1).integers(0, 256, (392, 392, 3), dtype=np.uint8)
     params = np.zeros((10, S.N_PARAMS), np.float32)
-    params[:, [S.P_BRIGHT, S.P_CONTRAST, S.P_SAT]] = 1.0
+    params[:, S.P_MT:S.P_MT + 12] = S.colour_transform(1.0, 1.0, 1.0, 0.0).reshape(-1)
     params[:2, :4] = [[10, 20, 234, 244], [100, 150, 324, 374]]
     params[2:, :4] = [40, 30, 138, 128]
     params[1, S.P_HFLIP] = 1
-    feed = lambda: ([ctx], [params], [np.float32(20.0)], [np.int64(0)])  # noqa: E731
-    crops.rot90, crops.color_jitter, crops.grayscale, crops.solarize = False, 0.0, 0.0, 0.0
+    for c, (y0, x0, y1, x1) in enumerate(params[:, :4]):
+        size = 224 if c < 2 else 98
+        params[c, S.P_AFF:] = S.crop_affine(y0, x0, y1 - y0, x1 - x0, size, c == 1, c == 2, 0).reshape(-1)
+    params[3, S.P_AFF:] = S.crop_affine(40, 30, 98, 98, 98, False, False, 1).reshape(-1)
+    params[4, S.P_AFF:] = S.crop_affine(40, 30, 98, 98, 98, True, True, 3).reshape(-1)
+    feed = lambda: feed_outputs([ctx], [params], [np.float32(20.0)], [np.int64(0)])  # noqa: E731
+    crops.solarize = 0.0  # the colour matrix is the identity: exact pixels through the whole graph
     pipe = build_pipeline(feed, crops, 1, "cpu")
     out = pipe.run()
     mean = np.array(crops.mean).reshape(3, 1, 1) * 255
@@ -92,7 +97,11 @@ def test_crops_inside_context_and_exact():
     px = lambda i: np.asarray(out[i].as_tensor())[0] * std + mean  # noqa: E731
     np.testing.assert_allclose(px(0), ctx[10:234, 20:244].transpose(2, 0, 1), atol=0.01)
     np.testing.assert_allclose(px(1), ctx[100:324, 150:374, :][:, ::-1].transpose(2, 0, 1), atol=0.01)
-    np.testing.assert_allclose(px(2), ctx[40:138, 30:128].transpose(2, 0, 1), atol=0.01)
+    box = torch.from_numpy(ctx[40:138, 30:128].transpose(2, 0, 1).copy())
+    np.testing.assert_allclose(px(2), box.flip(-2).numpy(), atol=0.01)  # vflip
+    np.testing.assert_allclose(px(3), torch.rot90(box, 1, (-2, -1)).numpy(), atol=0.01)
+    np.testing.assert_allclose(px(4), torch.rot90(box.flip(-1).flip(-2), 3, (-2, -1)).numpy(), atol=0.01)
+    np.testing.assert_allclose(px(5), box.numpy(), atol=0.01)
 
 
 def test_magnification_proportions():
@@ -167,3 +176,17 @@ def test_demo_source(tmp_path):
     b = next(loader)
     assert b.global_crops.shape == (4, 3, 224, 224)
     assert (tmp_path / "demo_slides" / "demo_0.tiff").is_file() and list((tmp_path / "tiles").glob("*.npz"))
+
+
+def test_colour_matrix():
+    rgb = np.random.default_rng(0).integers(0, 256, (500, 3)).astype(np.float64)
+    apply = lambda mt: rgb @ mt[:, :3].T + mt[:, 3]  # noqa: E731
+    np.testing.assert_allclose(apply(S.colour_transform(1, 1, 1, 0)), rgb, atol=1e-4)
+    gray = apply(S.colour_transform(1, 1, 0, 0))
+    np.testing.assert_allclose(gray[:, 0], gray[:, 1], atol=1e-3)
+    np.testing.assert_allclose(gray[:, 0], rgb @ [0.299, 0.587, 0.114], atol=1e-3)
+    np.testing.assert_allclose(apply(S.colour_transform(1.2, 1, 1, 0)), rgb * 1.2, atol=1e-3)
+    np.testing.assert_allclose(apply(S.colour_transform(1, 1, 1, 1.0)), rgb, atol=1e-3)  # a full turn of hue
+    grey_px = np.full((1, 3), 77.0)
+    out = grey_px @ S.colour_transform(1, 1, 1.3, 0.05)[:, :3].T.astype(np.float64)
+    np.testing.assert_allclose(out, grey_px, atol=1e-3)  # gray stays gray under saturation and hue

@@ -1,9 +1,10 @@
 """The DALI multi-crop graph: contexts in, normalised ECT crops out, CPU or GPU from one definition.
 
 contexts (raw RGB from slide reads, or JPEG bytes from shards: ``cpu`` / ``mixed`` decode)
--> per crop: ECT region resized to its size (fn.resize with an absolute ROI) -> flips -> rotation
-by a multiple of 90 degrees -> colour twist (brightness, contrast, saturation, hue; saturation 0
-is grayscale) -> solarise -> optional blur -> normalise to CHW float32.
+-> per crop: ECT region resized to its size, flipped and rotated by a multiple of 90 degrees in one
+bilinear fn.warp_affine (the map comes from sampling.crop_affine) -> colour jitter as one 3 x 4 colour matrix per crop
+(brightness, contrast, saturation, hue; saturation 0 is grayscale; fn.coord_transform) -> solarise
+-> optional blur -> normalise to CHW float32 (crop_mirror_normalize).
 
 Every random number comes from the feed (:mod:`.sampling`), one parameter row per crop, so the
 graph is a pure function of (seed, index): seeded, worker-count independent and resumable by
@@ -33,40 +34,53 @@ def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu"
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
                   seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
-        ctx, params, mags, steps = fn.external_source(source=feed, num_outputs=4, batch=True,
-                                                      layout=["" if encoded else "HWC", "", "", ""])
+        # one external-source output per argument: per-crop subscripts/reshapes in the graph cost more
+        # than the crops themselves on the CPU
+        outs = fn.external_source(source=feed, num_outputs=3 + 3 * n_crops, batch=True,
+                                  layout=["" if encoded else "HWC"] + [""] * (2 + 3 * n_crops))
+        ctx, mags, steps = outs[:3]
         if encoded:
             img = fn.decoders.image(ctx, device="mixed" if gpu else "cpu", output_type=types.RGB)
         else:
             img = ctx.gpu() if gpu else ctx
-        if gpu:
-            params = params  # argument inputs stay on the CPU
-        outs = []
+        crops_out = []
         for c in range(n_crops):
+            aff, mt, misc = outs[3 + 3 * c: 6 + 3 * c]
             size = crops.global_size if c < crops.n_global else crops.local_size
-            q = params[c]
-            x = fn.resize(img, size=[size, size], roi_start=q[S.P_Y0:S.P_X0 + 1], roi_end=q[S.P_Y1:S.P_X1 + 1],
-                          roi_relative=False, antialias=True, interp_type=types.INTERP_LINEAR)
-            x = fn.flip(x, horizontal=fn.cast(q[S.P_HFLIP], dtype=types.INT32),
-                        vertical=fn.cast(q[S.P_VFLIP], dtype=types.INT32))
-            if crops.rot90:
-                x = fn.rotate(x, angle=q[S.P_ANGLE], keep_size=True, interp_type=types.INTERP_NN)
+            # ECT crop, resize, flips and rotation: one bilinear warp (scale ~1, no antialias needed)
+            x = fn.warp_affine(img, matrix=aff, size=[size, size], interp_type=types.INTERP_LINEAR, fill_value=255.0)
             if crops.color_jitter > 0 or crops.grayscale > 0:
-                x = fn.color_twist(x, brightness=q[S.P_BRIGHT], contrast=q[S.P_CONTRAST], saturation=q[S.P_SAT],
-                                   hue=q[S.P_HUE])
-            x = fn.cast(x, dtype=types.FLOAT)
+                x = fn.coord_transform(x, MT=mt, dtype=types.UINT8)
             if c == 1 and crops.solarize > 0:
-                x = x + q[S.P_SOLAR] * (x >= 128.0) * (255.0 - 2.0 * x)
+                x = fn.cast(x, dtype=types.FLOAT)
+                x = x + misc[0] * (x >= 128.0) * (255.0 - 2.0 * x)
             if crops.blur > 0:
-                blurred = fn.gaussian_blur(x, sigma=q[S.P_SIGMA])
-                x = x + q[S.P_BLUR] * (blurred - x)
+                x = fn.cast(x, dtype=types.FLOAT)
+                blurred = fn.gaussian_blur(x, sigma=misc[2])
+                x = x + misc[1] * (blurred - x)
             x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-            outs.append(x)
-        return (*outs, mags, steps)
+            crops_out.append(x)
+        return (*crops_out, mags, steps)
 
-    pipe = graph()
-    pipe.build()
+    import warnings
+
+    with warnings.catch_warnings():  # misc outputs are unused when solarise/blur are off: by design
+        warnings.filterwarnings("ignore", message=".*outputs at the ind.*not used.*")
+        warnings.filterwarnings("ignore", message=".*output at the index.*not used.*")
+        pipe = graph()
+        pipe.build()
     return pipe
+
+
+def feed_outputs(contexts: list, params: list[np.ndarray], mags: list, steps: list) -> list:
+    """The external source's outputs: contexts, mags, steps, then per crop (affine [2, 3], colour [3, 4],
+    misc [solarise, blur, sigma]), each a list over the batch."""
+    out = [contexts, mags, steps]
+    for c in range(params[0].shape[0]):
+        out.append([p[c, S.P_AFF:S.P_AFF + 6].reshape(2, 3) for p in params])
+        out.append([p[c, S.P_MT:S.P_MT + 12].reshape(3, 4) for p in params])
+        out.append([p[c, [S.P_SOLAR, S.P_BLUR, S.P_SIGMA]] for p in params])
+    return out
 
 
 class TileFeed:
@@ -89,7 +103,7 @@ class TileFeed:
         mags = [np.array(m, np.float32) for _, m in got]
         steps = [np.array(self.step, np.int64)] * b
         self.step += 1
-        return ctx, params, mags, steps
+        return feed_outputs(ctx, params, mags, steps)
 
 
 class DaliLoader:
