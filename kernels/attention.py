@@ -17,16 +17,18 @@ and all accumulators are fp32; ``tl.dot`` takes the input dtype (fp16 / bf16 ten
 full-precision fp32 for fp32 inputs).
 
 Backward = three kernels: delta = rowsum(dO * O); dK/dV per key block looping over query blocks;
-dQ per query block looping over key blocks. No atomics, so results are deterministic.
+dQ per query block looping over key blocks. No atomics, so results are deterministic for a given launch configuration.
 
 Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
 
+import os
 
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from ._common import check_float, interpreting, last_dim_contiguous, next_pow2
 
@@ -214,16 +216,57 @@ def _attn_bwd_dq_kernel(
 # Launchers
 # ------------------------------------------------------------------------------------------------
 
-def _config(block_d: int, dtype: torch.dtype) -> dict:
-    """Block sizes and launch options. 64 x 64 tiles fit the model's segments (54 tokens: one
-    block; 261: five, 82 % used) better than 128-row tiles. fp32 (tests, not training) gets
-    smaller tiles and no pipelining so its shared memory stays well inside the limit.
-    Not yet tuned on a GPU."""
+# Launch configurations (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is the
+# default. 64 x 64 tiles fit the model's segments (54 tokens: one block; 261: five, 82 % used)
+# better than 128-row tiles. fp32 (tests, not training) gets small unpipelined tiles so its shared
+# memory stays well inside the limit. On a GPU the launcher times the candidates once per
+# (kernel, head-dim block, dtype, max_seqlen bucket, device) and keeps the fastest; set
+# VIRCHOW_FAST_ATTN_TUNE=0 to always use the default. tests/kernels/test_sm90_compile.py compiles
+# every candidate for sm_90.
+CANDIDATES = {
+    "fwd": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    "dkdv": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 2)],
+    "dq": [(64, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+}
+FP32_CANDIDATE = (32, 32, 4, 1)
+_chosen: dict[tuple, tuple[int, int, int, int]] = {}
+
+
+def candidates(kind: str, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    return [FP32_CANDIDATE] if dtype == torch.float32 else CANDIDATES[kind]
+
+
+def _meta(c: tuple[int, int, int, int]) -> dict:
     if interpreting():
         return dict(BLOCK_M=64, BLOCK_N=64)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4 if block_d <= 64 else 8, num_stages=2)
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
+
+
+def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, block_d: int,
+            max_seqlen: int, device: torch.device) -> None:
+    """Launch ``kernel[grid(meta)](*args, **consts, **meta)`` with the chosen configuration.
+
+    The kernels only write their outputs, so timing a candidate by running it is harmless.
+    """
+    cands = candidates(kind, dtype)
+    key = (kind, block_d, dtype, next_pow2(max_seqlen), str(device))
+    choice = _chosen.get(key)
+    if choice is None:
+        choice = cands[0]
+        if len(cands) > 1 and not interpreting() and os.environ.get("VIRCHOW_FAST_ATTN_TUNE", "1") != "0":
+            times = []
+            for c in cands:
+                meta = _meta(c)
+                try:
+                    times.append(triton.testing.do_bench(lambda: kernel[grid(meta)](*args, **consts, **meta),
+                                                         warmup=5, rep=20))
+                except Exception:  # noqa: BLE001 (a candidate that cannot launch here is just not chosen)
+                    times.append(float("inf"))
+            if min(times) < float("inf"):
+                choice = cands[times.index(min(times))]
+        _chosen[key] = choice
+    meta = _meta(choice)
+    kernel[grid(meta)](*args, **consts, **meta)
 
 
 def _dot_prec(dtype: torch.dtype) -> str:
@@ -241,14 +284,11 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     if T == 0 or n_seg <= 0 or max_seqlen <= 0:
         return o, lse
     block_d = next_pow2(max(D, 16))
-    cfg = _config(block_d, q.dtype)
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seg, H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, cu_seqlens,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-        lse.stride(0), scale * LOG2E, D,
-        BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **cfg,
-    )
+    args = (q, k, v, o, lse, cu_seqlens,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+            lse.stride(0), scale * LOG2E, D)
+    _launch("fwd", _attn_fwd_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H), args,
+            dict(BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype)), q.dtype, block_d, max_seqlen, q.device)
     return o, lse
 
 
@@ -263,7 +303,6 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale: float):
     if T == 0 or n_seg <= 0 or max_seqlen <= 0:
         return dq, dk, dv
     block_d = next_pow2(max(D, 16))
-    cfg = _config(block_d, q.dtype)
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), H)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T, D,
@@ -271,15 +310,13 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale: float):
     )
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
-    common = dict(BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype), **cfg)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), n_seg, H)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), lse.stride(0),
-        scale * LOG2E, scale, D, **common,
-    )
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), n_seg, H)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
-        scale * LOG2E, scale, D, **common,
-    )
+    consts = dict(BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
+    _launch("dkdv", _attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_seg, H),
+            (q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), lse.stride(0),
+             scale * LOG2E, scale, D), consts, q.dtype, block_d, max_seqlen, q.device)
+    _launch("dq", _attn_bwd_dq_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H),
+            (q, k, v, do, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
+             scale * LOG2E, scale, D), consts, q.dtype, block_d, max_seqlen, q.device)
     return dq, dk, dv
 
 

@@ -39,17 +39,18 @@ def compile_all() -> None:
         assert smem <= SMEM_LIMIT, f"{fn.__name__}: {smem} B of shared memory > {SMEM_LIMIT}"
 
     tt = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    for dtype, D in [(torch.bfloat16, 80), (torch.bfloat16, 104), (torch.float16, 64), (torch.float32, 128)]:
+    # every launch candidate (kernels/attention.py CANDIDATES); D = 80 and 104 both use a 128 block
+    kernels = {"fwd": (A._attn_fwd_kernel, dict(O=None)), "dkdv": (A._attn_bwd_dkdv_kernel, dict(DO=None, DK=None, DV=None)),
+               "dq": (A._attn_bwd_dq_kernel, dict(DO=None, DQ=None))}
+    for dtype, D in [(torch.bfloat16, 80), (torch.float16, 64), (torch.float32, 128)]:
         t = f"*{tt[dtype]}"
         bd = triton.next_power_of_2(max(D, 16))
-        cfg = A._config(bd, dtype)
-        opts = {k: cfg[k] for k in ("num_warps", "num_stages")}
-        consts = dict(BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_D=bd, DOT_PREC=A._dot_prec(dtype))
         common = dict(Q=t, K=t, V=t, CU="*i32", qk_scale="fp32", scale="fp32", LSE="*fp32", DELTA="*fp32")
-        print(f"attention {dtype} D={D} {opts}")
-        build(A._attn_fwd_kernel, dict(common, O=t), consts, **opts)
-        build(A._attn_bwd_dkdv_kernel, dict(common, DO=t, DK=t, DV=t), consts, **opts)
-        build(A._attn_bwd_dq_kernel, dict(common, DO=t, DQ=t), consts, **opts)
+        print(f"attention {dtype} D={D}")
+        for kind, (fn, outs) in kernels.items():
+            for bm, bn, warps, stages in A.candidates(kind, dtype):
+                consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, DOT_PREC=A._dot_prec(dtype))
+                build(fn, dict(common, **{k: t for k in outs}), consts, num_warps=warps, num_stages=stages)
         build(A._attn_bwd_delta_kernel, dict(O=t, DO=t, DELTA="*fp32"), dict(BLOCK_M=64, BLOCK_D=bd))
     t = "*bf16"
     for C in (1280, 1664):
