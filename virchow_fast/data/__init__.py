@@ -40,25 +40,37 @@ def _settings(cfg: DataConfig):
     return IndexSettings(tuple(cfg.mags), tuple(cfg.mag_mpp), cfg.crops.context_size, cfg.min_tissue, cfg.mpp or None)
 
 
-def prepare_index(cfg: DataConfig, run_dir: str | None, rank: int = 0) -> Path:
+def prepare_index(cfg: DataConfig, run_dir: str | None, rank: int = 0, wait_s: float = 1800.0) -> Path:
     """Index the configured slides (generating the demo slides first for source demo); returns the folder.
 
-    Rank 0 indexes; the others wait for it through the file system only when run alone, so in a
-    multi-rank run index once beforehand with ``virchow-fast tiles`` (the trainer's barrier is not ours).
+    Rank 0 generates and indexes, then writes ``<index>/READY``; the other ranks wait for that file
+    (no process group is needed). Slides already indexed are skipped, so a restart costs little.
     """
+    import time
+
     from .tiling import index_slides
 
     base = Path(run_dir or ".")
     index_dir = Path(cfg.index_dir) if cfg.index_dir else base / "tiles"
+    ready = index_dir / "READY"
+    if rank != 0:
+        t0 = time.monotonic()
+        while not ready.is_file():
+            if time.monotonic() - t0 > wait_s:
+                raise TimeoutError(f"{index_dir}: rank 0 did not finish the tile index in {wait_s:.0f} s")
+            time.sleep(0.5)
+        return index_dir
+    ready.unlink(missing_ok=True)
     paths = list(cfg.paths)
     if cfg.source == "demo":
         from .testslides import make_demo_slides
 
         paths = [str(p) for p in make_demo_slides(base / "demo_slides", cfg.demo_slides)]
-    if rank == 0:
-        rep = index_slides(paths, index_dir, _settings(cfg), workers=max(1, cfg.num_workers), progress=False)
-        if rep.done:
-            print(f"data: indexed {len(rep.done)} slides into {index_dir} ({len(rep.failed)} skipped)", file=sys.stderr)
+    rep = index_slides(paths, index_dir, _settings(cfg), workers=max(1, cfg.num_workers), progress=False)
+    if rep.done:
+        print(f"data: indexed {len(rep.done)} slides into {index_dir} ({len(rep.failed)} unreadable, "
+              f"{len(rep.empty)} without tiles)", file=sys.stderr)
+    ready.write_text("ok\n")
     return index_dir
 
 
