@@ -59,7 +59,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
-    """SIGTERM reaches rank 1 only: both ranks stop after the same step, checkpoint, exit 0.
+    """SIGTERM reaches rank 1 only: both ranks stop at the same step, checkpoint it, exit 0.
 
     The same run has a NaN loss on rank 1 at step 1: both ranks skip that step together.
     """
@@ -106,3 +106,29 @@ def test_nonfinite_losses_in_a_row_stop_with_a_clear_error(tmp_path, monkeypatch
     records = metrics(tmp_path)
     assert [(r["step"], r["skipped"], r["nonfinite_total"]) for r in records] == [(0, False, 0), (1, True, 1),
                                                                                    (2, True, 2)]
+
+
+def test_sigterm_to_every_process_with_loader_workers_then_resume_equals_uninterrupted(tmp_path):
+    """SLURM-style preemption: SIGTERM to the trainer *and* its data-loader worker at once.
+
+    The step in progress is discarded and checkpointed; resuming gives the uninterrupted losses.
+    """
+    want = metrics(cached(1))
+    out = tmp_path / "group"
+    proc = subprocess.Popen(command(1, out, ["data.num_workers=1"]), env=environment(VF_TEST_SLEEP="0.5"),
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _lines(out) >= 1, proc, "the first step")
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-5000:]
+    assert "stopped on a signal" in stdout
+    done = _lines(out)
+    assert 1 <= done < 4
+    assert list_checkpoints(out)[-1].name == f"step_{done:08d}"
+    launch(1, out, ["data.num_workers=1"], resume=True)
+    assert_losses_close(metrics(out), want, 1e-6, keys=("loss", "dino", "ibot", "reg", "grad_norm"))

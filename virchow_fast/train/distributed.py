@@ -80,10 +80,10 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> finish the step, checkpoint, exit.
+    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> checkpoint and exit cleanly.
 
     The handler only records the signal. The loop sends ``pending`` through its per-step
-    all-reduce, so every rank stops after the same step even when only one was signalled.
+    all-reduce, so every rank stops at the same step even when only one was signalled.
     A second SIGINT / SIGTERM while stopping is not intercepted (handlers restored by ``close``).
     """
 
@@ -104,6 +104,10 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
+            # A group-wide signal also kills data-loader workers (torch gives them a SIGTERM handler);
+            # torch's SIGCHLD handler would then raise in the middle of a step. The loop fetches no
+            # batch after a stop request, so worker deaths from here on are expected: stop watching.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # print, not log: safe enough in a handler, and visible in SLURM's output without logging setup
             print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
                   flush=True)
@@ -117,12 +121,3 @@ class StopRequest:
             signal.signal(sig, prev)
         self._previous.clear()
 
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """``worker_init_fn`` for data-loader workers: leave SIGTERM / SIGUSR1 / SIGINT to the main process.
-
-    torch gives each worker its own SIGTERM handler, so a signal sent to every process (SLURM
-    preemption) kills the workers and fails the run before :class:`StopRequest` can checkpoint.
-    """
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)

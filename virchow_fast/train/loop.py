@@ -6,7 +6,11 @@ gradient norm is global already. From them every rank takes the same decisions:
 - a non-finite loss or gradient norm skips the step (no optimizer step, no EMA, the loss centers
   restored), is counted and logged; ``train.max_nonfinite_steps`` in a row stop the run with
   :class:`NonFiniteLossError`;
-- a SIGTERM / SIGUSR1 on any rank ends the run after this step with a checkpoint (clean exit).
+- a SIGTERM / SIGUSR1 on any rank ends the run: the step in progress is discarded (no update; RNG,
+  loss centers and data position as before it) and a checkpoint of that step is written (clean
+  exit). Discarding rather than finishing it lets a rank that was signalled before fetching its
+  batch skip the fetch (a group-wide signal may have killed the data-loader workers) and run the
+  step's collectives on its previous batch, whose result nobody uses.
 """
 from __future__ import annotations
 
@@ -78,6 +82,19 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     return total
 
 
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
     """Student, teacher (parallelized per ``cfg.parallel``), optimizer and losses on ``info.device``.
 
@@ -131,17 +148,20 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
     bar = _progress(total_steps, start_step, info.is_main)
     throughput = Throughput(cfg, info.world_size, info.device)
 
-    def checkpoint(step: int) -> None:
-        save_checkpoint(run_dir, step, student, teacher, optimizer, losses_dict, loader.state_dict(),
+    def checkpoint(step: int, data_state: dict) -> None:
+        save_checkpoint(run_dir, step, student, teacher, optimizer, losses_dict, data_state,
                         cfg.train.keep_checkpoints)
 
     bad_in_a_row = bad_total = 0
+    batch = None
     student.train()
     teacher.eval()
     try:
         for step in range(start_step, total_steps):
+            before = {"data": loader.state_dict(), "rng": _rng_state(info.device)}  # for a discarded step
             t0 = time.perf_counter()
-            batch = next(loader).to(info.device)
+            if not (stop.pending and batch is not None):  # else: this step will be discarded anyway
+                batch = next(loader).to(info.device)
             t1 = time.perf_counter()
             s = sched.at(step)
             apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"])
@@ -157,6 +177,17 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
             stop_now = bool(stats[len(TERMS)] > 0)
             grad_norm = float(grad_norm)
             finite = bool(torch.isfinite(stats[:len(TERMS)]).all()) and math.isfinite(grad_norm)
+            if stop_now:  # discard the step, save the state from before it, leave
+                optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, saved in zip(loss_fn.buffers(), centers):
+                        b.copy_(saved)
+                _set_rng_state(before["rng"], info.device)
+                checkpoint(step, before["data"])
+                if info.is_main:
+                    print(f"stopped on a signal during step {step} (discarded): checkpoint step_{step:08d} saved; "
+                          "continue with --resume", flush=True)
+                break
             if finite:
                 bad_in_a_row = 0
                 optimizer.step()
@@ -184,13 +215,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
                 raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step} "
                                          f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
                                          "lower the lr or check the data")
-            if stop_now or (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
-                checkpoint(step + 1)
-            if stop_now:
-                if info.is_main:
-                    print(f"stopped on a signal after step {step}: checkpoint step_{step + 1:08d} saved; "
-                          "continue with --resume", flush=True)
-                break
+            if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
+                checkpoint(step + 1, loader.state_dict())
     finally:
         if bar is not None:
             bar.close()
