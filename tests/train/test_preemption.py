@@ -81,9 +81,7 @@ def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(tmp_path):
     assert not list((out / "checkpoints").glob(".tmp-*"))
     assert [r["skipped"] for r in records[:3]] == [False, True, False]
     assert records[1]["nonfinite_total"] == 1 and records[-1]["nonfinite_total"] == 1
-    # the checkpoint resumes: one more step from where the signal stopped the run
-    launch(2, out, extra[:1] + [f"train.steps_per_epoch={done + 1}"], resume=True)
-    assert [r["step"] for r in metrics(out)] == list(range(done + 1))
+    # (that a signal-stop checkpoint resumes exactly: the process-group test below)
 
 
 def test_nonfinite_losses_in_a_row_stop_with_a_clear_error(tmp_path, monkeypatch):
