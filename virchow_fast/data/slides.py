@@ -26,6 +26,31 @@ MAG_TOLERANCE = 0.02  # a level within 2 % of the target mpp serves it without a
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif")
 
 
+def _import_cucim():
+    """``cucim.CuImage``, imported with fds 1/2 silenced: without a GPU driver cuCIM's import prints
+    three lines about libcuda/cuFile on every process start, which would drown our one-line reports."""
+    import sys
+
+    if "cucim" in sys.modules:
+        from cucim import CuImage
+
+        return CuImage
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        from cucim import CuImage
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, null):
+            os.close(fd)
+    return CuImage
+
+
 class SlideError(RuntimeError):
     """A slide that cannot be used; ``str()`` is one line naming the file."""
 
@@ -84,9 +109,7 @@ class Slide:
 
     def _open(self, name: str) -> None:
         if name == "cucim":
-            from cucim import CuImage
-
-            img = CuImage(self.path)
+            img = _import_cucim()(self.path)
             res = img.resolutions
             dims = res["level_dimensions"]
             self._meta = img.metadata if isinstance(img.metadata, dict) else {}
