@@ -93,3 +93,16 @@ def test_cmu_small_region(cmu):
     assert level == 0 and factor == pytest.approx(1.0 / 0.499)
     ctx = s.read_context(800, 1200, 1.0, 392)
     assert ctx.shape == (392, 392, 3) and sane_region(ctx, (392, 392)) is None
+
+
+def test_absurd_header_refused(tmp_path):
+    import tifffile
+
+    path = tmp_path / "absurd.tiff"
+    tifffile.imwrite(path, np.full((512, 512, 3), 200, np.uint8), tile=(256, 256), compression="jpeg",
+                     photometric="rgb", resolution=(40000, 40000), resolutionunit="CENTIMETER")
+    with tifffile.TiffFile(path, mode="r+") as t:  # claim 200000 x 200000 over a few KB
+        t.pages[0].tags["ImageWidth"].overwrite(200000)
+        t.pages[0].tags["ImageLength"].overwrite(200000)
+    with pytest.raises(SlideError, match="header and data disagree"):
+        Slide(path)
