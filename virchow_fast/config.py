@@ -146,6 +146,7 @@ class OpsConfig:
     attention: str = _doc("attention backend: auto | torch | triton | cuda", "auto")
     layer_norm: str = _doc("LayerNorm backend: auto | torch | triton | cuda", "auto")
     swiglu: str = _doc("SwiGLU backend: auto | torch | triton", "auto")
+    residual_layer_scale: str = _doc("residual add + LayerScale backend: auto | torch | triton", "auto")
     head_loss: str = _doc("prototype cross-entropy backend: auto | torch | triton", "auto")
     centering: str = _doc("materialised teacher centering backend: auto | torch | cuda", "auto")
 
@@ -382,7 +383,7 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.momentum_teacher <= o.momentum_teacher_end <= 1.0, "optim.momentum_teacher",
            "need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
     _choice(o.fused, "optim.fused", ("auto", "on", "off"))
-    for key in ("attention", "layer_norm", "swiglu", "head_loss", "centering"):
+    for key in ("attention", "layer_norm", "swiglu", "residual_layer_scale", "head_loss", "centering"):
         _choice(getattr(cfg.ops, key), f"ops.{key}", ("auto", "torch", "triton", "cuda"))
     p = cfg.parallel
     _choice(p.fsdp, "parallel.fsdp", ("auto", "on", "off"))

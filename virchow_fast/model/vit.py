@@ -83,15 +83,19 @@ class Block(nn.Module):
         keep = (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
         return keep[seg_ids].unsqueeze(-1)
 
+    @staticmethod
+    def _residual(x: torch.Tensor, y: torch.Tensor, ls: nn.Module, scale: torch.Tensor | None) -> torch.Tensor:
+        """x + ls(y) [* per-crop keep scale]; without drop path one fused op (ops.residual_layer_scale)."""
+        gamma = ls.gamma if isinstance(ls, LayerScale) else None
+        if scale is None:
+            return ops.residual_layer_scale(x, y, gamma)
+        return x + ls(y) * scale
+
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 seg_ids: torch.Tensor) -> torch.Tensor:
         n_seg = cu_seqlens.numel() - 1
-        scale = self._keep(seg_ids, n_seg, x)
-        y = self.ls1(self.attn(self.norm1(x), cu_seqlens, max_seqlen))
-        x = x + (y if scale is None else y * scale)
-        scale = self._keep(seg_ids, n_seg, x)
-        y = self.ls2(self.mlp(self.norm2(x)))
-        return x + (y if scale is None else y * scale)
+        x = self._residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen), self.ls1, self._keep(seg_ids, n_seg, x))
+        return self._residual(x, self.mlp(self.norm2(x)), self.ls2, self._keep(seg_ids, n_seg, x))
 
 
 class VisionTransformer(nn.Module):
