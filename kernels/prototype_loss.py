@@ -192,15 +192,24 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _blocks(d: int, e: int = 16):
-    """(BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_E, num_warps). Not tuned on a GPU yet (none lent so far)."""
+def _config(kind: str, d: int, e: int = 16):
+    """(BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_E, num_warps, num_stages) of one kernel kind.
+
+    Chosen so that ptxas (sm_90a, Triton 3.6) spills nothing for fp32 and bf16 operands
+    (test_kernels_compile_for_sm90a_without_spills checks it); 4 warps or 3 stages spilled.
+    Not timed on a GPU yet (none lent so far): autotuning is the next step once one is.
+    """
     block_e = max(16, triton.next_power_of_2(e))
     if _interpreting():  # the interpreter pays per op, not per element: big tiles
-        return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, 4
-    # an fp32 [64, BLOCK_E] accumulator (row_expect / col_reduce with values) over 8 warps:
-    # 64 registers per thread at BLOCK_E = 256; halve the tile for b = 384 (BLOCK_E = 512)
-    block = 32 if block_e > 256 else 64
-    return block, block, max(16, min(64, triton.next_power_of_2(d))), block_e, 8 if block_e > 16 else 4
+        return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, 4, 1
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    if kind == "row_expect":  # fp32 accumulator [BLOCK_R, BLOCK_E]
+        block = 64 if block_e <= 256 else 32
+        return block, block, block_d, block_e, 8, 2
+    if kind == "col_values":  # fp32 accumulator [BLOCK_C, BLOCK_E]
+        block_r, block_c = (64, 32) if block_e <= 256 else (32, 16)
+        return block_r, block_c, block_d, block_e, 8, 2
+    return 64, 64, block_d, block_e, 8, 2  # row_lse, col_sum
 
 
 _MAX_PARTIAL = 1 << 23  # fp32 elements of split-K partials (32 MiB)
@@ -231,14 +240,14 @@ def row_lse(z, w, scale: float, beta=None):
     """logsumexp_k(scale * (z @ w^T) + beta) -> [R] fp32. z: [R, D], w: [C, D], beta: [C] or None."""
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
-    br, bc, bd, _, warps = _blocks(D)
+    br, bc, bd, _, warps, stages = _config("row_lse", D)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, 2, C, bc)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _row_lse_kernel[(triton.cdiv(R, br), splits)](
         z, w, beta if beta is not None else m, m, l, R, C, D, z.stride(0), w.stride(0), scale, per,
         HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_PRECISION,
-        num_warps=warps)
+        num_warps=warps, num_stages=stages)
     return torch.logsumexp(m + l.log(), dim=0)
 
 
@@ -247,14 +256,14 @@ def row_expect(z, w, scale: float, beta, alpha, v):
     z, w = _same_dtype(z, w)
     v = _values(v)
     (R, D), (C, E) = z.shape, v.shape
-    br, bc, bd, be, warps = _blocks(D, E)
+    br, bc, bd, be, warps, stages = _config("row_expect", D, E)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
     _row_expect_kernel[(triton.cdiv(R, br), splits)](
         z, w, beta if beta is not None else alpha, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, per,
         HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION,
-        num_warps=warps)
+        num_warps=warps, num_stages=stages)
     return out.sum(0) if splits > 1 else out[0]
 
 
@@ -267,7 +276,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
     E = v.shape[1] if v is not None else 1
-    br, bc, bd, be, warps = _blocks(D, E)
+    br, bc, bd, be, warps, stages = _config("col_values" if v is not None else "col_sum", D, E)
     accumulate = out is not None
     if out is None:
         out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
@@ -277,7 +286,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, coef,
         HAS_BETA=beta is not None, HAS_V=has_v, ACCUMULATE=accumulate, BLOCK_R=br, BLOCK_C=bc,
-        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION, num_warps=warps)
+        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION, num_warps=warps, num_stages=stages)
     return out
 
 
