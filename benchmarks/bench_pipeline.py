@@ -9,6 +9,7 @@ runs where CUDA and DALI both exist. "per_cpu_s" rates divide by the process's C
 wall-clock rates measure the neighbours too; both are recorded.
 
     python benchmarks/bench_pipeline.py [--tiles 64] [--batch 16] [--out DIR]
+    taskset -c 1 python benchmarks/bench_pipeline.py     # one core: wall-clock rates are per core
 """
 from __future__ import annotations
 
@@ -136,6 +137,7 @@ def main() -> None:
         pass
     write_json("bench_pipeline", {"crops": "2x224 + 8x98 from 392, rot90, jitter 0.8, gray 0.2, solarize 0.2",
                                   "tiles_in_memory": n, "batch": args.batch, "rows": results,
+                                  "cpu_affinity": sorted(__import__("os").sched_getaffinity(0)),
                                   "skipped": skipped, "versions": versions}, args.out, device)
 
 
