@@ -170,7 +170,7 @@ class TrainConfig:
     output_dir: str = _doc("run directory", "runs/debug")
     checkpoint_every: int = _doc("checkpoint every N steps (and at the end)", 10)
     keep_checkpoints: int = _doc("keep the last N checkpoints", 2)
-    log_every: int = _doc("print metrics every N steps", 1)
+    log_every: int = _doc("without a terminal (batch logs): print a metrics line every N steps", 1)
     max_nonfinite_steps: int = _doc("stop after this many non-finite losses in a row", 5)
     peak_tflops: float = _doc("peak TFLOP/s per device for MFU (0 = detect)", 0.0)
     threads: int = _doc("torch CPU threads (0 = torch default)", 0)
@@ -395,6 +395,7 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1 and t.steps_per_epoch >= 1, "train.epochs", "epochs and steps_per_epoch must be >= 1")
     _check(t.checkpoint_every >= 1, "train.checkpoint_every", "must be >= 1")
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    if not enabled:
+    """A tqdm bar on a terminal; None elsewhere (batch logs get a line every train.log_every steps)."""
+    if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
@@ -211,6 +213,10 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", tiles_s=f"{record['tiles_per_s']:.1f}")
+            elif info.is_main and (step % cfg.train.log_every == 0 or step + 1 == total_steps):
+                print(f"step {step + 1}/{total_steps} loss {terms['loss']:.4f} (dino {terms['dino']:.4f} "
+                      f"ibot {terms['ibot']:.4f} reg {terms['reg']:.4f}) lr {s['lr']:.3g} "
+                      f"tiles/s {record['tiles_per_s']:.1f}", flush=True)
             if bad_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step} "
                                          f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
