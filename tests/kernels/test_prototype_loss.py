@@ -318,3 +318,20 @@ def test_kernels_compile_for_sm90a_without_spills():
     res = subprocess.run([sys.executable, "-c", _AOT_CHECK, str(pathlib.Path(__file__).resolve().parents[2])],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.stdout + res.stderr)[-4000:]
+
+
+def test_traces_under_torch_compile():
+    """Dynamo + AOTAutograd capture the whole loss in one graph (the passes are custom ops)."""
+    torch.manual_seed(12)
+    sz, sw, tz, tw = _heads(9, 3, 1000, 16)
+    s_idx, t_idx = torch.arange(9, device=DEVICE), torch.tensor([0, 1, 2] * 3, device=DEVICE)
+    weight = torch.full((9,), 1 / 9, device=DEVICE)
+    args = (sz, sw, tz, tw, s_idx, t_idx, weight, T_S, T_T, "sinkhorn")
+    compiled = torch.compile(pl.prototype_loss, backend="aot_eager", fullgraph=True)
+    loss, _ = compiled(*args)
+    g = torch.autograd.grad(loss, [sz, sw])
+    loss_r, _ = ref.prototype_loss(*args)
+    g_r = torch.autograd.grad(loss_r, [sz, sw])
+    torch.testing.assert_close(loss, loss_r, **TOL)
+    for got, want in zip(g, g_r):
+        torch.testing.assert_close(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * want.abs().max().item())
