@@ -20,11 +20,13 @@ and the gradients are
   dW = (softmax(S / t_s)^T (g Z) - P^T Zbar) / t_s,   Zbar_m = sum_{p: t_p = m} w_p z_s
 Three tiled kernels cover every pass (each recomputes its logit tile from the features):
   _row_lse: per-row logsumexp over K            (split over K, partials merged on the host)
-  _row_expect: per-row sum_k p_k V_k, V [K, b]    (split over K, partials summed)
+  _row_expect: per-row sum_k p_k V_k, V [K, b]    (split over K, partials summed); ONLINE: softmax
+               @ V and its logsumexp together, flash-attention style (the last Sinkhorn row pass
+               yields y, the student's lse pass yields softmax @ W)
   _col_reduce: per-prototype sum_m p_mk g_m  or  sum_m p_mk V_m, V [M, b]
 Passes (each 2 R K b FLOPs for its logit tiles, plus as much again for the second dot of the
-expect / reduce passes): teacher 2 x iters (Sinkhorn) or 1 (softmax) + y + dW; student lse +
-softmax @ W + dW. The gradients are computed in the forward (the loss is a scalar) and scaled in
+expect / reduce passes): teacher 2 x iters (Sinkhorn) or 1 (softmax), the last one giving y, + dW;
+student 1 (lse and softmax @ W) + dW: 9 teacher-sized and 2 student-sized passes at 3 iterations. The gradients are computed in the forward (the loss is a scalar) and scaled in
 place by the incoming gradient in the backward, as Liger's fused linear cross-entropy does.
 Memory, fp32 words, nothing of size [N, K], [M, K] or [P, K]:
   K (b + 3)                      dW (the gradient itself) and the vectors beta, column sums, mean
@@ -109,17 +111,27 @@ def _row_lse_kernel(z_ptr,      # [R, D] features
 def _row_expect_kernel(z_ptr,      # [R, D] features
                        w_ptr,      # [C, D] prototypes
                        beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
-                       alpha_ptr,  # [R] fp32 row bias
+                       alpha_ptr,  # [R] fp32 row bias (unused with ONLINE)
                        v_ptr,      # [C, E] values (student prototypes)
                        out_ptr,    # [SPLITS, R, E] fp32 out: sum_k p_rk v_k over this split
+                       m_ptr,      # [SPLITS, R] fp32 out with ONLINE: running max
+                       l_ptr,      # [SPLITS, R] fp32 out with ONLINE: sum of exp(x - max)
                        R, C, D, E, stride_z, stride_w, stride_v, scale, cols_per_split,
-                       HAS_BETA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, PRECISION: tl.constexpr):
+                       HAS_BETA: tl.constexpr, ONLINE: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """p = exp(x + alpha) with a known row bias, or ONLINE (flash-attention style): p = exp(x - max)
+    with the accumulator rescaled as the max grows, and (max, sum) written for the host to normalise:
+    softmax @ V and its logsumexp in one pass over K."""
     pid_r = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < R
-    alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    alpha = tl.zeros((BLOCK_R,), tl.float32)
+    if not ONLINE:
+        alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l = tl.zeros((BLOCK_R,), tl.float32)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     acc = tl.zeros((BLOCK_R, BLOCK_E), tl.float32)
@@ -132,11 +144,23 @@ def _row_expect_kernel(z_ptr,      # [R, D] features
                         BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale + alpha[:, None]
         if HAS_BETA:
             x += tl.load(beta_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
+        if ONLINE:
+            x = tl.where(col_ok[None, :], x, float("-inf"))
+            m_new = tl.maximum(m, tl.max(x, axis=1))
+            corr = tl.exp(m - m_new)
+            p = tl.exp(x - m_new[:, None])
+            l = l * corr + tl.sum(p, axis=1)
+            acc = acc * corr[:, None]
+            m = m_new
+        else:
+            p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
         v = tl.load(v_ptr + cols[:, None] * stride_v + e[None, :], mask=col_ok[:, None] & e_ok[None, :], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     out = out_ptr + split * R * E + rows[:, None] * E + e[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & e_ok[None, :])
+    if ONLINE:
+        tl.store(m_ptr + split * R + rows, m, mask=row_ok)
+        tl.store(l_ptr + split * R + rows, l, mask=row_ok)
 
 
 @triton.jit
@@ -251,20 +275,38 @@ def row_lse(z, w, scale: float, beta=None):
     return torch.logsumexp(m + l.log(), dim=0)
 
 
-def row_expect(z, w, scale: float, beta, alpha, v):
-    """sum_k exp(scale * (z @ w^T) + beta + alpha[:, None])_rk v_k -> [R, E] fp32; v: [C, E]."""
+def _row_expect(z, w, scale: float, beta, alpha, v):
     z, w = _same_dtype(z, w)
     v = _values(v)
     (R, D), (C, E) = z.shape, v.shape
     br, bc, bd, be, warps, stages = _config("row_expect", D, E)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
+    online = alpha is None
+    m = torch.empty(splits, R, device=z.device, dtype=torch.float32) if online else out
+    l = torch.empty_like(m) if online else out
     _row_expect_kernel[(triton.cdiv(R, br), splits)](
-        z, w, beta if beta is not None else alpha, alpha.contiguous(), v, out, R, C, D, E,
-        z.stride(0), w.stride(0), v.stride(0), scale, per,
-        HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION,
-        num_warps=warps, num_stages=stages)
-    return out.sum(0) if splits > 1 else out[0]
+        z, w, beta if beta is not None else out, alpha.contiguous() if not online else out, v, out, m, l,
+        R, C, D, E, z.stride(0), w.stride(0), v.stride(0), scale, per,
+        HAS_BETA=beta is not None, ONLINE=online, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be,
+        PRECISION=_PRECISION, num_warps=warps, num_stages=stages)
+    return out, m, l
+
+
+def row_expect(z, w, scale: float, beta, alpha, v):
+    """sum_k exp(scale * (z @ w^T) + beta + alpha[:, None])_rk v_k -> [R, E] fp32; v: [C, E]."""
+    out, _, _ = _row_expect(z, w, scale, beta, alpha, v)
+    return out.sum(0) if out.shape[0] > 1 else out[0]
+
+
+def row_softmax_expect(z, w, scale: float, beta, v):
+    """(softmax_k(x) @ v [R, E], logsumexp_k(x) [R]) for x = scale * (z @ w^T) + beta, in one pass."""
+    out, m, l = _row_expect(z, w, scale, beta, None, v)
+    m_all = m.max(0).values  # [R]; splits merged as in flash-decoding
+    f = torch.exp(m - m_all)  # [S, R]
+    l_all = (f * l).sum(0)
+    y = (f[:, :, None] * out).sum(0) / l_all[:, None]
+    return y, m_all + torch.log(l_all)
 
 
 def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=None):
@@ -313,6 +355,17 @@ def _(z, w, scale, beta, alpha, v):
     return z.new_empty(z.shape[0], v.shape[1], dtype=torch.float32)
 
 
+@torch.library.custom_op("virchow_fast_kernels::head_row_softmax_expect", mutates_args=())
+def _row_softmax_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
+                           v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return row_softmax_expect(z, w, scale, beta, v)
+
+
+@_row_softmax_expect_op.register_fake
+def _(z, w, scale, beta, v):
+    return z.new_empty(z.shape[0], v.shape[1], dtype=torch.float32), z.new_empty(z.shape[0], dtype=torch.float32)
+
+
 @torch.library.custom_op("virchow_fast_kernels::head_col_sum", mutates_args=())
 def _col_sum_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                 alpha: torch.Tensor) -> torch.Tensor:
@@ -347,38 +400,52 @@ def _(out, z, w, scale, beta, alpha, v, coef):
 
 
 def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, center=None,
-                     sinkhorn_iters: int = 3, all_reduce: AllReduce = None, total_rows: int | None = None):
+                     sinkhorn_iters: int = 3, all_reduce: AllReduce = None, total_rows: int | None = None,
+                     values=None):
     """(alpha [M], beta [K]) with teacher probs p_mk = exp(T_mk / t_t + beta_k + alpha_m), fp32.
 
     Equals :func:`reference.teacher_probs` without storing [M, K]; all_reduce sums the [K] column
     sums (and the grand total when sinkhorn_iters == 0) across ranks, as the reference does.
+    With values [K, E] (the student prototypes) the last row pass also accumulates y = P @ values
+    and (alpha, beta, y [M, E]) is returned.
     """
     M, K = teacher_z.shape[0], teacher_w.shape[0]
     inv_t = 1.0 / teacher_temp
+
+    def last_row_pass(beta):  # rows to 1; with values, P @ values in the same pass
+        if values is None:
+            return -_row_lse_op(teacher_z, teacher_w, inv_t, beta), None
+        y, lse = _row_softmax_expect_op(teacher_z, teacher_w, inv_t, beta, values)
+        return -lse, y
+
     if centering == "softmax":
         beta = -center.float() * inv_t
-        return -_row_lse_op(teacher_z, teacher_w, inv_t, beta), beta
+        alpha, y = last_row_pass(beta)
+        return (alpha, beta) if values is None else (alpha, beta, y)
     if centering != "sinkhorn":
         raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
     n_rows = float(total_rows if total_rows is not None else M)
     alpha = torch.zeros(M, device=teacher_z.device, dtype=torch.float32)
-    beta = None
-    for _ in range(sinkhorn_iters):
+    beta = y = None
+    for it in range(sinkhorn_iters):
         col = _col_sum_op(teacher_z, teacher_w, inv_t, None, alpha)  # [K] sum_m exp(T / t_t + alpha)
         if all_reduce is not None:
             all_reduce(col)
         beta = -torch.log(col * K)
-        # rows to 1 / total_rows as the reference does: without it (alpha, beta) drift by log(M) per
-        # iteration (the scaling's gauge freedom) and overflow after a few dozen iterations
-        alpha = -_row_lse_op(teacher_z, teacher_w, inv_t, beta) - math.log(n_rows)
-    if beta is not None:
-        alpha = alpha + math.log(n_rows)  # the reference's final q * total_rows: rows sum to 1
-    else:  # no iteration: exp(T / t_t) / total * total_rows
+        if it < sinkhorn_iters - 1:
+            # rows to 1 / total_rows as the reference does: without it (alpha, beta) drift by log(M)
+            # per iteration (the scaling's gauge freedom) and overflow after a few dozen iterations
+            alpha = -_row_lse_op(teacher_z, teacher_w, inv_t, beta) - math.log(n_rows)
+        else:  # the reference's final q * total_rows undoes the 1 / total_rows: rows sum to 1
+            alpha, y = last_row_pass(beta)
+    if sinkhorn_iters == 0:  # exp(T / t_t) / total * total_rows
         total = _col_sum_op(teacher_z, teacher_w, inv_t, None, alpha).sum().reshape(1)
         if all_reduce is not None:
             all_reduce(total)
         alpha = alpha + math.log(n_rows) - torch.log(total)
-    return alpha, beta
+        if values is not None:
+            y = _row_expect_op(teacher_z, teacher_w, inv_t, None, alpha, values)
+    return (alpha, beta) if values is None else (alpha, beta, y)
 
 
 def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pair_weight,
@@ -386,10 +453,12 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
                     total_rows, need_grad: bool):
     inv_ts, inv_tt = 1.0 / student_temp, 1.0 / teacher_temp
     with torch.no_grad():
-        alpha, beta = teacher_scalings(teacher_z, teacher_w, teacher_temp, centering, center,
-                                       sinkhorn_iters, all_reduce, total_rows)
-        y = _row_expect_op(teacher_z, teacher_w, inv_tt, beta, alpha, student_w)  # [M, b] = P @ W
-        lse = _row_lse_op(student_z, student_w, inv_ts, None)  # [N]
+        alpha, beta, y = teacher_scalings(teacher_z, teacher_w, teacher_temp, centering, center, sinkhorn_iters,
+                                          all_reduce, total_rows, values=student_w)  # y = P @ W, [M, b]
+        if need_grad:  # softmax(S / t_s) @ W for dZ, and the logsumexp, in one pass
+            soft_w, lse = _row_softmax_expect_op(student_z, student_w, inv_ts, None, student_w)
+        else:
+            lse = _row_lse_op(student_z, student_w, inv_ts, None)  # [N]
         zs = student_z.float().index_select(0, s_idx)  # [P, b]
         yt = y.index_select(0, t_idx)  # [P, b]
         w = pair_weight.float()
@@ -401,7 +470,6 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
         g = torch.zeros(N, device=w.device).index_add_(0, s_idx, w)  # [N]
         ybar = torch.zeros_like(student_z, dtype=torch.float32).index_add_(0, s_idx, w[:, None] * yt)
         zbar = torch.zeros(M, zs.shape[1], device=w.device).index_add_(0, t_idx, w[:, None] * zs)
-        soft_w = _row_expect_op(student_z, student_w, inv_ts, None, -lse, student_w)  # softmax(S/t_s) @ W
         d_z = (g[:, None] * soft_w - ybar) * inv_ts
         gz = (g[:, None] * student_z.float()).to(student_w.dtype)
         d_w = _col_reduce_op(student_z, student_w, inv_ts, None, -lse, gz, inv_ts)
@@ -451,4 +519,4 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
                                 all_reduce, total_rows)
 
 
-__all__ = ["prototype_loss", "teacher_scalings", "row_lse", "row_expect", "col_reduce"]
+__all__ = ["prototype_loss", "teacher_scalings", "row_lse", "row_expect", "row_softmax_expect", "col_reduce"]

@@ -216,6 +216,7 @@ def test_custom_ops_opcheck():
     beta, alpha = torch.randn(40, device=DEVICE), torch.randn(5, device=DEVICE)
     ops_ = torch.ops.virchow_fast_kernels
     for op, args in [(ops_.head_row_lse, (z, w, 2.0, beta)), (ops_.head_row_expect, (z, w, 2.0, None, alpha, w)),
+                     (ops_.head_row_softmax_expect, (z, w, 2.0, beta, w)),
                      (ops_.head_col_sum, (z, w, 2.0, beta, alpha)),
                      (ops_.head_col_reduce, (z, w, 2.0, beta, alpha, v, 0.5)),
                      (ops_.head_col_reduce_add_, (torch.zeros(40, 16, device=DEVICE), z, w, 2.0, None, alpha, v, -1.0))]:
@@ -277,8 +278,9 @@ for dt in ("fp32", "bf16"):
     for kind, kern, e, flags in [
             ("row_lse", pl._row_lse_kernel, 16, dict(HAS_BETA=True)),
             ("col_sum", pl._col_reduce_kernel, 16, dict(HAS_BETA=False, HAS_V=False, ACCUMULATE=False)),
-            ("row_expect", pl._row_expect_kernel, 256, dict(HAS_BETA=True)),
-            ("row_expect", pl._row_expect_kernel, 384, dict(HAS_BETA=True)),
+            ("row_expect", pl._row_expect_kernel, 256, dict(HAS_BETA=True, ONLINE=False)),
+            ("row_expect", pl._row_expect_kernel, 256, dict(HAS_BETA=True, ONLINE=True)),
+            ("row_expect", pl._row_expect_kernel, 384, dict(HAS_BETA=True, ONLINE=True)),
             ("col_values", pl._col_reduce_kernel, 256, dict(HAS_BETA=True, HAS_V=True, ACCUMULATE=True)),
             ("col_values", pl._col_reduce_kernel, 384, dict(HAS_BETA=True, HAS_V=True, ACCUMULATE=True))]:
         br, bc, bd, be, warps, stages = pl._config(kind, 384, e)
