@@ -26,7 +26,8 @@ Three tiled kernels cover every pass (each recomputes its logit tile from the fe
   _col_reduce: per-prototype sum_m p_mk g_m  or  sum_m p_mk V_m, V [M, b]
 Passes (each 2 R K b FLOPs for its logit tiles, plus as much again for the second dot of the
 expect / reduce passes): teacher 2 x iters (Sinkhorn) or 1 (softmax), the last one giving y, + dW;
-student 1 (lse and softmax @ W) + dW: 7 teacher-sized and 2 student-sized passes at 3 iterations. The gradients are computed in the forward (the loss is a scalar) and scaled in
+student 1 (lse and softmax @ W) + dW: 7 teacher-sized and 2 student-sized passes at 3 iterations.
+The gradients are computed in the forward (the loss is a scalar) and scaled in
 place by the incoming gradient in the backward, as Liger's fused linear cross-entropy does.
 Memory, fp32 words, nothing of size [N, K], [M, K] or [P, K]:
   K (b + 3)                      dW (the gradient itself) and the vectors beta, column sums, mean
