@@ -122,6 +122,7 @@ def bench_gpu(args, device, shapes):
             loss = try_run(skipped, f"{name} {variant}", step)  # also compiles / autotunes
             if loss is None:
                 continue
+            x["sz"].grad = x["sw"].grad = None  # the peak then includes this step's gradients
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
