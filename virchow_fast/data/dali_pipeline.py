@@ -1,14 +1,18 @@
 """The DALI multi-crop graph: contexts in, normalised ECT crops out, CPU or GPU from one definition.
 
 contexts (raw RGB from slide reads, or JPEG bytes from shards: ``cpu`` / ``mixed`` decode)
--> per crop: ECT region resized to its size, flipped and rotated by a multiple of 90 degrees in one
-bilinear fn.warp_affine (the map comes from sampling.crop_affine) -> colour jitter as one 3 x 4 colour matrix per crop
-(brightness, contrast, saturation, hue; saturation 0 is grayscale; fn.coord_transform) -> solarise
--> optional blur -> normalise to CHW float32 (crop_mirror_normalize).
+-> per crop: the ECT box resized to the crop size (fn.resize with an absolute ROI; the scale is
+within 5 % of 1, so no antialiasing) -> horizontal / vertical flips -> [optional blur] -> colour
+jitter and normalisation as one 3 x 4 matrix per crop (brightness, contrast, saturation, hue;
+saturation 0 is grayscale; fn.coord_transform to float32). Then, in torch on the output device
+(:func:`finish`): the per-crop transposition that completes the rot90 group, the clamp to the valid
+range, solarise on the second global crop, HWC -> CHW and the crop-major layout.
 
 Every random number comes from the feed (:mod:`.sampling`), one parameter row per crop, so the
-graph is a pure function of (seed, index): seeded, worker-count independent and resumable by
-construction. :class:`DaliLoader` wraps the DALIGenericIterator output into :class:`.loader.Batch`.
+output is a pure function of (seed, index): seeded, worker-count independent and resumable by
+construction. Measured on the CPU (benchmarks/bench_pipeline.py): a warp_affine per crop, or
+rotate / color_twist ops, cost 2-4x more than this chain; the few elementwise steps are cheaper
+in torch than as DALI arithmetic ops.
 """
 from __future__ import annotations
 
@@ -21,66 +25,98 @@ from .loader import Batch
 from .masks import collate_masks
 
 
+N_PER_CROP = 6  # external-source outputs per crop: roi start, roi end, hflip, vflip, colour [3, 4], blur [2]
+
+
 def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu", encoded: bool = False,
                    num_threads: int = 1, device_id: int | None = None, seed: int = 0, prefetch: int = 2):
-    """The DALI pipeline. ``device`` "cpu" runs with device_id=None; "gpu" decodes with "mixed"."""
+    """The DALI pipeline. ``device`` "cpu" runs with device_id=None; "gpu" decodes with "mixed".
+
+    Outputs: one HWC float32 batch per crop (normalised, not yet clamped/transposed/solarised: see
+    :func:`finish`), then flags [n_crops, 2] (transpose, solarise), mags, steps.
+    """
+    import warnings
+
     from nvidia.dali import fn, pipeline_def, types
 
     gpu = device == "gpu"
     n_crops = crops.n_global + crops.n_local
-    mean = [255.0 * m for m in crops.mean]
-    std = [255.0 * s for s in crops.std]
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
                   seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
     def graph():
         # one external-source output per argument: per-crop subscripts/reshapes in the graph cost more
         # than the crops themselves on the CPU
-        outs = fn.external_source(source=feed, num_outputs=3 + 3 * n_crops, batch=True,
-                                  layout=["" if encoded else "HWC"] + [""] * (2 + 3 * n_crops))
-        ctx, mags, steps = outs[:3]
+        outs = fn.external_source(source=feed, num_outputs=4 + N_PER_CROP * n_crops, batch=True,
+                                  layout=["" if encoded else "HWC"] + [""] * (3 + N_PER_CROP * n_crops))
+        ctx, flags, mags, steps = outs[:4]
         if encoded:
             img = fn.decoders.image(ctx, device="mixed" if gpu else "cpu", output_type=types.RGB)
         else:
             img = ctx.gpu() if gpu else ctx
         crops_out = []
         for c in range(n_crops):
-            aff, mt, misc = outs[3 + 3 * c: 6 + 3 * c]
+            roi0, roi1, hflip, vflip, mt, blur = outs[4 + N_PER_CROP * c: 4 + N_PER_CROP * (c + 1)]
             size = crops.global_size if c < crops.n_global else crops.local_size
-            # ECT crop, resize, flips and rotation: one bilinear warp (scale ~1, no antialias needed)
-            x = fn.warp_affine(img, matrix=aff, size=[size, size], interp_type=types.INTERP_LINEAR, fill_value=255.0)
-            if crops.color_jitter > 0 or crops.grayscale > 0:
-                x = fn.coord_transform(x, MT=mt, dtype=types.UINT8)
-            if c == 1 and crops.solarize > 0:
-                x = fn.cast(x, dtype=types.FLOAT)
-                x = x + misc[0] * (x >= 128.0) * (255.0 - 2.0 * x)
+            x = fn.resize(img, size=[size, size], roi_start=roi0, roi_end=roi1, roi_relative=False,
+                          antialias=False, interp_type=types.INTERP_LINEAR)
+            x = fn.flip(x, horizontal=hflip, vertical=vflip)
             if crops.blur > 0:
                 x = fn.cast(x, dtype=types.FLOAT)
-                blurred = fn.gaussian_blur(x, sigma=misc[2])
-                x = x + misc[1] * (blurred - x)
-            x = fn.crop_mirror_normalize(x, dtype=types.FLOAT, output_layout="CHW", mean=mean, std=std)
-            crops_out.append(x)
-        return (*crops_out, mags, steps)
+                x = x + blur[0] * (fn.gaussian_blur(x, sigma=blur[1]) - x)
+            crops_out.append(fn.coord_transform(x, MT=mt, dtype=types.FLOAT))
+        return (*crops_out, flags, mags, steps)
 
-    import warnings
-
-    with warnings.catch_warnings():  # misc outputs are unused when solarise/blur are off: by design
-        warnings.filterwarnings("ignore", message=".*outputs at the ind.*not used.*")
-        warnings.filterwarnings("ignore", message=".*output at the index.*not used.*")
+    with warnings.catch_warnings():  # the blur outputs are unused when blur is off: by design
+        warnings.filterwarnings("ignore", message=".*not used.*")
         pipe = graph()
         pipe.build()
     return pipe
 
 
-def feed_outputs(contexts: list, params: list[np.ndarray], mags: list, steps: list) -> list:
-    """The external source's outputs: contexts, mags, steps, then per crop (affine [2, 3], colour [3, 4],
-    misc [solarise, blur, sigma]), each a list over the batch."""
-    out = [contexts, mags, steps]
+def feed_outputs(contexts: list, params: list[np.ndarray], mags: list, steps: list, crops: CropConfig) -> list:
+    """The external source's outputs from per-tile parameter rows [n_crops, N_PARAMS], batch-major lists."""
+    flags = [np.ascontiguousarray(p[:, [S.P_TRANSPOSE, S.P_SOLAR]], dtype=np.float32) for p in params]
+    out = [contexts, flags, mags, steps]
     for c in range(params[0].shape[0]):
-        out.append([p[c, S.P_AFF:S.P_AFF + 6].reshape(2, 3) for p in params])
-        out.append([p[c, S.P_MT:S.P_MT + 12].reshape(3, 4) for p in params])
-        out.append([p[c, [S.P_SOLAR, S.P_BLUR, S.P_SIGMA]] for p in params])
+        out.append([p[c, [S.P_Y0, S.P_X0]] for p in params])
+        out.append([p[c, [S.P_Y1, S.P_X1]] for p in params])
+        out.append([np.array(p[c, S.P_HFLIP], np.int32) for p in params])
+        out.append([np.array(p[c, S.P_VFLIP], np.int32) for p in params])
+        out.append([S.normalising(p[c, S.P_MT:S.P_MT + 12].reshape(3, 4), crops.mean, crops.std) for p in params])
+        out.append([p[c, [S.P_BLUR, S.P_SIGMA]] for p in params])
     return out
+
+
+def finish(crops_hwc: list[torch.Tensor], flags: torch.Tensor, crops: CropConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """DALI's per-crop HWC outputs [B, S, S, 3] -> (globals [n_global * B, 3, G, G], locals), crop-major.
+
+    flags [B, n_crops, 2]: transpose, solarise. Clamping in the normalised domain equals clamping
+    the 0-255 values (normalisation is increasing per channel); solarise there is
+    ``x -> (1 - 2 mean) / std - x`` where the raw value is >= 0.5.
+    """
+    dev = crops_hwc[0].device
+    b = crops_hwc[0].shape[0]
+    mean = torch.tensor(crops.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(crops.std, device=dev).view(1, 3, 1, 1)
+    lo, hi = -mean / std, (1 - mean) / std
+    flags = flags.to(dev)
+    g = torch.empty(crops.n_global * b, 3, crops.global_size, crops.global_size, device=dev)
+    l = torch.empty(crops.n_local * b, 3, crops.local_size, crops.local_size, device=dev)
+    for c, x in enumerate(crops_hwc):
+        dst = g[c * b:(c + 1) * b] if c < crops.n_global else l[(c - crops.n_global) * b:(c - crops.n_global + 1) * b]
+        y = x.permute(0, 3, 1, 2)
+        dst.copy_(y)  # the one full copy: HWC -> CHW straight into the crop-major batch
+        t = torch.nonzero(flags[:, c, 0] > 0.5).flatten()
+        if t.numel():
+            dst[t] = y[t].transpose(2, 3)
+        torch.clamp(dst, lo, hi, out=dst)
+        if c == 1 and crops.solarize > 0:
+            s = torch.nonzero(flags[:, c, 1] > 0.5).flatten()
+            if s.numel():
+                sub = dst[s]
+                dst[s] = torch.where(sub >= (0.5 - mean) / std, (1 - 2 * mean) / std - sub, sub)
+    return g, l
 
 
 class TileFeed:
@@ -103,7 +139,7 @@ class TileFeed:
         mags = [np.array(m, np.float32) for _, m in got]
         steps = [np.array(self.step, np.int64)] * b
         self.step += 1
-        return feed_outputs(ctx, params, mags, steps)
+        return feed_outputs(ctx, params, mags, steps, self.cfg.crops)
 
 
 class DaliLoader:
@@ -125,7 +161,7 @@ class DaliLoader:
         c = self.cfg.crops
         self._pipe = build_pipeline(feed, c, self.cfg.batch_size, self.device, self.encoded, self.num_threads,
                                     seed=self.seed)
-        names = [f"g{i}" for i in range(c.n_global)] + [f"l{i}" for i in range(c.n_local)] + ["mags", "steps"]
+        names = [f"c{i}" for i in range(c.n_global + c.n_local)] + ["flags", "mags", "steps"]
         return DALIGenericIterator([self._pipe], names, auto_reset=False)
 
     def __iter__(self) -> "DaliLoader":
@@ -137,11 +173,7 @@ class DaliLoader:
         out = next(self._it)[0]
         c = self.cfg.crops
         step = int(out["steps"].reshape(-1)[0])
-        g = torch.cat([out[f"g{i}"] for i in range(c.n_global)])  # crop-major
-        if c.n_local:
-            l = torch.cat([out[f"l{i}"] for i in range(c.n_local)])
-        else:
-            l = torch.zeros(0, 3, c.local_size, c.local_size)
+        g, l = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
         mk = self.cfg.masks
         grid = c.global_size // self.patch
         masks = collate_masks(np.random.default_rng([self.seed, step, self.rank, 7]), g.shape[0], grid,

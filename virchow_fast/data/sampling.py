@@ -18,35 +18,15 @@ from ..config import CropConfig, DataConfig
 from .index import load_index
 from .multicrop import ect_box
 
-# columns of the per-crop parameter row fed to the DALI graph; P_MT: the colour transform [M | T] (3 x 4)
-# and P_AFF: the 2 x 3 output->input affine map that does ECT crop + resize + flips + rotation at once
-P_Y0, P_X0, P_Y1, P_X1, P_HFLIP, P_VFLIP, P_ANGLE, P_SOLAR, P_BLUR, P_SIGMA, P_MT = range(11)
-P_AFF = P_MT + 12
-N_PARAMS = P_AFF + 6
+# columns of the per-crop parameter row fed to the DALI graph; P_MT: the colour transform [M | T] (3 x 4).
+# Flips and a transposition, each a fair coin, give the 8 symmetries of the square uniformly: the same
+# distribution as a random rot90 after random flips (the torch reference), without a warp.
+P_Y0, P_X0, P_Y1, P_X1, P_HFLIP, P_VFLIP, P_TRANSPOSE, P_SOLAR, P_BLUR, P_SIGMA, P_MT = range(11)
+N_PARAMS = P_MT + 12
 
 _TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _FROM_YIQ = np.linalg.inv(_TO_YIQ)
 _GRAY = np.array([0.299, 0.587, 0.114])
-
-
-def crop_affine(top: float, left: float, h: float, w: float, size: int, hflip: bool, vflip: bool,
-                k90: int) -> np.ndarray:
-    """2 x 3 map from output pixel coordinates (continuous, centres at +0.5) to context coordinates.
-
-    The output is the box resized to ``size``, then flipped left-right, up-down, then rotated by
-    ``k90`` quarter turns counter-clockwise (torch.rot90), as in the torch reference.
-    """
-    n = np.diag([1.0 / size, 1.0 / size, 1.0])
-    d = np.eye(3)  # normalised output (a = col, b = row) -> normalised box
-    r = np.array([[0.0, -1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # out(b, a) = in(a, 1 - b)
-    for _ in range(k90 % 4):
-        d = r @ d
-    if vflip:
-        d = np.array([[1.0, 0, 0], [0, -1.0, 1.0], [0, 0, 1.0]]) @ d
-    if hflip:
-        d = np.array([[-1.0, 0, 1.0], [0, 1.0, 0], [0, 0, 1.0]]) @ d
-    box = np.array([[w, 0.0, left], [0.0, h, top], [0.0, 0.0, 1.0]])
-    return (box @ d @ n)[:2].astype(np.float32)
 
 
 def colour_transform(brightness: float, contrast: float, saturation: float, hue_turns: float) -> np.ndarray:
@@ -63,6 +43,14 @@ def colour_transform(brightness: float, contrast: float, saturation: float, hue_
     m = hue @ sat * (brightness * contrast)
     t = np.full(3, 128.0 * (1 - contrast))  # gray is a fixed point of sat and hue
     return np.concatenate([m, t[:, None]], 1).astype(np.float32)
+
+
+def normalising(mt: np.ndarray, mean, std) -> np.ndarray:
+    """[M | T] on 0-255 values followed by (x / 255 - mean) / std, as one [M | T]."""
+    scale = 1.0 / (255.0 * np.asarray(std, np.float64))
+    out = mt.astype(np.float64) * scale[:, None]
+    out[:, 3] -= np.asarray(mean, np.float64) / np.asarray(std, np.float64)
+    return out.astype(np.float32)
 
 
 @dataclass
@@ -130,9 +118,7 @@ def crop_params(rng: np.random.Generator, cfg: CropConfig, size: int, solarize_p
     p[P_Y0], p[P_X0], p[P_Y1], p[P_X1] = top, left, top + h, left + w
     p[P_HFLIP] = rng.random() < cfg.hflip
     p[P_VFLIP] = rng.random() < cfg.vflip
-    k90 = int(rng.integers(0, 4)) if cfg.rot90 else 0
-    p[P_ANGLE] = 90.0 * k90
-    p[P_AFF:P_AFF + 6] = crop_affine(top, left, h, w, size, bool(p[P_HFLIP]), bool(p[P_VFLIP]), k90).reshape(-1)
+    p[P_TRANSPOSE] = (rng.random() < 0.5) if cfg.rot90 else 0.0
     jitter = rng.random() < cfg.color_jitter
     u = rng.uniform(-1, 1, 4)
     gray = rng.random() < cfg.grayscale
