@@ -265,6 +265,8 @@ def row_lse(z, w, scale: float, beta=None):
     """logsumexp_k(scale * (z @ w^T) + beta) -> [R] fp32. z: [R, D], w: [C, D], beta: [C] or None."""
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
+    if R == 0:  # no rows (e.g. no masked token on this rank)
+        return torch.empty(0, device=z.device, dtype=torch.float32)
     br, bc, bd, _, warps, stages = _config("row_lse", D)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, 2, C, bc)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
@@ -280,10 +282,13 @@ def _row_expect(z, w, scale: float, beta, alpha, v):
     z, w = _same_dtype(z, w)
     v = _values(v)
     (R, D), (C, E) = z.shape, v.shape
+    online = alpha is None
+    if R == 0:  # no rows (e.g. no masked token on this rank)
+        f32 = dict(device=z.device, dtype=torch.float32)
+        return torch.empty(1, 0, E, **f32), torch.empty(1, 0, **f32), torch.empty(1, 0, **f32)
     br, bc, bd, be, warps, stages = _config("row_expect", D, E)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
-    online = alpha is None
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32) if online else out
     l = torch.empty_like(m) if online else out
     _row_expect_kernel[(triton.cdiv(R, br), splits)](
@@ -425,7 +430,8 @@ def teacher_scalings(teacher_z, teacher_w, teacher_temp: float, centering: str, 
         return (alpha, beta) if values is None else (alpha, beta, y)
     if centering != "sinkhorn":
         raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
-    n_rows = float(total_rows if total_rows is not None else M)
+    # max(., 1): with no rows anywhere nothing uses it; a rank without rows still joins every all-reduce
+    n_rows = max(1.0, float(total_rows if total_rows is not None else M))
     alpha = torch.zeros(M, device=teacher_z.device, dtype=torch.float32)
     beta = y = None
     for it in range(sinkhorn_iters):

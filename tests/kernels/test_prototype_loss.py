@@ -337,3 +337,21 @@ def test_traces_under_torch_compile():
     torch.testing.assert_close(loss, loss_r, **TOL)
     for got, want in zip(g, g_r):
         torch.testing.assert_close(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * want.abs().max().item())
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
+def test_rank_without_rows(centering):
+    """iBOT on a rank with no masked token: loss 0, zero gradients, and (Sinkhorn) the rank still
+    joins every all-reduce so the other ranks do not hang."""
+    k, b = 1000, 16
+    sz = torch.zeros(0, b, device=DEVICE, requires_grad=True)
+    sw = _unit(k, b).requires_grad_()
+    empty = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    calls = []
+    loss, mean = pl.prototype_loss(sz, sw, torch.zeros(0, b, device=DEVICE), _unit(k, b), empty, empty,
+                                   torch.zeros(0, device=DEVICE), T_S, T_T, centering, torch.zeros(k, device=DEVICE),
+                                   all_reduce=calls.append, total_rows=40)
+    assert loss.item() == 0 and mean.shape == (k,)
+    assert len(calls) == (3 if centering == "sinkhorn" else 0)
+    g = torch.autograd.grad(loss, [sz, sw])
+    assert g[0].shape == (0, b) and g[1].abs().max().item() == 0
