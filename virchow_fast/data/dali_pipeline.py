@@ -41,6 +41,8 @@ def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu"
 
     gpu = device == "gpu"
     n_crops = crops.n_global + crops.n_local
+    if gpu and device_id is None:
+        device_id = torch.cuda.current_device()  # the rank's device, set by the trainer
 
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
                   seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
@@ -157,7 +159,9 @@ class DaliLoader:
     def _make_iter(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        feed = TileFeed(self.make_tiles(), self.cfg, self.rank, self.world, self.seed, self.next_step)
+        self.close()
+        self._tiles = self.make_tiles()
+        feed = TileFeed(self._tiles, self.cfg, self.rank, self.world, self.seed, self.next_step)
         c = self.cfg.crops
         self._pipe = build_pipeline(feed, c, self.cfg.batch_size, self.device, self.encoded, self.num_threads,
                                     seed=self.seed)
@@ -186,5 +190,12 @@ class DaliLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.next_step = int(state["next_step"])
+        self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline and the reader processes (a new iterator starts them again)."""
         self._it = None
         self._pipe = None
+        tiles, self._tiles = getattr(self, "_tiles", None), None
+        if tiles is not None and hasattr(tiles, "close"):
+            tiles.close()
