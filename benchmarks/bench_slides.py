@@ -6,6 +6,10 @@ serves each magnification (40x/20x/10x/5x = level 0/1/2/3). The first pass over 
 warms the page cache and is not timed.
 
     python benchmarks/bench_slides.py [--size 12288x9216] [--reads 300] [--out DIR]
+    taskset -c 1 python benchmarks/bench_slides.py      # pinned to one core (shared machines)
+
+At 10x / 5x the levels are small enough for OpenSlide's tile cache (32 MB default) to hold much of
+them, so random reads there partly measure its cache; at 40x / 20x they do not.
 """
 from __future__ import annotations
 
@@ -82,6 +86,7 @@ def main() -> None:
 
     write_json("bench_slides", {"slide": {"size": [w, h], "mpp": 0.25, "tile": 256, "jpeg_quality": 85},
                                 "reads_per_config": args.reads, "threads": 1, "rows": rows,
+                                "cpu_affinity": sorted(__import__("os").sched_getaffinity(0)),
                                 "versions": {"cucim": cucim.__version__, "openslide": openslide.__library_version__,
                                              "openslide_python": openslide.__version__,
                                              "tiffslide": tiffslide.__version__}}, args.out, device)
