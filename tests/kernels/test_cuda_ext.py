@@ -135,6 +135,7 @@ LN_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2
           torch.float16: dict(rtol=2e-3, atol=2e-3)}
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows, cols", [(1, 1280), (261 * 3, 1280), (54 * 7, 1664), (13, 192), (17, 100), (5, 2048)])
 def test_layer_norm_matches_reference(dtype, rows, cols):
@@ -156,6 +157,7 @@ def test_layer_norm_matches_reference(dtype, rows, cols):
         torch.testing.assert_close(got.float(), want, rtol=LN_TOL[dtype]["rtol"], atol=LN_TOL[dtype]["atol"] * scale)
 
 
+@pytest.mark.gpu
 def test_layer_norm_opcheck():
     _cuda_ops()
     x = torch.randn(37, 1280, device="cuda", dtype=torch.bfloat16)
@@ -163,6 +165,7 @@ def test_layer_norm_opcheck():
     torch.library.opcheck(torch.ops.virchow_fast.layer_norm_fwd, (x, w, b, 1e-6))
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m, k", [(1, 4096), (64, 65536), (13, 1001)])
 def test_softmax_center_matches_reference(dtype, m, k):
@@ -173,6 +176,7 @@ def test_softmax_center_matches_reference(dtype, m, k):
     torch.testing.assert_close(got, ref.softmax_center(logits, center, 0.04), rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("m, k", [(64, 65536), (7, 1001), (300, 4096)])
 def test_sinkhorn_matches_reference(m, k):
     cuda_ops = _cuda_ops()
@@ -187,6 +191,7 @@ def test_sinkhorn_matches_reference(m, k):
     assert len(doubled) == 4  # the total and 3 column sums, as the reference
 
 
+@pytest.mark.gpu
 def test_centering_through_ops(monkeypatch):
     _cuda_ops()
     from virchow_fast import ops
