@@ -103,6 +103,9 @@ class DataConfig:
     dali_threads: int = _doc("DALI CPU threads per process", 1)
     mpp: float = _doc("microns per pixel for slides whose metadata has none (0 = refuse such slides)", 0.0)
     demo_slides: int = _doc("source demo: number of generated slides (4096 x 3072 at 0.25 um/px)", 3)
+    shard_reader: str = _doc("source shards: index (members by offset: exact resume, mag_weights) | webdataset "
+                             "(DALI fn.readers.webdataset, shuffled per rank, resumes from DALI's checkpoint, "
+                             "magnifications as written)", "index")
     crops: CropConfig = _doc("multi-crop / ECT augmentation", factory=CropConfig)
     masks: MaskConfig = _doc("iBOT block masks", factory=MaskConfig)
 
@@ -356,6 +359,7 @@ def validate(cfg: Config) -> None:
     _check(d.dali_threads >= 1, "data.dali_threads", "must be >= 1")
     _check(d.mpp >= 0, "data.mpp", "must be >= 0 (0 = from the slide metadata)")
     _check(d.demo_slides >= 1, "data.demo_slides", "must be >= 1")
+    _choice(d.shard_reader, "data.shard_reader", ("index", "webdataset"))
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _choice(d.device, "data.device", ("auto", "cpu", "gpu"))
     _check(d.batch_size >= 1, "data.batch_size", "must be >= 1")

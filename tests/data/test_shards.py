@@ -78,3 +78,20 @@ def test_shards_source_seeded(shard_dir):
     a = next(build_loader(cfg, 14, seed=1))
     b = next(build_loader(cfg, 14, seed=1))
     assert torch.equal(a.global_crops, b.global_crops) and a.mags.tolist() == b.mags.tolist()
+
+
+def test_webdataset_reader_source_resumes_from_dali_checkpoint(shard_dir):
+    cfg = DataConfig(source="shards", paths=[str(shard_dir)], batch_size=4, device="cpu", pipeline="dali",
+                     shard_reader="webdataset")
+    a = build_loader(cfg, 14, seed=2)
+    first = next(a)
+    assert first.global_crops.shape == (8, 3, 224, 224) and set(first.mags.tolist()) <= {40.0, 20.0}
+    state = a.state_dict()
+    assert state["next_step"] == 1 and isinstance(state["dali_checkpoint"], str)
+    later = [next(a) for _ in range(6)]  # crosses the reader's epoch (17 samples)
+    b = build_loader(cfg, 14, seed=2)
+    b.load_state_dict(state)
+    again = [next(b) for _ in range(6)]
+    for x, y in zip(later, again):
+        assert x.step == y.step
+        assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.mags, y.mags)

@@ -100,6 +100,10 @@ def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1
         return TileLoader(_torch_source(table, sampler, cfg), cfg, patch_size, rank, world, seed, start_step)
     from .dali_pipeline import DaliLoader
 
+    if cfg.source == "shards" and cfg.shard_reader == "webdataset":
+        tars = sorted(str(p) for p in Path(cfg.paths[0]).glob("shard-*.tar"))
+        wds = {"paths": tars, "index_paths": [t[:-4] + ".idx" for t in tars], "shard_id": rank, "num_shards": world}
+        return DaliLoader(None, cfg, patch_size, rank, world, seed, start_step, device, True, cfg.dali_threads, wds)
     if cfg.source == "shards":
         from .sources import ShardTiles
 

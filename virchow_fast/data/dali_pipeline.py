@@ -29,8 +29,13 @@ N_PER_CROP = 6  # external-source outputs per crop: roi start, roi end, hflip, v
 
 
 def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu", encoded: bool = False,
-                   num_threads: int = 1, device_id: int | None = None, seed: int = 0, prefetch: int = 2):
+                   num_threads: int = 1, device_id: int | None = None, seed: int = 0, prefetch: int = 2,
+                   webdataset: dict | None = None, checkpoint: str | None = None):
     """The DALI pipeline. ``device`` "cpu" runs with device_id=None; "gpu" decodes with "mixed".
+
+    ``webdataset`` (paths, index_paths, shard_id, num_shards): the contexts and magnifications come
+    from ``fn.readers.webdataset`` instead of the feed (which then omits them); the pipeline is
+    checkpointable and ``checkpoint`` restores the reader's position.
 
     Outputs: one HWC float32 batch per crop (normalised, not yet clamped/transposed/solarised: see
     :func:`finish`), then flags [n_crops, 2] (transpose, solarise), mags, steps.
@@ -44,15 +49,27 @@ def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu"
     if gpu and device_id is None:
         device_id = torch.cuda.current_device()  # the rank's device, set by the trainer
 
+    extra = {"enable_checkpointing": True, "checkpoint": checkpoint} if webdataset else {}
+
     @pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=(device_id or 0) if gpu else None,
-                  seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True)
+                  seed=seed, prefetch_queue_depth=prefetch, exec_dynamic=True, **extra)
     def graph():
         # one external-source output per argument: per-crop subscripts/reshapes in the graph cost more
         # than the crops themselves on the CPU
-        outs = fn.external_source(source=feed, num_outputs=4 + N_PER_CROP * n_crops, batch=True,
-                                  layout=["" if encoded else "HWC"] + [""] * (3 + N_PER_CROP * n_crops))
-        ctx, flags, mags, steps = outs[:4]
-        if encoded:
+        if webdataset:
+            ctx, mags = fn.readers.webdataset(paths=webdataset["paths"], index_paths=webdataset["index_paths"],
+                                              ext=["jpg", "mag"], dtypes=[types.UINT8, types.FLOAT],
+                                              shard_id=webdataset["shard_id"], num_shards=webdataset["num_shards"],
+                                              random_shuffle=True, initial_fill=256, seed=seed,
+                                              missing_component_behavior="skip", name="shards")
+            outs = fn.external_source(source=feed, num_outputs=2 + N_PER_CROP * n_crops, batch=True)
+            flags, steps = outs[:2]
+            outs = [None, None, None, None] + list(outs[2:])
+        else:
+            outs = fn.external_source(source=feed, num_outputs=4 + N_PER_CROP * n_crops, batch=True,
+                                      layout=["" if encoded else "HWC"] + [""] * (3 + N_PER_CROP * n_crops))
+            ctx, flags, mags, steps = outs[:4]
+        if encoded or webdataset:
             img = fn.decoders.image(ctx, device="mixed" if gpu else "cpu", output_type=types.RGB)
         else:
             img = ctx.gpu() if gpu else ctx
@@ -71,15 +88,19 @@ def build_pipeline(feed, crops: CropConfig, batch_size: int, device: str = "cpu"
 
     with warnings.catch_warnings():  # the blur outputs are unused when blur is off: by design
         warnings.filterwarnings("ignore", message=".*not used.*")
+        # our feed restarts from the loader's next_step: its position is ours, not DALI's to save
+        warnings.filterwarnings("ignore", message="Checkpointing enabled in a pipeline with external source")
         pipe = graph()
         pipe.build()
     return pipe
 
 
-def feed_outputs(contexts: list, params: list[np.ndarray], mags: list, steps: list, crops: CropConfig) -> list:
-    """The external source's outputs from per-tile parameter rows [n_crops, N_PARAMS], batch-major lists."""
+def feed_outputs(contexts: list | None, params: list[np.ndarray], mags: list | None, steps: list,
+                 crops: CropConfig) -> list:
+    """The external source's outputs from per-tile parameter rows [n_crops, N_PARAMS], batch-major lists.
+    ``contexts=None``: the webdataset reader supplies contexts and magnifications."""
     flags = [np.ascontiguousarray(p[:, [S.P_TRANSPOSE, S.P_SOLAR]], dtype=np.float32) for p in params]
-    out = [contexts, flags, mags, steps]
+    out = [contexts, flags, mags, steps] if contexts is not None else [flags, steps]
     for c in range(params[0].shape[0]):
         out.append([p[c, [S.P_Y0, S.P_X0]] for p in params])
         out.append([p[c, [S.P_Y1, S.P_X1]] for p in params])
@@ -136,10 +157,13 @@ class TileFeed:
         b = self.cfg.batch_size
         idx = [S.index_of(self.step, self.rank, self.world, b, i) for i in range(b)]
         params = [np.stack(S.tile_params(np.random.default_rng([self.seed, j, 1]), self.cfg.crops)) for j in idx]
+        steps = [np.array(self.step, np.int64)] * b
+        if self.tiles is None:  # the webdataset reader supplies the contexts
+            self.step += 1
+            return feed_outputs(None, params, None, steps, self.cfg.crops)
         got = self.tiles(self.step, idx)
         ctx = [c for c, _ in got]
         mags = [np.array(m, np.float32) for _, m in got]
-        steps = [np.array(self.step, np.int64)] * b
         self.step += 1
         return feed_outputs(ctx, params, mags, steps, self.cfg.crops)
 
@@ -148,8 +172,10 @@ class DaliLoader:
     """Iterator of :class:`Batch` from a DALI pipeline; ``state_dict`` is the next step."""
 
     def __init__(self, make_tiles, cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 start_step: int = 0, device: str = "cpu", encoded: bool = False, num_threads: int = 1):
+                 start_step: int = 0, device: str = "cpu", encoded: bool = False, num_threads: int = 1,
+                 webdataset: dict | None = None):
         self.make_tiles, self.cfg, self.patch = make_tiles, cfg, patch_size
+        self.webdataset, self._checkpoint = webdataset, None
         self.rank, self.world, self.seed = rank, world, seed
         self.device, self.encoded, self.num_threads = device, encoded, num_threads
         self.next_step = start_step
@@ -160,12 +186,17 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         self.close()
-        self._tiles = self.make_tiles()
+        self._tiles = self.make_tiles() if self.make_tiles else None
         feed = TileFeed(self._tiles, self.cfg, self.rank, self.world, self.seed, self.next_step)
         c = self.cfg.crops
         self._pipe = build_pipeline(feed, c, self.cfg.batch_size, self.device, self.encoded, self.num_threads,
-                                    seed=self.seed)
+                                    seed=self.seed, webdataset=self.webdataset, checkpoint=self._checkpoint)
         names = [f"c{i}" for i in range(c.n_global + c.n_local)] + ["flags", "mags", "steps"]
+        if self.webdataset:  # epochs of the reader roll over (auto_reset); never a short last batch
+            from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+            return DALIGenericIterator([self._pipe], names, reader_name="shards", auto_reset=True,
+                                       last_batch_policy=LastBatchPolicy.DROP)
         return DALIGenericIterator([self._pipe], names, auto_reset=False)
 
     def __iter__(self) -> "DaliLoader":
@@ -174,7 +205,10 @@ class DaliLoader:
     def __next__(self) -> Batch:
         if self._it is None:
             self._it = self._make_iter()
-        out = next(self._it)[0]
+        try:
+            out = next(self._it)[0]
+        except StopIteration:  # webdataset: end of the reader's epoch; auto_reset started the next
+            out = next(self._it)[0]
         c = self.cfg.crops
         step = int(out["steps"].reshape(-1)[0])
         g, l = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
@@ -186,10 +220,20 @@ class DaliLoader:
         return Batch(g, l, torch.from_numpy(masks), out["mags"].reshape(-1).float().cpu(), step)
 
     def state_dict(self) -> dict:
-        return {"next_step": self.next_step}
+        import base64
+
+        state = {"next_step": self.next_step}
+        cpt = self._it.checkpoints()[0] if (self.webdataset and self._it is not None) else self._checkpoint
+        if self.webdataset and cpt:  # DALI's reader position, as text (checkpoint files stay plain)
+            state["dali_checkpoint"] = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.next_step = int(state["next_step"])
+        import base64
+
+        cpt = state.get("dali_checkpoint")
+        self._checkpoint = base64.b64decode(cpt) if cpt else None
         self.close()
 
     def close(self) -> None:

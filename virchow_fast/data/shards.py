@@ -1,7 +1,8 @@
 """WebDataset tar shards of JPEG contexts, with DALI's index files, validated as they are written.
 
-Each sample is ``<key>.jpg`` (a ``context`` px square at the target mpp, JPEG) and ``<key>.json``
-(slide, magnification, level, x, y, tissue). Beside each ``shard-NNNNNN.tar`` lies its DALI index
+Each sample is ``<key>.jpg`` (a ``context`` px square at the target mpp, JPEG), ``<key>.json``
+(slide, magnification, level, x, y, tissue) and ``<key>.mag`` (the magnification, float32, for
+DALI's webdataset reader). Beside each ``shard-NNNNNN.tar`` lies its DALI index
 ``shard-NNNNNN.idx`` (wds2idx format v1.2: ``ext offset size name`` per component), and the folder
 holds ``catalogue.npz`` (shard, jpg offset/size, magnification, key per sample) for the trainer's
 seeded, magnification-weighted sampling.
@@ -53,7 +54,8 @@ class ShardWriter:
         if self._tar is None:
             self._open()
         members = []
-        for ext, data in (("jpg", jpeg), ("json", json.dumps(meta).encode())):
+        mag = np.float32(meta["mag"]).tobytes()  # for DALI's webdataset reader (dtypes FLOAT)
+        for ext, data in (("jpg", jpeg), ("json", json.dumps(meta).encode()), ("mag", mag)):
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             off = self._tar.offset + len(info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape"))
