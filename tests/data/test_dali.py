@@ -189,3 +189,24 @@ def test_colour_matrix():
     grey_px = np.full((1, 3), 77.0)
     out = grey_px @ S.colour_transform(1, 1, 1.3, 0.05)[:, :3].T.astype(np.float64)
     np.testing.assert_allclose(out, grey_px, atol=1e-3)  # gray stays gray under saturation and hue
+
+
+def test_corrupt_jpeg_tile_detected_in_reader_process(slides, tmp_path):
+    """cuCIM decodes a corrupt tile into plausible pixels and only prints an error: caught, one line."""
+    import tifffile
+
+    from virchow_fast.data.workers import ReadFailure, ReadPool
+
+    path = tmp_path / "corrupt_tile.tiff"
+    shutil.copy(slides["generic"], path)
+    with tifffile.TiffFile(path) as t:
+        off, n = t.pages[0].dataoffsets[5], t.pages[0].databytecounts[5]
+    raw = bytearray(path.read_bytes())
+    raw[off + n // 2: off + n // 2 + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+    pool = ReadPool(1)
+    bad, good = pool.map([(str(path), 5 * 256, 0, 0, 256, 256, 0.25), (str(path), 0, 512, 0, 256, 256, 0.25)])
+    assert isinstance(bad, ReadFailure) and str(path) in bad.message and "JPEG" in bad.message, bad
+    assert "\n" not in bad.message
+    assert good.shape == (256, 256, 3)
+    pool.close()

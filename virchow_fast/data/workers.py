@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing as mp
+import os
 import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -71,8 +72,42 @@ def read_task(cache: SlideCache, task: tuple) -> np.ndarray | ReadFailure:
         return ReadFailure(f"{path}: read failed at ({x}, {y}) level {level}: {type(exc).__name__}: {exc}".splitlines()[0])
 
 
+class DecoderLog:
+    """The worker's C-level stdout, captured in a temp file.
+
+    cuCIM reports a corrupt JPEG tile only by printing "ERROR ... while decompressing JPEG image:
+    Corrupt JPEG data ..." on stdout and returns whatever it decoded (measured with cuCIM 26.10):
+    the only reliable signal that a region is bad. After each read, C stdio is flushed and any new
+    text turns the read into a failure.
+    """
+
+    def __init__(self):
+        import ctypes
+        import tempfile
+
+        sys.stdout.flush()
+        self.file = tempfile.TemporaryFile()
+        os.dup2(self.file.fileno(), 1)
+        self.libc = ctypes.CDLL(None)
+        self.pos = 0
+
+    def new_text(self) -> str:
+        self.libc.fflush(None)
+        end = os.lseek(1, 0, os.SEEK_END)
+        if end == self.pos:
+            return ""
+        self.file.seek(self.pos)
+        text = self.file.read(end - self.pos).decode(errors="replace")
+        self.pos = end
+        return text
+
+
 def _serve(conn) -> None:
     cache = SlideCache()
+    try:
+        log = DecoderLog()
+    except OSError:
+        log = None
     while True:
         try:
             msg = conn.recv()
@@ -81,7 +116,13 @@ def _serve(conn) -> None:
         if msg is None:
             return
         tid, task = msg
-        conn.send((tid, read_task(cache, task)))
+        result = read_task(cache, task)
+        text = log.new_text() if log else ""
+        if text and not isinstance(result, ReadFailure) and ("ERROR" in text or "Corrupt" in text):
+            cache.drop(task[0])
+            line = " ".join(t.strip() for t in text.strip().splitlines()[-2:])
+            result = ReadFailure(f"{task[0]}: decoder error at ({task[1]}, {task[2]}) level {task[3]}: {line[:200]}")
+        conn.send((tid, result))
 
 
 class _Worker:
