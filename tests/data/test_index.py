@@ -81,3 +81,21 @@ def test_tiles_command_bad_inputs_and_rerun(slides, tmp_path):
         assert len([l for l in out.splitlines() if "no tiles kept" in l and name in l]) == 1, out
     res = CliRunner().invoke(main, args)
     assert "0 indexed, 3 already done" in res.output
+
+
+def test_other_ranks_wait_for_rank0_index(slides, tmp_path):
+    import threading
+
+    from virchow_fast.config import DataConfig
+    from virchow_fast.data import prepare_index
+
+    cfg = DataConfig(source="slides", paths=[str(slides["generic"])], index_dir=str(tmp_path / "idx"))
+    with pytest.raises(TimeoutError):
+        prepare_index(cfg, None, rank=1, wait_s=0.5)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("dir", prepare_index(cfg, None, rank=1, wait_s=120)))
+    waiter.start()
+    assert prepare_index(cfg, None, rank=0) == tmp_path / "idx"
+    waiter.join(60)
+    assert got["dir"] == tmp_path / "idx" and (tmp_path / "idx" / "READY").is_file()
+    assert len(load_index(tmp_path / "idx")) == 1

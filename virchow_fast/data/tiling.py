@@ -60,7 +60,7 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), desc="tiles", unit="slide", file=sys.stderr)
-        log = bar.write if log is None else log
+        log = (lambda line: bar.write(line, file=sys.stderr)) if log is None else log
     log = log or _print
     ctx = mp.get_context(start_method)
     running: dict = {}  # sentinel -> (path, proc, conn)
