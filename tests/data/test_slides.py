@@ -64,6 +64,7 @@ def test_refusals_are_one_line_naming_the_file(slides, tmp_path):
             Slide(path)
         assert str(path) in str(err.value) and "\n" not in str(err.value)
     assert Slide(slides["nompp"], mpp=0.5).mpp == 0.5  # given by the user
+    assert Slide(slides["aperio"], mpp=0.5).mpp == 0.25  # ... only where the metadata has none
 
 
 def test_empty_spacing_unit_is_no_mpp(slides):

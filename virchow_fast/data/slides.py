@@ -101,7 +101,7 @@ class Slide:
         if size / (float(w) * h) < MIN_BYTES_PER_PIXEL:
             raise SlideError(f"{self.path}: {w} x {h} px in {size} bytes: header and data disagree (truncated or bogus)")
         found = self._find_mpp()
-        self.mpp = float(mpp) if mpp else found
+        self.mpp = found or (float(mpp) if mpp else None)  # a given mpp fills in, never overrides metadata
         if not self.mpp:
             raise SlideError(f"{self.path}: no microns-per-pixel in its metadata; give it with --mpp")
 
