@@ -2,7 +2,7 @@
 import numpy as np
 from scipy import ndimage
 
-from virchow_fast.data.masks import block_mask, collate_masks
+from virchow_fast.data.masks import block_mask, collate_masks, step_masks
 
 
 def test_half_the_images_masked_with_ratios_spread_over_range():
@@ -35,3 +35,13 @@ def test_collate_is_seeded():
     a = collate_masks(np.random.default_rng(5), 8, 16, 0.5, 0.1, 0.5)
     b = collate_masks(np.random.default_rng(5), 8, 16, 0.5, 0.1, 0.5)
     assert np.array_equal(a, b)
+
+
+def test_step_masks_do_not_depend_on_the_rank_layout():
+    args = dict(seed=3, step=5, n_global=2, grid=16, mask_probability=0.5, ratio_min=0.1, ratio_max=0.5)
+    one = step_masks(batch=4, rank=0, world=1, **args).reshape(2, 4, -1)
+    two = [step_masks(batch=2, rank=r, world=2, **args).reshape(2, 2, -1) for r in range(2)]
+    assert np.array_equal(one, np.concatenate(two, axis=1))
+    # the collate rule holds over the global batch: half of the 8 global crops masked
+    assert (one.reshape(8, -1).sum(1) > 0).sum() == 4
+    assert not np.array_equal(one, step_masks(batch=4, rank=0, world=1, **{**args, "step": 6}).reshape(2, 4, -1))

@@ -1,6 +1,6 @@
 """Launching tiny training runs for the multi-process tests (1 plain process, or torchrun on gloo).
 
-Runs go through ``dist_driver.py`` (the CLI with per-tile iBOT masks, see there). Runs that
+Runs go through ``dist_driver.py`` (the CLI with test hooks, see there). Runs that
 several tests compare against are made once per pytest session (``cached``).
 """
 from __future__ import annotations

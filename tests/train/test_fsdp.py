@@ -1,7 +1,7 @@
 """FSDP2 over 2 gloo processes == 1 process, per step; activation checkpointing changes nothing.
 
 Each comparison uses the same global batch (1 process x 8 tiles, or 2 x 4: the loader gives the
-same tiles to the step either way) and per-tile iBOT masks (dist_driver.py). Per-rank DINO / iBOT
+same tiles and, through data.masks.step_masks, the same iBOT masks). Per-rank DINO / iBOT
 losses are means over equal numbers of tiles and images, so their mean over ranks (what the loop
 logs) is the 1-process loss; the KDE regulariser is per rank by design and is kept out of the
 loss here (weight 0, still computed). Tolerances:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import DataConfig
-from .masks import collate_masks
+from .masks import step_masks
 from .multicrop import multicrop
 from .synthetic import he_image
 
@@ -85,9 +85,8 @@ class _StepDataset(Dataset):
         l = torch.stack(locals_, 1).flatten(0, 1)
         grid = cfg.crops.global_size // self.patch
         mk = cfg.masks
-        mask_rng = np.random.default_rng([self.seed, step, self.rank, 7])
-        masks = collate_masks(mask_rng, g.shape[0], grid, mk.mask_probability, mk.ratio_min, mk.ratio_max,
-                              mk.min_block_patches, mk.aspect_min)
+        masks = step_masks(self.seed, step, cfg.crops.n_global, b, self.rank, self.world, grid, mk.mask_probability,
+                           mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
         return Batch(g, l, torch.from_numpy(masks), torch.tensor(mags, dtype=torch.float32), step)
 
 

@@ -57,3 +57,31 @@ def collate_masks(rng: np.random.Generator, n_images: int, grid: int, mask_proba
         ratio = rng.uniform(bounds[i], bounds[i + 1])
         masks[i] = block_mask(rng, grid, int(n_patches * ratio), min_block, aspect_min).reshape(-1)
     return masks[rng.permutation(n_images)]
+
+
+def step_masks(seed: int, step: int, n_global: int, batch: int, rank: int, world: int, grid: int,
+               mask_probability: float, ratio_min: float, ratio_max: float, min_block: int = 4,
+               aspect_min: float = 0.3) -> np.ndarray:
+    """This rank's masks for a step, [n_global * batch, grid * grid] bool, crop-major.
+
+    The collate rule above applied to the *global* batch (n_global * batch * world images): which
+    images are masked and their ratios are drawn from (seed, step), each mask from (seed, step,
+    global image index). Every rank computes only its own masks, and the masks of a global image do
+    not depend on how the global batch is split into ranks: 1 process with batch 2B and 2
+    processes with batch B see the same masks (so they give the same losses).
+    """
+    total = n_global * batch * world
+    rng = np.random.default_rng([seed, step, 7])
+    n_masked = int(round(total * mask_probability))
+    bounds = np.linspace(ratio_min, ratio_max, n_masked + 1)
+    ratios = np.zeros(total)
+    ratios[:n_masked] = rng.uniform(bounds[:-1], bounds[1:])
+    ratios = ratios[rng.permutation(total)]
+    out = np.zeros((n_global, batch, grid * grid), dtype=bool)
+    for c in range(n_global):
+        for b in range(batch):
+            g = (c * world + rank) * batch + b  # crop c of global tile rank * batch + b
+            if ratios[g] > 0:
+                mask_rng = np.random.default_rng([seed, step, g, 11])
+                out[c, b] = block_mask(mask_rng, grid, int(grid * grid * ratios[g]), min_block, aspect_min).reshape(-1)
+    return out.reshape(n_global * batch, grid * grid)
