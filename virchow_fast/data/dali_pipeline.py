@@ -24,6 +24,11 @@ from . import sampling as S
 from .loader import Batch
 from .masks import collate_masks
 
+try:  # the rank-split-invariant rule, where masks.py has it (the same masks as loader.py draws)
+    from .masks import step_masks
+except ImportError:  # pragma: no cover
+    step_masks = None
+
 
 N_PER_CROP = 6  # external-source outputs per crop: roi start, roi end, hflip, vflip, colour [3, 4], blur [2]
 
@@ -214,8 +219,13 @@ class DaliLoader:
         g, l = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
         mk = self.cfg.masks
         grid = c.global_size // self.patch
-        masks = collate_masks(np.random.default_rng([self.seed, step, self.rank, 7]), g.shape[0], grid,
-                              mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
+        if step_masks is not None:
+            masks = step_masks(self.seed, step, c.n_global, self.cfg.batch_size, self.rank, self.world, grid,
+                               mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
+        else:
+            masks = collate_masks(np.random.default_rng([self.seed, step, self.rank, 7]), g.shape[0], grid,
+                                  mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches,
+                                  mk.aspect_min)
         self.next_step = step + 1
         return Batch(g, l, torch.from_numpy(masks), out["mags"].reshape(-1).float().cpu(), step)
 
