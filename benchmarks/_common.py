@@ -193,3 +193,45 @@ def write_json(name: str, payload: dict, out_dir: str | os.PathLike | None = Non
     path.write_text(json.dumps({"meta": info, **payload}, indent=2, default=str) + "\n")
     print(f"wrote {path}", flush=True)
     return path
+
+
+BANDWIDTH_COLUMNS = ["model", "impl", "fwd_ms", "fwd_GBs", "fwd_%copy", "bwd_ms", "bwd_GBs", "bwd_%copy", "copy_GBs"]
+
+
+def bench_bandwidth(rows: list, skipped: list, model: str, impl: str, fwd: Callable[[], object],
+                    make_out: Callable[[], object], grad_inputs: list, grad_out, fwd_bytes: int, bwd_bytes: int,
+                    copy_gbs: float, device, args) -> None:
+    """Time a memory-bound op forward (``fwd``, no grad) and backward (autograd.grad of the output of
+    ``make_out`` w.r.t. ``grad_inputs``), and append a row in GB/s and % of copy bandwidth."""
+    import torch
+
+    t_f = try_run(skipped, f"{model} {impl} forward", lambda: time_fn(fwd, device, args.iters, args.warmup))
+    if t_f is None:
+        return
+    out = try_run(skipped, f"{model} {impl} backward", make_out)
+    t_b = None
+    if out is not None:
+        t_b = try_run(skipped, f"{model} {impl} backward", lambda: time_fn(
+            lambda: torch.autograd.grad(out, grad_inputs, grad_out, retain_graph=True), device, args.iters, args.warmup))
+    gbs_f = fwd_bytes / (t_f["ms"] * 1e-3) / 1e9
+    gbs_b = bwd_bytes / (t_b["ms"] * 1e-3) / 1e9 if t_b else None
+    rows.append({"model": model, "impl": impl, "fwd_ms": t_f["ms"], "fwd_GBs": gbs_f, "fwd_%copy": 100 * gbs_f / copy_gbs,
+                 "bwd_ms": t_b["ms"] if t_b else None, "bwd_GBs": gbs_b,
+                 "bwd_%copy": 100 * gbs_b / copy_gbs if gbs_b else None, "copy_GBs": copy_gbs})
+    print(f"  {impl}: fwd {t_f['ms']:.3f} ms" + (f", bwd {t_b['ms']:.3f} ms" if t_b else ""), flush=True)
+
+
+def report(name: str, rows: list[dict], columns: Iterable[str], skipped: list, args, device, payload: dict,
+           goal: str | None = None, path: str | os.PathLike | None = None) -> Path:
+    """Print the table, what was skipped and why, the smoke-run caveat and the goal; write the JSON."""
+    print()
+    print_table(rows, columns)
+    if skipped:
+        print(f"\nskipped ({len(skipped)}):")
+        for s in skipped:
+            print(f"  - {s['what']}: {s['reason']}")
+    if args.smoke:
+        print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
+    if goal:
+        print(goal)
+    return write_json(name, {"smoke": args.smoke, **payload, "rows": rows, "skipped": skipped}, args.out, device, path)

@@ -13,7 +13,7 @@ function when it is installed. TFLOP/s: forward 4 * sum(L^2) * H * D, backward 2
 """
 from __future__ import annotations
 
-from _common import print_table, setup, skip, time_fn, try_run, write_json
+from _common import report, setup, skip, time_fn, try_run, write_json
 
 args, device = setup("bench_attention", __doc__)
 
@@ -156,12 +156,6 @@ for model, cfg in MODELS.items():
 
     save()
 
-print()
-print_table(rows, ["model", "impl", "fwd_ms", "fwd_TFLOPs", "fwdbwd_ms", "fwdbwd_TFLOPs", "note"])
-if skipped:
-    print(f"\nskipped ({len(skipped)}):")
-    for s in skipped:
-        print(f"  - {s['what']}: {s['reason']}")
-if args.smoke:
-    print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
-save()
+report("bench_attention", rows, ["model", "impl", "fwd_ms", "fwd_TFLOPs", "fwdbwd_ms", "fwdbwd_TFLOPs", "note"],
+       skipped, args, device, {"dtype": str(DTYPE), "models": MODELS}, path=json_path,
+       goal="goal (issue 3, H200): packed attention fwd+bwd faster than every SDPA / Flex option on the same work")

@@ -59,23 +59,6 @@ def make_inputs(kind: str, k: int, b: int, tiles: int, device, seed: int = 0):
     return dict(sz=sz, sw=sw, tz=unit(m, b), tw=unit(k, b), s_idx=s_idx, t_idx=t_idx, weight=weight, n=n, m=m)
 
 
-def _kernel_module():
-    """virchow_fast.kernels.prototype_loss, from the source tree when the package is not installed."""
-    import importlib
-    import importlib.util
-
-    try:
-        return importlib.import_module("virchow_fast.kernels.prototype_loss")
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parent.parent / "kernels"
-        spec = importlib.util.spec_from_file_location("virchow_fast.kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["virchow_fast.kernels"] = pkg
-        spec.loader.exec_module(pkg)
-        return importlib.import_module("virchow_fast.kernels.prototype_loss")
-
-
 def loss_fn(variant: str):
     import torch
 
@@ -86,7 +69,9 @@ def loss_fn(variant: str):
     if variant == "compile":
         return torch.compile(reference.prototype_loss)
     if variant == "fused":
-        return _kernel_module().prototype_loss
+        from virchow_fast.kernels.prototype_loss import prototype_loss
+
+        return prototype_loss
     raise ValueError(variant)
 
 

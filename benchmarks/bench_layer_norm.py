@@ -12,7 +12,7 @@ under torch.compile, torch's native F.layer_norm in bf16, and Liger / apex when 
 """
 from __future__ import annotations
 
-from _common import copy_bandwidth, print_table, setup, skip, time_fn, try_run, write_json
+from _common import BANDWIDTH_COLUMNS, bench_bandwidth, copy_bandwidth, report, setup, skip
 
 args, device = setup("bench_layer_norm", __doc__)
 
@@ -75,29 +75,9 @@ for model, (R, C) in SHAPES.items():
         def fwd(fn=fn):
             with torch.no_grad():
                 return fn(x, w, b, EPS)
-        t_f = try_run(skipped, f"{model} {impl} forward", lambda: time_fn(fwd, device, args.iters, args.warmup))
-        if t_f is None:
-            continue
-        y = try_run(skipped, f"{model} {impl} backward", lambda fn=fn: fn(xg, w, b, EPS))
-        t_b = None
-        if y is not None:
-            t_b = try_run(skipped, f"{model} {impl} backward", lambda: time_fn(
-                lambda: torch.autograd.grad(y, [xg, w, b], dy, retain_graph=True), device, args.iters, args.warmup))
-        gbs_f = fwd_bytes / (t_f["ms"] * 1e-3) / 1e9
-        gbs_b = bwd_bytes / (t_b["ms"] * 1e-3) / 1e9 if t_b else None
-        rows.append({"model": model, "impl": impl, "fwd_ms": t_f["ms"], "fwd_GBs": gbs_f,
-                     "fwd_%copy": 100 * gbs_f / copy, "bwd_ms": t_b["ms"] if t_b else None, "bwd_GBs": gbs_b,
-                     "bwd_%copy": 100 * gbs_b / copy if gbs_b else None, "copy_GBs": copy})
-        print(f"  {impl}: fwd {t_f['ms']:.3f} ms" + (f", bwd {t_b['ms']:.3f} ms" if t_b else ""), flush=True)
+        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn: fn(xg, w, b, EPS), [xg, w, b], dy,
+                        fwd_bytes, bwd_bytes, copy, device, args)
 
-print()
-print_table(rows, ["model", "impl", "fwd_ms", "fwd_GBs", "fwd_%copy", "bwd_ms", "bwd_GBs", "bwd_%copy", "copy_GBs"])
-if skipped:
-    print(f"\nskipped ({len(skipped)}):")
-    for s in skipped:
-        print(f"  - {s['what']}: {s['reason']}")
-if args.smoke:
-    print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
-print("goal (issue 3, H200): triton >= 85 % of copy bandwidth forward, >= 75 % backward")
-write_json("bench_layer_norm", {"smoke": args.smoke, "dtype": str(DTYPE), "shapes": SHAPES, "eps": EPS,
-                                "rows": rows, "skipped": skipped}, args.out, device)
+report("bench_layer_norm", rows, BANDWIDTH_COLUMNS, skipped, args, device,
+       {"dtype": str(DTYPE), "shapes": SHAPES, "eps": EPS},
+       goal="goal (issue 3, H200): triton >= 85 % of copy bandwidth forward, >= 75 % backward")

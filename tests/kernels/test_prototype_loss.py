@@ -1,34 +1,15 @@
 """Fused head loss (kernels/prototype_loss.py) against ops/reference.py: loss, teacher logit mean,
 d student_z, d student_w; both centerings; the DINO and iBOT pairings built the way losses/ builds
 them; the all-reduce hook. CPU runs Triton's interpreter, so the shapes are small (K 1000-4096)."""
-import importlib
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from virchow_fast import ops
+from virchow_fast.kernels import prototype_loss as pl
 from virchow_fast.ops import reference as ref
 
 
-def _kernel_module():
-    """virchow_fast.kernels.prototype_loss, from the source tree when the package is not installed."""
-    try:
-        return importlib.import_module("virchow_fast.kernels.prototype_loss")
-    except ModuleNotFoundError:
-        root = pathlib.Path(__file__).resolve().parents[2] / "kernels"
-        spec = importlib.util.spec_from_file_location("virchow_fast.kernels", root / "__init__.py",
-                                                      submodule_search_locations=[str(root)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules["virchow_fast.kernels"] = pkg
-        spec.loader.exec_module(pkg)
-        return importlib.import_module("virchow_fast.kernels.prototype_loss")
-
-
-pl = _kernel_module()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 reference vs fp32 kernel: the small-shape tests run the kernel's dots in IEEE fp32 (the
 # fixture below); test_model_shapes_on_gpu runs the default TF32 dots with its own tolerance.
@@ -273,12 +254,8 @@ def test_model_shapes_on_gpu(kind, k, b):
 
 
 _AOT_CHECK = r"""
-import importlib, importlib.util, inspect, os, pathlib, subprocess, sys, tempfile
-root = pathlib.Path(sys.argv[1]) / "kernels"
-spec = importlib.util.spec_from_file_location("virchow_fast.kernels", root / "__init__.py",
-                                              submodule_search_locations=[str(root)])
-pkg = importlib.util.module_from_spec(spec); sys.modules["virchow_fast.kernels"] = pkg; spec.loader.exec_module(pkg)
-pl = importlib.import_module("virchow_fast.kernels.prototype_loss")
+import inspect, os, pathlib, subprocess, sys, tempfile
+from virchow_fast.kernels import prototype_loss as pl
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -324,9 +301,10 @@ def test_kernels_compile_for_sm90a_without_spills():
     the interpreter never exercises) and ptxas reports no register spills. No GPU needed (~15 s)."""
     import os
     import subprocess
+    import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT_CHECK, str(pathlib.Path(__file__).resolve().parents[2])],
+    res = subprocess.run([sys.executable, "-c", _AOT_CHECK],
                          env=env, capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), (res.stdout + res.stderr)[-4000:]
 
