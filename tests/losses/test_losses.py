@@ -171,3 +171,22 @@ def test_minimising_kde_spreads_clustered_features():
     after = mean_pairwise_distance(x)
     assert after > 3 * before
     assert kde_loss(x, 5.0).item() < kde_loss(x.detach() * 0 + torch.tensor([1.0, 0, 0, 0]) + 0.05, 5.0).item()
+
+
+def test_eager_head_loss_takes_targets_from_the_centering_op(monkeypatch):
+    """The non-fused path gets teacher targets through ops.teacher_probs (CUDA centering when built)."""
+    from virchow_fast import ops
+
+    ops.backend_for("centering", "cpu")
+    ops._load_backend("centering", "torch")
+    calls = []
+    original = ops._impls[("centering", "torch")]
+
+    def spy(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setitem(ops._impls, ("centering", "torch"), spy)
+    loss_fn = DINOLoss(5, "sinkhorn", 0.1, 0.9, 3)
+    loss_fn(_unit(6, 4, 0).float(), _unit(5, 4, 1).float(), _unit(4, 4, 2).float(), _unit(5, 4, 3).float(), 2, 0.04)
+    assert calls == ["sinkhorn"]

@@ -138,24 +138,25 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
                    teacher_w: torch.Tensor, s_idx: torch.Tensor, t_idx: torch.Tensor,
                    pair_weight: torch.Tensor, student_temp: float, teacher_temp: float,
                    centering: str, center: torch.Tensor | None = None, sinkhorn_iters: int = 3,
-                   all_reduce: AllReduce = None, total_rows: int | None = None):
+                   all_reduce: AllReduce = None, total_rows: int | None = None,
+                   targets: Callable[..., torch.Tensor] | None = None):
     """The whole head loss from bottleneck features: the op the fused kernel replaces.
 
     student_z: [N, b], student_w: [K, b] (gets gradients); teacher_z: [M, b], teacher_w: [K, b]
     (no gradients). Pairs p = 0..P-1 score student row s_idx[p] against teacher row t_idx[p]
     with weight pair_weight[p] ([P] fp32); the loss is sum_p w_p CE_p.
     Returns (loss scalar, teacher logit mean [K] over this rank's rows, for the softmax center's
-    EMA; the caller all-reduces it).
+    EMA; the caller all-reduces it). ``targets`` computes the teacher probabilities with
+    :func:`teacher_probs`'s signature (default: it; the ops layer passes ``ops.teacher_probs`` so the
+    CUDA centering kernels serve this eager path when built).
     Eagerly: [N, K] student logits, [M, K] teacher logits and probabilities, [P, K] gathered
     copies and their gradients; the fused kernel keeps none of them.
     """
     with torch.no_grad():
-        t_logits = prototype_logits(teacher_z, teacher_w)
-        if centering == "sinkhorn":
-            probs = sinkhorn_knopp(t_logits, teacher_temp, sinkhorn_iters, all_reduce, total_rows)
-        else:
-            probs = softmax_center(t_logits, center, teacher_temp)
-        logit_mean = t_logits.mean(dim=0)
+        probs = (targets or teacher_probs)(teacher_z, teacher_w, teacher_temp, centering, center, sinkhorn_iters,
+                                           all_reduce, total_rows)
+        # mean over rows of z W^T = (mean of z) W^T: no second [M, K] pass
+        logit_mean = prototype_logits(teacher_z.float().mean(dim=0, keepdim=True), teacher_w)[0]
     s_logits = prototype_logits(student_z, student_w)
     ce = soft_cross_entropy(s_logits.index_select(0, s_idx), probs.index_select(0, t_idx), student_temp)
     return (ce * pair_weight).sum(), logit_mean
