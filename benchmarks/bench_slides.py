@@ -1,11 +1,15 @@
 """Random 224 px reads per second per magnification: cuCIM vs OpenSlide vs tiffslide, one thread each.
 
+``cucim_batch``: the same regions through cuCIM's batch API, ``--batch`` locations per
+``read_region`` call with one cuCIM thread (what a reader worker does with a step's tiles of one
+slide and level, virchow_fast/data/workers.py), copied out of cuCIM's buffers as the worker does.
+
 A generated pyramidal JPEG slide (Aperio-style, 0.25 um/px, levels at downsample 2) is written once
 to a cache folder; each backend then reads the same seeded random 224 px regions at the level that
 serves each magnification (40x/20x/10x/5x = level 0/1/2/3). The first pass over the positions
 warms the page cache and is not timed.
 
-    python benchmarks/bench_slides.py [--size 12288x9216] [--reads 300] [--out DIR]
+    python benchmarks/bench_slides.py [--size 12288x9216] [--reads 300] [--batch 32] [--out DIR]
     taskset -c 1 python benchmarks/bench_slides.py      # pinned to one core (shared machines)
 
 At 10x / 5x the levels are small enough for OpenSlide's tile cache (32 MB default) to hold much of
@@ -26,7 +30,24 @@ from _common import print_table, setup, write_json  # noqa: E402
 def _extra(p):
     p.add_argument("--size", default="12288x9216", help="slide size WxH at 0.25 um/px")
     p.add_argument("--reads", type=int, default=300, help="timed reads per backend and magnification")
+    p.add_argument("--batch", type=int, default=32, help="locations per cuCIM batch read_region call")
     p.add_argument("--cache", default="/tmp/virchow_fast_bench", help="folder for the generated slide")
+
+
+def _batch_reader(path: str, batch: int):
+    from cucim import CuImage
+
+    cu = CuImage(path)
+
+    def read(pos, lv):
+        out = []
+        for k in range(0, len(pos), batch):
+            locs = pos[k:k + batch]
+            for a in cu.read_region(location=locs, size=(224, 224), level=lv, num_workers=1, batch_size=len(locs)):
+                out.append(np.array(a, copy=True))
+        return out
+
+    return read
 
 
 def _readers(path: str):
@@ -57,6 +78,7 @@ def main() -> None:
         print(f"generated {path} ({path.stat().st_size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
     slide = Slide(path)
     readers = _readers(str(path))
+    batch_read = _batch_reader(str(path), args.batch)
     rows = []
     for mag, mpp in ((40, 0.25), (20, 0.5), (10, 1.0), (5, 2.0)):
         choice = slide.choose_level(mpp)
@@ -75,7 +97,13 @@ def main() -> None:
             for x, y in pos:
                 read(x, y, level)
             row[f"{name}_reads_s"] = args.reads / (time.perf_counter() - t0)
+        batch_read(pos[:50], level)  # warm-up
+        t0 = time.perf_counter()
+        batch_read(pos, level)
+        row["cucim_batch_reads_s"] = args.reads / (time.perf_counter() - t0)
         row["cucim_vs_openslide"] = row["cucim_reads_s"] / row["openslide_reads_s"]
+        row["batch_vs_single"] = row["cucim_batch_reads_s"] / row["cucim_reads_s"]
+        row["batch_vs_openslide"] = row["cucim_batch_reads_s"] / row["openslide_reads_s"]
         rows.append(row)
         print_table([row])
     print()
@@ -85,7 +113,7 @@ def main() -> None:
     import tiffslide
 
     write_json("bench_slides", {"slide": {"size": [w, h], "mpp": 0.25, "tile": 256, "jpeg_quality": 85},
-                                "reads_per_config": args.reads, "threads": 1, "rows": rows,
+                                "reads_per_config": args.reads, "threads": 1, "batch": args.batch, "rows": rows,
                                 "cpu_affinity": sorted(__import__("os").sched_getaffinity(0)),
                                 "versions": {"cucim": cucim.__version__, "openslide": openslide.__library_version__,
                                              "openslide_python": openslide.__version__,

@@ -3,7 +3,8 @@
 A getter maps (step, global indices) to ``[(context, magnification)]``. The tile of index ``i`` is
 drawn with ``default_rng([seed, i])``; when its read fails (one line naming the file, counted) the
 same generator draws a replacement, so a run with the same failures is the same run. The getter
-for slides submits the next step's reads before returning this one's, so reads overlap the graph.
+for slides submits the next step's reads before returning this one's, so reads overlap the graph;
+the pool reads a step's tiles of one slide, level and size with one cuCIM batch read (workers.py).
 """
 from __future__ import annotations
 

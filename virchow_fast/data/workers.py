@@ -8,6 +8,14 @@ imports torch, so a worker starts in about a second.
 
 A task is ``(path, x, y, level, read_px, out_px, mpp)``; the answer is an RGB uint8 context
 [out_px, out_px, 3] or a :class:`ReadFailure` with one line naming the file.
+
+Batches: :meth:`ReadPool.submit` groups its tasks by (slide, level, read size, output size) and
+sends each group (split among the workers, at most ``MAX_BATCH``) as one message; the worker reads
+a cuCIM group with one batch ``read_region`` (:meth:`.slides.Slide.read_batch`), the same pixels as
+single reads. A batch that fails in any way (an exception, a decoder message, a region failing the
+sanity check) is read again per region, so the bad region fails alone, exactly as a single read
+would. A worker that dies inside a batch read (it says when it starts one) blames no region: the
+group's regions go to the new worker one per message, and a repeated crash names the bad one.
 """
 from __future__ import annotations
 
@@ -22,6 +30,7 @@ from multiprocessing.connection import wait
 import numpy as np
 
 TASK_TIMEOUT_S = 120.0
+MAX_BATCH = 32  # regions per worker message
 MAX_OPEN_SLIDES = 64
 
 
@@ -72,6 +81,70 @@ def read_task(cache: SlideCache, task: tuple) -> np.ndarray | ReadFailure:
         return ReadFailure(f"{path}: read failed at ({x}, {y}) level {level}: {type(exc).__name__}: {exc}".splitlines()[0])
 
 
+def group_key(task: tuple) -> tuple:
+    """Tasks with the same key can share one batch read: slide, level, read size, output size, mpp."""
+    return (task[0], task[3], task[4], task[5], task[6])
+
+
+def _decoder_failure(log, task: tuple) -> ReadFailure | None:
+    """A failure when the decoder printed an error since the last look (the text is consumed)."""
+    text = log.new_text() if log else ""
+    if text and ("ERROR" in text or "Corrupt" in text):
+        line = " ".join(t.strip() for t in text.strip().splitlines()[-2:])
+        return ReadFailure(f"{task[0]}: decoder error at ({task[1]}, {task[2]}) level {task[3]}: {line[:200]}")
+    return None
+
+
+def read_checked(cache: SlideCache, task: tuple, log=None) -> np.ndarray | ReadFailure:
+    """:func:`read_task`, then the decoder log: a read the decoder complained about is a failure."""
+    result = read_task(cache, task)
+    fail = _decoder_failure(log, task)
+    if fail and not isinstance(result, ReadFailure):
+        cache.drop(task[0])
+        result = fail
+    return result
+
+
+def _read_batch(cache: SlideCache, tasks: list[tuple], log, note) -> list | None:
+    """The group's contexts from one cuCIM batch read, or None (not cuCIM, or any sign of failure)."""
+    from .slides import resize, sane_region
+
+    path, _, _, level, read_px, out_px, mpp = tasks[0]
+    try:
+        slide = cache.get(path, mpp)
+    except Exception:  # noqa: BLE001 (the per-region reads report it, one line per tile)
+        return None
+    if slide.backend != "cucim":
+        return None
+    note("batch")
+    try:
+        regions = slide.read_batch([(int(t[1]), int(t[2])) for t in tasks], int(level), int(read_px), int(read_px))
+    except Exception:  # noqa: BLE001
+        regions = None
+    bad = _decoder_failure(log, tasks[0]) is not None or regions is None \
+        or any(sane_region(r, (int(read_px), int(read_px))) for r in regions)
+    if bad:
+        cache.drop(path)  # the handle may be in a bad state; the per-region reads reopen it
+        return None
+    return [r if read_px == out_px else resize(r, int(out_px)) for r in regions]
+
+
+def read_group(cache: SlideCache, tasks: list[tuple], log=None, note=lambda event: None):
+    """Answers to tasks of one :func:`group_key`, in order (a generator: each answer as soon as it is known).
+
+    Two or more regions of a cuCIM slide: one batch read; if it fails, ``note("single")`` and per-region
+    reads (:func:`read_checked`), which isolate the bad region. ``note("batch")`` precedes a batch read.
+    """
+    if len(tasks) > 1:
+        got = _read_batch(cache, tasks, log, note)
+        if got is not None:
+            yield from got
+            return
+        note("single")
+    for task in tasks:
+        yield read_checked(cache, task, log)
+
+
 class DecoderLog:
     """The worker's C-level stdout, captured in a temp file.
 
@@ -115,14 +188,9 @@ def _serve(conn) -> None:
             return
         if msg is None:
             return
-        tid, task = msg
-        result = read_task(cache, task)
-        text = log.new_text() if log else ""
-        if text and not isinstance(result, ReadFailure) and ("ERROR" in text or "Corrupt" in text):
-            cache.drop(task[0])
-            line = " ".join(t.strip() for t in text.strip().splitlines()[-2:])
-            result = ReadFailure(f"{task[0]}: decoder error at ({task[1]}, {task[2]}) level {task[3]}: {line[:200]}")
-        conn.send((tid, result))
+        tids, tasks = msg
+        for tid, result in zip(tids, read_group(cache, tasks, log, note=lambda event: conn.send((event, None)))):
+            conn.send((tid, result))
 
 
 class _Worker:
@@ -131,7 +199,8 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self.proc.start()
         child.close()
-        self.pending: deque[tuple[int, tuple]] = deque()
+        self.pending: deque[tuple[int, tuple, int]] = deque()  # (task id, task, message id), in answer order
+        self.in_batch = False  # the worker said it started a batch read and has not answered since
 
 
 class ReadPool:
@@ -149,22 +218,31 @@ class ReadPool:
         self._workers = [_Worker(self._ctx) for _ in range(n)]
         self._rr = 0
         self._cache = SlideCache() if n == 0 else None
+        self._msgs = itertools.count()
 
     def submit(self, tasks: list[tuple]) -> list[int]:
-        ids = []
-        for task in tasks:
-            tid = next(self._ids)
-            ids.append(tid)
+        """Task ids, in order; the tasks go out grouped (:func:`group_key`), each group split among the workers."""
+        ids = [next(self._ids) for _ in tasks]
+        groups: dict[tuple, list] = {}
+        for tid, task in zip(ids, tasks):
+            groups.setdefault(group_key(task), []).append((tid, task))
+        for items in groups.values():
             if self.n == 0:
-                self._done[tid] = read_task(self._cache, task)
+                for (tid, _), res in zip(items, read_group(self._cache, [t for _, t in items])):
+                    self._done[tid] = res
                 continue
-            w = min(self._workers, key=lambda w: len(w.pending))
-            w.pending.append((tid, task))
-            try:
-                w.conn.send((tid, task))
-            except (BrokenPipeError, OSError):
-                pass  # a dead worker: _poll sees its sentinel and hands its tasks to a new one
+            size = min(MAX_BATCH, -(-len(items) // self.n))
+            for k in range(0, len(items), size):
+                self._send(min(self._workers, key=lambda w: len(w.pending)), items[k:k + size])
         return ids
+
+    def _send(self, w: _Worker, items: list[tuple[int, tuple]]) -> None:
+        mid = next(self._msgs)
+        w.pending.extend((tid, task, mid) for tid, task in items)
+        try:
+            w.conn.send(([tid for tid, _ in items], [task for _, task in items]))
+        except (BrokenPipeError, OSError):
+            pass  # a dead worker: _poll sees its sentinel and hands its tasks to a new one
 
     def collect(self, ids: list[int]) -> list[np.ndarray | ReadFailure]:
         want = set(ids)
@@ -196,6 +274,9 @@ class ReadPool:
             try:
                 while w.conn.poll():
                     tid, result = w.conn.recv()
+                    w.in_batch = tid == "batch"
+                    if isinstance(tid, str):  # "batch" / "single": what the worker is about to do
+                        continue
                     w.pending.popleft()
                     self._done[tid] = result
             except (EOFError, OSError):
@@ -204,8 +285,15 @@ class ReadPool:
                 self._replace(w, f"reader process crashed (exit {w.proc.exitcode})")
 
     def _replace(self, w: _Worker, why: str) -> None:
-        tid, task = w.pending.popleft()
-        self._done[tid] = ReadFailure(f"{task[0]}: {why} reading ({task[1]}, {task[2]}) level {task[3]}", crashed=True)
+        head = w.pending[0][2]
+        if w.in_batch:  # inside a batch read: the culprit is unknown; its group goes out one region per message
+            n = sum(1 for p in w.pending if p[2] == head)
+            note = f" in a batch read of {n} regions of {w.pending[0][1][0]} (read again one by one)"
+        else:
+            tid, task, _ = w.pending.popleft()
+            self._done[tid] = ReadFailure(f"{task[0]}: {why} reading ({task[1]}, {task[2]}) level {task[3]}",
+                                          crashed=True)
+            note = f" ({self.crashed + 1} crashes so far)"
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(5)
@@ -214,10 +302,13 @@ class ReadPool:
         i = self._workers.index(w)
         nw = _Worker(self._ctx)
         self._workers[i] = nw
-        for tid2, task2 in rest:
-            nw.pending.append((tid2, task2))
-            nw.conn.send((tid2, task2))
-        self.log(f"data: {why}; reader process respawned ({self.crashed + 1} crashes so far)")
+        msgs: dict = {}
+        for tid2, task2, mid in rest:
+            key = ("single", tid2) if (w.in_batch and mid == head) else mid
+            msgs.setdefault(key, []).append((tid2, task2))
+        for items in msgs.values():
+            self._send(nw, items)
+        self.log(f"data: {why}{note}; reader process respawned")
 
     def close(self) -> None:
         for w in self._workers:
