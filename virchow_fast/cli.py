@@ -31,7 +31,10 @@ def train(config: str, overrides: tuple[str, ...], resume: bool) -> None:
     cfg = _load(config, overrides)
     from .train.loop import run
 
-    run_dir = run(cfg, resume=resume, config_path=config)
+    try:
+        run_dir = run(cfg, resume=resume, config_path=config)
+    except (ConfigError, FileNotFoundError) as exc:  # the user's input, said in one line
+        raise click.ClickException(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
     click.echo(f"run directory: {Path(run_dir).resolve()}")
 
 

@@ -87,3 +87,14 @@ def test_bad_config_key_fails_before_work(tmp_path):
     assert res.returncode != 0
     assert "configs/debug.yaml: optim.lr: unknown key" in res.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_missing_slide_folder_fails_before_work(tmp_path):
+    args = [sys.executable, "-m", "virchow_fast.cli", "train", "--config", "configs/debug.yaml",
+            "--set", "data.source=slides", "--set", f"data.paths=[{tmp_path / 'absent'}]",
+            "--set", f"train.output_dir={tmp_path / 'run'}"]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert f"configs/debug.yaml: data.paths[0]: {tmp_path / 'absent'} does not exist" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "run").exists()

@@ -40,6 +40,17 @@ def _settings(cfg: DataConfig):
     return IndexSettings(tuple(cfg.mags), tuple(cfg.mag_mpp), cfg.crops.context_size, cfg.min_tissue, cfg.mpp or None)
 
 
+def check_sources(cfg: DataConfig) -> None:
+    """Fail before any work when ``data.paths`` names something that does not exist."""
+    from ..config import ConfigError
+
+    if cfg.source not in ("slides", "shards"):
+        return
+    for i, path in enumerate(cfg.paths):
+        if not Path(path).exists():
+            raise ConfigError(f"data.paths[{i}]: {path} does not exist")
+
+
 def prepare_index(cfg: DataConfig, run_dir: str | None, rank: int = 0, wait_s: float = 1800.0) -> Path:
     """Index the configured slides (generating the demo slides first for source demo); returns the folder.
 

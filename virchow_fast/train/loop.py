@@ -24,7 +24,7 @@ import torch
 
 from .. import ops
 from ..config import Config, derive, save_resolved
-from ..data import build_loader
+from ..data import build_loader, check_sources
 from ..model.ssl import SSLNetwork, ema_update, make_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import StopRequest, init_distributed, shutdown_distributed
@@ -119,6 +119,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
     if info.world_size > 1 and not use_fsdp(cfg.parallel, info):
         raise ValueError(f"parallel.fsdp=off with {info.world_size} processes would train unsynchronised "
                          "replicas; use fsdp: auto or on")
+    check_sources(cfg.data)
     derived = derive(cfg, info.world_size)
     run_dir = Path(cfg.train.output_dir)
     if info.is_main:
