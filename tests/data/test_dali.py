@@ -191,19 +191,11 @@ def test_colour_matrix():
     np.testing.assert_allclose(out, grey_px, atol=1e-3)  # gray stays gray under saturation and hue
 
 
-def test_corrupt_jpeg_tile_detected_in_reader_process(slides, tmp_path):
+def test_corrupt_jpeg_tile_detected_in_reader_process(corrupt_tile_slide):
     """cuCIM decodes a corrupt tile into plausible pixels and only prints an error: caught, one line."""
-    import tifffile
-
     from virchow_fast.data.workers import ReadFailure, ReadPool
 
-    path = tmp_path / "corrupt_tile.tiff"
-    shutil.copy(slides["generic"], path)
-    with tifffile.TiffFile(path) as t:
-        off, n = t.pages[0].dataoffsets[5], t.pages[0].databytecounts[5]
-    raw = bytearray(path.read_bytes())
-    raw[off + n // 2: off + n // 2 + 200] = np.random.default_rng(0).integers(0, 256, 200, dtype=np.uint8).tobytes()
-    path.write_bytes(bytes(raw))
+    path = corrupt_tile_slide
     pool = ReadPool(1)
     bad, good = pool.map([(str(path), 5 * 256, 0, 0, 256, 256, 0.25), (str(path), 0, 512, 0, 256, 256, 0.25)])
     assert isinstance(bad, ReadFailure) and str(path) in bad.message and "JPEG" in bad.message, bad

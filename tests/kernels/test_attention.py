@@ -19,12 +19,6 @@ TOL = {
     torch.bfloat16: {"o": (1.6e-2, 1.6e-2), "grad": (4e-2, 3e-2)},
 }
 DTYPES = list(TOL)
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
-
-
-def gpu(test):
-    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
-    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _cu(lengths, device):
@@ -90,7 +84,7 @@ def test_int64_cu_seqlens_and_bad_shapes(device, close):
         attn.attention(q, k[:, :, :8], v, cu, 13)
 
 
-@gpu
+@pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("D", [64, 80, 104, 128])
 def test_attention_gpu(D, dtype, close):

@@ -14,12 +14,6 @@ TOL = {
     torch.bfloat16: {"y": (3e-2, 2e-2), "dx": (6e-2, 3e-2), "dw": (1e-1, 2e-2)},
 }
 DTYPES = list(TOL)
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
-
-
-def gpu(test):
-    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
-    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _check(shape, dtype, device, close, has_bias=True, eps=1e-6):
@@ -63,7 +57,7 @@ def test_layer_norm_no_bias_and_strided_rows(device, close):
     close(ln.layer_norm(x, w, b, 1e-5), reference.layer_norm(x, w, b, 1e-5), TOL[torch.float32]["y"], "y")
 
 
-@gpu
+@pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(30528, 1280), (30528, 1664), (4099, 1664)], ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm_gpu(shape, dtype, close):

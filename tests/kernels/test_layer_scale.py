@@ -13,12 +13,6 @@ TOL = {
     torch.float16: {"z": (2e-3, 2e-3), "grad": (1e-2, 4e-3)},
     torch.bfloat16: {"z": (1.6e-2, 1.6e-2), "grad": (6e-2, 1.6e-2)},
 }
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
-
-
-def gpu(test):
-    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
-    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _check(shape, dtype, x_dtype, device, close):
@@ -55,7 +49,7 @@ def test_same_dtype_and_no_gamma(device, close):
     close(rls.residual_layer_scale(x, y, None), x + y, (0, 0), "z")
 
 
-@gpu
+@pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", [(30528, 1280), (31808, 1664)], ids=lambda s: "x".join(map(str, s)))
 def test_residual_layer_scale_gpu(shape, dtype, close):

@@ -233,8 +233,7 @@ def test_bf16_features(centering):
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=1e-2 * want.float().abs().max().item())
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU: model-size head shapes run on a GPU only")
+@pytest.mark.gpu  # model-size head shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("kind, k, b", [("dino", 65536, 256), ("ibot", 131072, 256), ("dino", 131072, 384)])
 def test_model_shapes_on_gpu(kind, k, b):
     """ViT-H / ViT-G head sizes at 8 tiles (the benchmark runs 32): multi-split K, b = 384 tiles,

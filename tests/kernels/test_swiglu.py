@@ -13,12 +13,6 @@ TOL = {
     torch.bfloat16: {"y": (1.6e-2, 1.6e-2), "dx": (3e-2, 1.6e-2)},
 }
 DTYPES = list(TOL)
-_needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (larger shapes)")
-
-
-def gpu(test):
-    """GPU case: selected by `-m gpu`, skipped (visibly) without CUDA."""
-    return pytest.mark.gpu(_needs_cuda(test))
 
 
 def _check(shape, dtype, device, close):
@@ -55,7 +49,7 @@ def test_swiglu_odd_width_rejected(device):
         sw.swiglu(torch.randn(2, 5, device=device))
 
 
-@gpu
+@pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", [(30528, 6832), (30528, 10928), (4099, 2074)], ids=lambda s: "x".join(map(str, s)))
 def test_swiglu_gpu(shape, dtype, close):
