@@ -72,14 +72,15 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return Path(choice[0]) if choice[0] is not None else None
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's CPU RNG state and, when CUDA is in use, the current device's."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -113,7 +114,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
         "losses": {name: {k: v.detach().cpu() for k, v in loss.state_dict().items()} for name, loss in losses.items()},
         # per-rank entries: rank r's data position and RNG (DCP stores non-tensor objects per rank)
         f"data_rank{rank}": json.dumps(data_state),  # a leaf object: DCP would flatten a dict
-        f"rng_rank{rank}": _rng_state(),
+        f"rng_rank{rank}": rng_state(),
     }
     state = _app_state(student, teacher, optimizer, extra)
     with _single_process_quiet():
@@ -146,7 +147,7 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
     if f"data_rank{rank}" in saved_keys:
         extra[f"data_rank{rank}"] = ""
     if f"rng_rank{rank}" in saved_keys:
-        extra[f"rng_rank{rank}"] = _rng_state()
+        extra[f"rng_rank{rank}"] = rng_state()
     state = _app_state(student, teacher, optimizer, extra)
     with _single_process_quiet():
         dcp.load(state, checkpoint_id=str(path))
@@ -162,6 +163,6 @@ def load_checkpoint(path: str | os.PathLike, student, teacher, optimizer, losses
                     "data position taken from the step, per-rank RNG streams restarted",
                     path, extra["world_size"], _world())
     if same_world and extra.get(f"rng_rank{rank}") is not None:
-        _set_rng_state(extra[f"rng_rank{rank}"])
+        set_rng_state(extra[f"rng_rank{rank}"])
     data = json.loads(extra[f"data_rank{rank}"]) if same_world and extra.get(f"data_rank{rank}") else None
     return {"step": int(extra["step"]), "data": data}

@@ -26,7 +26,7 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..model.ssl import SSLNetwork, ema_update, make_teacher
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import apply_schedules, build_optimizer
@@ -82,19 +82,6 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.T
     if max_norm > 0:
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
@@ -161,7 +148,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
     teacher.eval()
     try:
         for step in range(start_step, total_steps):
-            before = {"data": loader.state_dict(), "rng": _rng_state(info.device)}  # for a discarded step
+            before = {"data": loader.state_dict(), "rng": rng_state()}  # for a discarded step
             t0 = time.perf_counter()
             if not (stop.pending and batch is not None):  # else: this step will be discarded anyway
                 batch = next(loader).to(info.device)
@@ -185,7 +172,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
                 with torch.no_grad():
                     for b, saved in zip(loss_fn.buffers(), centers):
                         b.copy_(saved)
-                _set_rng_state(before["rng"], info.device)
+                set_rng_state(before["rng"])
                 checkpoint(step, before["data"])
                 if info.is_main:
                     print(f"stopped on a signal during step {step} (discarded): checkpoint step_{step:08d} saved; "
