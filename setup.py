@@ -10,8 +10,10 @@ import sys
 
 from setuptools import find_packages, setup
 
-PACKAGES = find_packages(include=["virchow_fast", "virchow_fast.*"]) + ["virchow_fast.kernels"]
-PACKAGE_DIR = {"virchow_fast.kernels": "kernels"}
+# kernels/ and configs/ stay at the top of the repository (the layout users asked for) and install
+# inside the package, so an installed wheel has its kernels and its shipped configs.
+PACKAGES = find_packages(include=["virchow_fast", "virchow_fast.*"]) + ["virchow_fast.kernels", "virchow_fast.configs"]
+PACKAGE_DIR = {"virchow_fast.kernels": "kernels", "virchow_fast.configs": "configs"}
 
 
 def _cuda_extension():
@@ -34,29 +36,12 @@ def _cuda_extension():
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 ext_modules, cmdclass = _cuda_extension()
 
+# Metadata, dependencies and the console script are in pyproject.toml's [project] table; only what
+# needs code (the package map and the optional CUDA extension) is here.
 setup(
-    name="virchow-fast",
-    version="0.1.0",
-    description="Fast DINOv2 / Virchow 2 pretraining for pathology foundation models",
-    python_requires=">=3.11",
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
-    package_data={"virchow_fast": ["configs/*.yaml"]},
-    install_requires=[
-        "torch>=2.11",
-        "numpy>=1.26,<2.4",
-        "click>=8.1",
-        "pyyaml>=6.0",
-        "tqdm>=4.66",
-    ],
-    extras_require={
-        "triton": ["triton>=3.6"],
-        "slides": ["cucim-cu13>=26.10", "openslide-python>=1.4", "openslide-bin>=4.0",
-                   "tiffslide>=3.0", "tifffile", "imagecodecs", "pillow", "scikit-image"],
-        "dali": ["nvidia-dali-cuda130>=2.4"],
-        "test": ["pytest>=8", "timm>=1.0.20"],
-    },
-    entry_points={"console_scripts": ["virchow-fast=virchow_fast.cli:main"]},
+    package_data={"virchow_fast.configs": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

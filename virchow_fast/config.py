@@ -285,6 +285,27 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with the package (``configs/*.yaml`` of the repository)."""
+    from importlib.resources import files
+
+    return sorted(f.name[:-5] for f in files("virchow_fast.configs").iterdir() if f.name.endswith(".yaml"))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """``path`` itself when it is a file, else a shipped config of that name (``vit_h14_virchow2``)."""
+    p = Path(path)
+    if p.is_file() or len(p.parts) != 1 or p.suffix not in ("", ".yaml"):
+        return p
+    from importlib.resources import as_file, files
+
+    shipped = files("virchow_fast.configs") / f"{p.stem}.yaml"
+    if not shipped.is_file():
+        return p
+    with as_file(shipped) as real:  # a plain file for every install kind but a zipped one
+        return Path(real)
+
+
 def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read YAML at ``path`` (None = defaults), apply ``a.b=v`` overrides, validate.
 
@@ -293,9 +314,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     source = str(path) if path is not None else "<defaults>"
     tree: dict = {}
     if path is not None:
-        p = Path(path)
+        p = resolve_config_path(path)
         if not p.is_file():
-            raise ConfigError(f"{source}: no such config file")
+            raise ConfigError(f"{source}: no such config file (shipped configs: {', '.join(shipped_configs())})")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
