@@ -1,6 +1,7 @@
 """``virchow-fast``: the command line. No logic of its own: each command parses and delegates."""
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -16,10 +17,24 @@ def _load(config: str | None, overrides: tuple[str, ...]):
         raise click.ClickException(str(exc)) from None
 
 
+def _setup_logging(level: str) -> None:
+    """One handler on stderr for the package's loggers (backend choices, the parallel plan, warnings)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("virchow_fast")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
 @click.group()
 @click.version_option(package_name="virchow-fast")
-def main() -> None:
+@click.option("--log-level", default="info", show_default=True,
+              type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              help="how much the trainer logs to stderr")
+def main(log_level: str) -> None:
     """Fast DINOv2 / Virchow 2 pretraining for pathology foundation models."""
+    _setup_logging(log_level)
 
 
 @main.command()
@@ -55,18 +70,10 @@ def config_help() -> None:
     click.echo("\n".join(describe()))
 
 
-def _register_optional_commands() -> None:
-    """Commands that live beside their subsystem (e.g. ``tiles`` in data/)."""
-    try:
-        from .data.cli import tiles
-    except ModuleNotFoundError as exc:
-        if exc.name != "virchow_fast.data.cli":
-            raise
-        return
-    main.add_command(tiles)
+# commands that live beside their subsystem
+from .data.cli import tiles  # noqa: E402
 
-
-_register_optional_commands()
+main.add_command(tiles)
 
 if __name__ == "__main__":
     sys.exit(main())
