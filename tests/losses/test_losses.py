@@ -162,7 +162,7 @@ def test_minimising_kde_spreads_clustered_features():
         z = F.normalize(v.detach(), dim=-1)
         return torch.pdist(z).mean().item()
 
-    before = mean_pairwise_distance(x)
+    before, kde_before = mean_pairwise_distance(x), kde_loss(x, 5.0).item()
     opt = torch.optim.SGD([x], lr=0.05)
     for _ in range(100):
         opt.zero_grad()
@@ -170,7 +170,8 @@ def test_minimising_kde_spreads_clustered_features():
         opt.step()
     after = mean_pairwise_distance(x)
     assert after > 3 * before
-    assert kde_loss(x, 5.0).item() < kde_loss(x.detach() * 0 + torch.tensor([1.0, 0, 0, 0]) + 0.05, 5.0).item()
+    # and the loss itself went down: clustered it starts near its maximum log(n - 1) + kappa = 8.43
+    assert kde_before > 8.0 and kde_loss(x, 5.0).item() < kde_before - 0.4
 
 
 def test_eager_head_loss_takes_targets_from_the_centering_op(monkeypatch):
