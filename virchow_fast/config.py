@@ -41,6 +41,8 @@ class ModelConfig:
     qkv_bias: bool = _doc("bias on the qkv projection", True)
     drop_path: float = _doc("stochastic depth rate of the last block (linear from 0)", 0.0)
     ln_eps: float = _doc("LayerNorm epsilon (timm ViTs use 1e-6)", 1e-6)
+    init_from: str = _doc("start the backbone (student and teacher) from: a timm-layout .safetensors/.pth/.bin "
+                          "(Virchow 2's), a file written by `export`, or a run directory (its newest teacher)", "")
 
 
 @dataclass
@@ -124,6 +126,9 @@ class LossConfig:
     regularizer: str = _doc("cls regulariser: kde | koleo | none", "kde")
     regularizer_weight: float = _doc("weight of the regulariser (KDE 0.05, KoLeo 0.1)", 0.05)
     kde_kappa: float = _doc("KDE concentration kappa", 5.0)
+    kde_self_term: bool = _doc("KDE keeps the j = i term: false = ours, sum over j != i (Virchow 2's formula); true = "
+                               "the public code's density, equal to minus its loss (it minimises -log density: "
+                               "pulls features together); its gradient is smaller by (e^kappa + S) / S", False)
 
 
 @dataclass
@@ -177,6 +182,17 @@ class TrainConfig:
     max_nonfinite_steps: int = _doc("stop after this many non-finite losses in a row", 5)
     peak_tflops: float = _doc("peak TFLOP/s per device for MFU (0 = detect)", 0.0)
     threads: int = _doc("torch CPU threads (0 = torch default)", 0)
+    freeze_backbone_steps: int = _doc("train only the heads for the first N steps (backbone lr 0, teacher "
+                                      "backbone EMA paused): for init_from weights that come without heads", 0)
+
+
+@dataclass
+class EvalConfig:
+    every: int = _doc("every N steps: teacher kNN accuracy and RankMe on eval.train (0 = off)", 0)
+    train: str = _doc("labelled tiles (ImageFolder tree, CSV of path,label, or PCam _x.h5) for eval.every", "")
+    val: str = _doc("labelled query tiles; empty = leave-one-out kNN on eval.train", "")
+    k: int = _doc("kNN neighbours (cosine similarity)", 20)
+    max_tiles: int = _doc("at most this many tiles per set (a class-balanced, seeded subset)", 1000)
 
 
 @dataclass
@@ -190,6 +206,7 @@ class Config:
     ops: OpsConfig = _doc("kernel backend per op", factory=OpsConfig)
     parallel: ParallelConfig = _doc("distributed training", factory=ParallelConfig)
     train: TrainConfig = _doc("loop", factory=TrainConfig)
+    eval: EvalConfig = _doc("evaluation during training", factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +439,13 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    _check(t.freeze_backbone_steps >= 0, "train.freeze_backbone_steps", "must be >= 0")
+    ev = cfg.eval
+    _check(ev.every >= 0 and ev.k >= 1 and ev.max_tiles >= 2, "eval.every", "need every >= 0, k >= 1, max_tiles >= 2")
+    _check(ev.every == 0 or bool(ev.train), "eval.train", "eval.every > 0 needs a labelled tile set")
+    for key in ("train", "val"):
+        _check(not getattr(ev, key) or Path(getattr(ev, key)).exists(), f"eval.{key}", f"{getattr(ev, key)} does not exist")
+    _check(not m.init_from or Path(m.init_from).exists(), "model.init_from", f"{m.init_from} does not exist")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,12 +14,20 @@ import torch
 import torch.nn.functional as F
 
 
-def kde_loss(x: torch.Tensor, kappa: float = 5.0) -> torch.Tensor:
-    """x [N, C] (N >= 2), normalised here -> scalar mean_i log sum_{j != i} exp(kappa cos(x_i, x_j))."""
+def kde_loss(x: torch.Tensor, kappa: float = 5.0, self_term: bool = False) -> torch.Tensor:
+    """x [N, C] (N >= 2), normalised here -> scalar mean_i log sum_{j != i} exp(kappa cos(x_i, x_j)).
+
+    ``self_term`` keeps j = i in the sum, as the one public implementation does. That term is the
+    constant e^kappa, so it has no gradient of its own but divides everyone else's: the gradient
+    shrinks by (e^kappa + S_i) / S_i with S_i the sum over j != i (about 5x for 32 spread tiles at
+    kappa 5). That code also minimises the negative of this (a density it raises: collapse), so
+    with ``self_term`` this is exactly minus its loss (up to its 1e-9 inside the log).
+    """
     z = F.normalize(x.float(), dim=-1, eps=1e-8)
     sim = kappa * (z @ z.t())
-    eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
-    sim = sim.masked_fill(eye, -math.inf)
+    if not self_term:
+        eye = torch.eye(z.shape[0], dtype=torch.bool, device=z.device)
+        sim = sim.masked_fill(eye, -math.inf)
     return torch.logsumexp(sim, dim=1).mean()
 
 

@@ -24,7 +24,7 @@ class SSLLoss(torch.nn.Module):
         """Sum over global crops of the regulariser on this rank's tiles."""
         if self.cfg.regularizer == "none":
             return cls_tokens.new_zeros(())
-        fn = (lambda x: kde_loss(x, self.cfg.kde_kappa)) if self.cfg.regularizer == "kde" else koleo_loss
+        fn = (lambda x: kde_loss(x, self.cfg.kde_kappa, self.cfg.kde_self_term)) if self.cfg.regularizer == "kde" else koleo_loss
         return sum(fn(chunk) for chunk in cls_tokens.chunk(n_global))
 
     def forward(self, student, teacher, batch: Batch, teacher_temp: float,
