@@ -40,15 +40,18 @@ def main(log_level: str) -> None:
 @main.command()
 @click.option("--config", "config", type=click.Path(dir_okay=False), required=True, help="YAML config file")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")
-@click.option("--resume", is_flag=True, help="continue from the newest complete checkpoint in the run directory")
-def train(config: str, overrides: tuple[str, ...], resume: bool) -> None:
+@click.option("--resume", is_flag=True, help="continue from the newest intact checkpoint in the run directory")
+@click.option("--overwrite", is_flag=True,
+              help="start a new run in a run directory that holds one (the earlier run is renamed to <dir>.old-<time>)")
+def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Train (single process, or one rank of a torchrun launch)."""
     cfg = _load(config, overrides)
+    from .train.errors import RunError
     from .train.loop import run
 
     try:
-        run_dir = run(cfg, resume=resume, config_path=config)
-    except (ConfigError, FileNotFoundError) as exc:  # the user's input, said in one line
+        run_dir = run(cfg, resume=resume, config_path=config, overwrite=overwrite)
+    except (ConfigError, FileNotFoundError, RunError) as exc:  # the user's input or the run's fate, in one line
         raise click.ClickException(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
     click.echo(f"run directory: {Path(run_dir).resolve()}")
 

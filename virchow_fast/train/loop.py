@@ -31,6 +31,7 @@ from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import apply_schedules, build_optimizer
 from .parallelize import parallelize, use_fsdp
+from .rundir import prepare_run_dir
 from .schedules import build_schedules
 from .step import SSLLoss
 
@@ -54,15 +55,18 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def run(cfg: Config, resume: bool = False, config_path: str | None = None) -> Path:
-    """Train per ``cfg``; returns the run directory (also after a SIGTERM / SIGUSR1 stop)."""
+def run(cfg: Config, resume: bool = False, config_path: str | None = None, overwrite: bool = False) -> Path:
+    """Train per ``cfg``; returns the run directory (also after a SIGINT / SIGTERM / SIGUSR1 stop).
+
+    An output_dir that holds an earlier run needs ``resume`` or ``overwrite`` (see train/rundir.py).
+    """
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg)
     stop = StopRequest().install()  # before the loader forks workers: they inherit it and survive a group signal
     clean = False
     try:
-        out = _run(cfg, resume, info, stop)
+        out = _run(cfg, resume, info, stop, overwrite)
         clean = True
         return out
     finally:
@@ -102,13 +106,14 @@ def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimi
     return student, teacher, optimizer, loss_fn.to(info.device)
 
 
-def _run(cfg: Config, resume: bool, info, stop: StopRequest) -> Path:
+def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = False) -> Path:
     if info.world_size > 1 and not use_fsdp(cfg.parallel, info):
         raise ValueError(f"parallel.fsdp=off with {info.world_size} processes would train unsynchronised "
                          "replicas; use fsdp: auto or on")
     check_sources(cfg.data)
     derived = derive(cfg, info.world_size)
     run_dir = Path(cfg.train.output_dir)
+    prepare_run_dir(run_dir, resume, overwrite, info.is_main)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, derived, run_dir / "resolved_config.yaml")
