@@ -21,8 +21,13 @@ def next_pow2(n: int) -> int:
 
 
 @lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _cuda_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int | None:
+    """SMs of a CUDA device (cached per device); None for other devices (the interpreter)."""
+    return _cuda_sms(device.index or 0) if device.type == "cuda" else None
 
 
 def num_programs(device: torch.device, rows: int, per_sm: int = 4, cpu: int = 4) -> int:
@@ -30,7 +35,8 @@ def num_programs(device: torch.device, rows: int, per_sm: int = 4, cpu: int = 4)
 
     Bounds the number of fp32 partial sums a backward reduction writes (one [C] row per program).
     """
-    n = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else cpu
+    sms = sm_count(device)
+    n = per_sm * sms if sms else cpu
     return max(1, min(rows, n))
 
 

@@ -46,6 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 AllReduce = Optional[Callable[[torch.Tensor], None]]
 
 # fp32 features use TF32 tensor cores on the GPU unless VIRCHOW_FAST_HEAD_LOSS_PRECISION=ieee
@@ -243,7 +245,8 @@ _MAX_PARTIAL = 1 << 23  # fp32 elements of split-K partials (32 MiB)
 def _splits(device: torch.device, row_blocks: int, rows: int, width: int, cols: int, block_c: int):
     """Split K so that row blocks x splits fills the GPU (~4 programs per SM) while the fp32
     partials (splits x rows x width) stay under 32 MiB; returns (splits, cols per split)."""
-    target = 4 if device.type != "cuda" else 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _common.sm_count(device)
+    target = 4 * sms if sms else 4
     splits = min(triton.cdiv(cols, block_c), triton.cdiv(target, row_blocks), _MAX_PARTIAL // max(1, rows * width))
     splits = max(1, splits)
     per = triton.cdiv(triton.cdiv(cols, splits), block_c) * block_c

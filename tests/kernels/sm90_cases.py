@@ -1,0 +1,167 @@
+"""Every Triton kernel launch of a training step at the shipped models' shapes, for sm90.compile_launch.
+
+Shapes come from the shipped configs (configs/vit_h14_virchow2.yaml at 32 tiles per GPU,
+configs/vit_g14_virchow2g.yaml at 24): all crops of a step packed into one sequence (the
+student's 2 global + 8 local crops per tile; cls + registers + patches per crop), in the dtypes
+the trainer feeds (bf16 backbone activations and parameters, as FSDP's bf16 policy computes; head
+features fp32 today and bf16). Each case runs the public function of its kernel module forward and
+backward through autograd, so the launches are exactly those of a training step.
+
+Used by tests/kernels/test_sm90_compile.py and benchmarks/kernel_table.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Callable
+
+REPO = Path(__file__).resolve().parents[2]
+MODELS = {"vit_h14": ("configs/vit_h14_virchow2.yaml", 32), "vit_g14": ("configs/vit_g14_virchow2g.yaml", 24)}
+IBOT_MASKED_FRACTION = 0.15  # mean masked patches per global crop: half the crops masked, ratio 0.1..0.5
+
+
+@dataclasses.dataclass
+class Case:
+    name: str  # "<family>-<model>-<detail>", a pytest id
+    family: str  # attention, layer_norm, swiglu, residual_layer_scale, head_loss
+    shape: str
+    run: Callable[[], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    model: str
+    tiles: int
+    width: int
+    heads: int
+    head_dim: int
+    hidden: int
+    segments: tuple[int, ...]  # tokens of each packed crop (student: all crops of all tiles)
+    teacher_rows: int  # global crops (DINO teacher rows)
+    student_rows: int  # all crops (DINO student rows)
+    ibot_rows: int  # masked patch tokens of the global crops (an estimate)
+    dino_b: int
+    ibot_b: int
+    prototypes: int
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.segments)
+
+
+def model_shape(model: str) -> ModelShape:
+    from virchow_fast.config import load_config
+
+    path, tiles = MODELS[model]
+    cfg = load_config(REPO / path)
+    m, c, h = cfg.model, cfg.data.crops, cfg.heads
+    prefix = 1 + m.num_registers
+    glob, loc = (c.global_size // m.patch_size) ** 2, (c.local_size // m.patch_size) ** 2
+    segments = (glob + prefix,) * (c.n_global * tiles) + (loc + prefix,) * (c.n_local * tiles)
+    ibot_rows = int(c.n_global * tiles * glob * IBOT_MASKED_FRACTION)
+    ibot_b = h.ibot_bottleneck_dim if h.separate_ibot_head else h.bottleneck_dim
+    return ModelShape(model, tiles, m.embed_dim, m.num_heads, m.embed_dim // m.num_heads, m.mlp_hidden, segments,
+                      c.n_global * tiles, (c.n_global + c.n_local) * tiles, ibot_rows, h.bottleneck_dim, ibot_b,
+                      h.dino_prototypes)
+
+
+def _grad(*shape, dtype):
+    import torch
+    return torch.empty(*shape, dtype=dtype).requires_grad_()
+
+
+def _backbone_cases(s: ModelShape) -> list[Case]:
+    import torch
+
+    from virchow_fast.kernels import attention as A
+    from virchow_fast.kernels import layer_norm as L
+    from virchow_fast.kernels import layer_scale as R
+    from virchow_fast.kernels import swiglu as S
+
+    bf16, T, C = torch.bfloat16, s.tokens, s.width
+    seg = f"{len(s.segments)} crops, {T} tokens"
+
+    def attention():
+        getattr(A, "_chosen", {}).clear()  # a fresh process: the launcher times its candidates at these shapes
+        qkv = _grad(T, 3, s.heads, s.head_dim, dtype=bf16)
+        q, k, v = qkv.unbind(1)  # the model's qkv(x).view(T, 3, H, D).unbind(1): strided views
+        lengths = torch.tensor(s.segments, dtype=torch.int32)
+        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        o = A.attention(q, k, v, cu, max(s.segments), s.head_dim ** -0.5)
+        o.backward(torch.empty_like(o))
+
+    def layer_norm():
+        x, w, b = _grad(T, C, dtype=bf16), _grad(C, dtype=bf16), _grad(C, dtype=bf16)
+        y = L.layer_norm(x, w, b, 1e-6)
+        y.backward(torch.empty_like(y))
+
+    def swiglu():
+        x = _grad(T, 2 * s.hidden, dtype=bf16)
+        y = S.swiglu(x)
+        y.backward(torch.empty_like(y))
+
+    def residual():
+        x, y, g = _grad(T, C, dtype=bf16), _grad(T, C, dtype=bf16), _grad(C, dtype=bf16)
+        z = R.residual_layer_scale(x, y, g)
+        z.backward(torch.empty_like(z))
+
+    return [
+        Case(f"attention-{s.model}", "attention", f"[{T}, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
+        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16", layer_norm),
+        Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16", swiglu),
+        Case(f"residual_layer_scale-{s.model}", "residual_layer_scale", f"[{T}, {C}] bf16", residual),
+    ]
+
+
+def _head_case(s: ModelShape, head: str, dtype_name: str) -> Case:
+    import torch
+
+    from virchow_fast.kernels import prototype_loss as P
+    from virchow_fast.losses.dino import dino_pairs
+
+    dtype = getattr(torch, dtype_name)
+    if head == "dino":
+        b, n, m = s.dino_b, s.student_rows, s.teacher_rows
+    else:
+        b, n, m = s.ibot_b, s.ibot_rows, s.ibot_rows
+
+    def run():
+        zs, ws = _grad(n, b, dtype=dtype), _grad(s.prototypes, b, dtype=dtype)
+        zt, wt = torch.empty(m, b, dtype=dtype), torch.empty(s.prototypes, b, dtype=dtype)
+        if head == "dino":
+            s_idx, t_idx, w = dino_pairs(m // s.tiles, n // s.tiles, s.tiles, torch.device("cpu"))
+        else:
+            s_idx = t_idx = torch.arange(n)
+            w = torch.full((n,), 1.0 / n)
+        loss, _ = P.prototype_loss(zs, ws, zt, wt, s_idx, t_idx, w, 0.1, 0.04, "sinkhorn", None, 3)
+        loss.backward()
+
+    return Case(f"head_loss-{s.model}-{head}-{dtype_name}", "head_loss",
+                f"{head}: N={n}, M={m}, K={s.prototypes}, b={b} {dtype_name}", run)
+
+
+def cases() -> list[Case]:
+    out = []
+    for model in MODELS:
+        s = model_shape(model)
+        out += _backbone_cases(s)
+        for head in ("dino", "ibot"):
+            for dtype in ("float32", "bfloat16"):
+                out.append(_head_case(s, head, dtype))
+    return out
+
+
+def case_names() -> list[str]:
+    return [c.name for c in cases()]
+
+
+def compile_all(names: list[str] | None = None) -> list[dict]:
+    """[{case, family, shape, launches: [CompiledInfo.to_json()]}] (needs a process without TRITON_INTERPRET)."""
+    import sm90
+
+    out = []
+    for c in cases():
+        if names is None or c.name in names:
+            out.append(dict(case=c.name, family=c.family, shape=c.shape,
+                            launches=[i.to_json() for i in sm90.compile_launch(c.run)]))
+    return out
