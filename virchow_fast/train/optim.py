@@ -17,7 +17,7 @@ _NO_DECAY_NAMES = ("cls_token", "reg_token", "pos_embed", "mask_token", "gamma")
 
 
 def _group_key(name: str, param: nn.Parameter, depth: int, cfg: OptimConfig) -> tuple:
-    """(lr_mult, wd_mult, is_last_layer) of one student parameter (name relative to the SSL network)."""
+    """(lr_mult, wd_mult, is_last_layer, is_backbone) of one student parameter (name relative to the SSL net)."""
     short = name.split(".")[-1]
     no_decay = param.ndim <= 1 or short in _NO_DECAY_NAMES or name.endswith(".bias")
     wd_mult = 0.0 if no_decay else 1.0
@@ -29,7 +29,7 @@ def _group_key(name: str, param: nn.Parameter, depth: int, cfg: OptimConfig) -> 
     else:
         lr_mult = 1.0
     is_last = short == "prototypes"
-    return round(lr_mult, 12), wd_mult, is_last
+    return round(lr_mult, 12), wd_mult, is_last, name.startswith("backbone.")
 
 
 def param_groups(model: nn.Module, depth: int, cfg: OptimConfig) -> list[dict]:
@@ -39,7 +39,7 @@ def param_groups(model: nn.Module, depth: int, cfg: OptimConfig) -> list[dict]:
             continue
         key = _group_key(name, p, depth, cfg)
         group = groups.setdefault(key, {"params": [], "names": [], "lr_mult": key[0], "wd_mult": key[1],
-                                        "is_last_layer": key[2]})
+                                        "is_last_layer": key[2], "is_backbone": key[3]})
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
@@ -54,7 +54,10 @@ def build_optimizer(model: nn.Module, depth: int, cfg: OptimConfig, device_type:
                              fused=fused or None)
 
 
-def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float) -> None:
+def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: float, last_layer_lr: float,
+                    backbone_lr: float | None = None) -> None:
+    """backbone_lr (None = lr) drives the backbone's groups (0 while train.freeze_backbone_steps lasts)."""
     for g in optimizer.param_groups:
-        g["lr"] = (last_layer_lr if g["is_last_layer"] else lr) * g["lr_mult"]
+        base = lr if backbone_lr is None or not g.get("is_backbone") else backbone_lr
+        g["lr"] = (last_layer_lr if g["is_last_layer"] else base) * g["lr_mult"]
         g["weight_decay"] = weight_decay * g["wd_mult"]

@@ -24,10 +24,11 @@ class Schedules:
     momentum: np.ndarray  # teacher EMA momentum
     teacher_temp: np.ndarray
     last_layer_lr: np.ndarray  # lr of the prototype layers: 0 while frozen
+    backbone_lr: np.ndarray  # lr of the backbone: 0 for train.freeze_backbone_steps (heads-only start)
 
     def at(self, step: int) -> dict[str, float]:
         return {name: float(getattr(self, name)[step]) for name in
-                ("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr")}
+                ("lr", "weight_decay", "momentum", "teacher_temp", "last_layer_lr", "backbone_lr")}
 
 
 def build_schedules(cfg: Config, peak_lr: float, total_steps: int) -> Schedules:
@@ -41,4 +42,6 @@ def build_schedules(cfg: Config, peak_lr: float, total_steps: int) -> Schedules:
                            np.full(total_steps - temp_warmup, lo.teacher_temp)])
     last_layer = lr.copy()
     last_layer[:min(int(o.freeze_last_layer_epochs * spe), total_steps)] = 0.0
-    return Schedules(lr, wd, momentum, temp, last_layer)
+    backbone = lr.copy()
+    backbone[:min(cfg.train.freeze_backbone_steps, total_steps)] = 0.0
+    return Schedules(lr, wd, momentum, temp, last_layer, backbone)
