@@ -167,11 +167,11 @@ def print_table(rows: list[dict], columns: Iterable[str] | None = None) -> None:
     columns = list(columns)
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
     print(line)
     print("-" * len(line))
     for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
     sys.stdout.flush()
 
 
@@ -212,10 +212,12 @@ def bench_bandwidth(rows: list, skipped: list, model: str, impl: str, fwd: Calla
     t_b = None
     if out is not None:
         t_b = try_run(skipped, f"{model} {impl} backward", lambda: time_fn(
-            lambda: torch.autograd.grad(out, grad_inputs, grad_out, retain_graph=True), device, args.iters, args.warmup))
+            lambda: torch.autograd.grad(out, grad_inputs, grad_out, retain_graph=True), device, args.iters,
+            args.warmup))
     gbs_f = fwd_bytes / (t_f["ms"] * 1e-3) / 1e9
     gbs_b = bwd_bytes / (t_b["ms"] * 1e-3) / 1e9 if t_b else None
-    rows.append({"model": model, "impl": impl, "fwd_ms": t_f["ms"], "fwd_GBs": gbs_f, "fwd_%copy": 100 * gbs_f / copy_gbs,
+    rows.append({"model": model, "impl": impl, "fwd_ms": t_f["ms"], "fwd_GBs": gbs_f,
+                 "fwd_%copy": 100 * gbs_f / copy_gbs,
                  "bwd_ms": t_b["ms"] if t_b else None, "bwd_GBs": gbs_b,
                  "bwd_%copy": 100 * gbs_b / copy_gbs if gbs_b else None, "copy_GBs": copy_gbs})
     print(f"  {impl}: fwd {t_f['ms']:.3f} ms" + (f", bwd {t_b['ms']:.3f} ms" if t_b else ""), flush=True)
@@ -234,4 +236,18 @@ def report(name: str, rows: list[dict], columns: Iterable[str], skipped: list, a
         print("\nCPU SMOKE RUN: tiny shapes, Triton interpreter; the numbers say only that the script works.")
     if goal:
         print(goal)
-    return write_json(name, {"smoke": args.smoke, **payload, "rows": rows, "skipped": skipped}, args.out, device, path)
+    out = write_json(name, {"smoke": args.smoke, **payload, "rows": rows, "skipped": skipped}, args.out, device, path)
+    print(summary_line(name, rows, skipped, args.smoke), flush=True)
+    return out
+
+
+def summary_line(name: str, rows: list[dict], skipped: list, smoke: bool) -> str:
+    """``SUMMARY <name>: ...`` (gpu_check.sh's one line per step): per model, each impl's forward and
+    backward share of copy bandwidth when the rows have it, else the row and skip counts."""
+    parts = []
+    for r in rows:
+        if "fwd_%copy" in r:
+            bwd = f"/{r['bwd_%copy']:.0f}" if r.get("bwd_%copy") is not None else ""
+            parts.append(f"{r.get('model', '')} {r.get('impl', '')} {r['fwd_%copy']:.0f}{bwd}%")
+    text = ("fwd/bwd % of copy bandwidth: " + ", ".join(parts)) if parts else f"{len(rows)} rows"
+    return f"SUMMARY {name}{' (CPU smoke)' if smoke else ''}: {text}; {len(skipped)} skipped"

@@ -1,173 +1,395 @@
-"""One full training step on one GPU: tiles/s, MFU and peak memory for ViT-H/14 and ViT-G/14.
+"""The trainer's own step on one GPU: tiles/s, MFU and peak memory, exactly as `virchow-fast train` runs it.
 
-The step is the trainer's own (virchow_fast.train.loop.build + the loop's step): a synthetic batch
-already on the device (2 x 224 + 8 x 98 crops per tile, iBOT masks), teacher forward on the
-global crops, student forward on all crops packed, DINO + iBOT + KDE losses, backward, gradient
-clipping, AdamW, EMA of the teacher. Swept: model, kernels (ops backends ``auto`` = ours where
-available vs ``torch`` = the reference everywhere), activation checkpointing (off / full / every
-2nd block), batch size (doubling until out of memory). bf16 compute with fp32 master weights:
-``--fsdp on`` (default) runs FSDP2 on a one-rank group, the same code and numerics as a multi-GPU
-run without the communication; ``--fsdp off`` uses the single-process autocast path.
+The model, optimizer and losses come from the trainer's ``build()`` and each step is the trainer's
+own step (see ``trainer_step``): so a one-GPU run here takes whatever path the trainer takes (today
+no FSDP on one process; the precision handling of ``train/parallelize.py``), with the shipped
+config (configs/vit_h14_virchow2.yaml, configs/vit_g14_virchow2g.yaml) and only these overrides:
+batch size, activation checkpointing, ``data.source=synthetic`` (no slides on a benchmark box).
+
+Two data modes per activation-checkpointing mode:
+- ``memory``: one batch cut by the trainer's own loader (H&E-like synthetic tiles, multi-crop,
+  iBOT masks), put on the device once and fed to every step: data loading excluded;
+- ``loader``: the trainer's loader in its worker processes (``data.num_workers``) feeding each
+  step through the loop's batch staging, as in a run: tiles/s including the wait for data; the
+  wait = loader step time - memory step time, beside the host's time inside the loader. Slides need
+  cuCIM / OpenSlide, which a benchmark box may lack, so the tiles are the synthetic source's
+  (slide decoding excluded; the multi-crop, collation and host-to-device copy included).
 
 MFU = model FLOPs (model/info.py: student 3x forward, teacher 1x forward, no recompute) per second
-against the dense bf16 peak (``--peak-tflops``, else looked up from the device name: 989.4 for
-H100/H200); HFU adds the recompute of checkpointed blocks.
+against the dense bf16 datasheet peak (989.4 TFLOP/s for H100/H200, or ``--peak-tflops``) and,
+when benchmarks/bench_ceilings.py has run (``--ceilings``, default $OUT/ceilings.json), against the
+bf16 GEMM rate measured at this model's own GEMM shapes.
 
-    python benchmarks/bench_step.py                          # GPU: ViT-H/14 and ViT-G/14
-    python benchmarks/bench_step.py --models vit_h14 --ac full --batch 32,64
-    python benchmarks/bench_step.py --cpu-smoke              # tiny config on the CPU (automatic without CUDA)
+    python3 benchmarks/bench_step.py                                   # GPU: ViT-H/14, 32 tiles, AC off + full
+    python3 benchmarks/bench_step.py --model vit_g14 --ac full --data memory
+    python3 benchmarks/bench_step.py --cpu-smoke                       # tiny config (automatic without CUDA)
+
+Last line: ``SUMMARY step <model> ...`` (read by gpu_check.sh).
 """
 from __future__ import annotations
 
 import gc
+import json
+import os
 import sys
+import time
 from pathlib import Path
 
-from _common import print_table, setup, skip, time_fn, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, setup, skip, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIGS = {"vit_h14": "configs/vit_h14_virchow2.yaml", "vit_g14": "configs/vit_g14_virchow2g.yaml"}
+CONFIGS = {"vit_h14": "configs/vit_h14_virchow2.yaml", "vit_g14": "configs/vit_g14_virchow2g.yaml",
+           "tiny": "configs/debug.yaml"}
+# The CPU smoke model: the debug config shrunk so a step takes well under a second on one core.
 TINY = ["model.embed_dim=48", "model.depth=2", "model.num_heads=2", "model.mlp_hidden=64", "model.img_size=42",
         "heads.dino_prototypes=256", "heads.ibot_prototypes=256", "heads.hidden_dim=64", "heads.bottleneck_dim=32",
         "heads.ibot_bottleneck_dim=32", "data.crops.global_size=42", "data.crops.local_size=14",
-        "data.crops.context_size=48", "data.masks.min_block_patches=1"]
+        "data.crops.context_size=48", "data.masks.min_block_patches=1", "train.threads=1"]
+TERMS = ("loss", "dino", "ibot", "reg")
 
 
-def _args(parser):
-    parser.add_argument("--models", default=None, help="comma list of vit_h14, vit_g14 (default both; tiny on CPU)")
-    parser.add_argument("--ops", default="auto,torch", help="kernel backends to compare: auto (ours), torch")
-    parser.add_argument("--ac", default=None, help="comma list of off, full, every_k2 (default per model)")
-    parser.add_argument("--batch", default=None, help="comma list of per-GPU batch sizes (default: doubling until OOM)")
-    parser.add_argument("--max-batch", type=int, default=128, help="largest batch of the doubling sweep")
-    parser.add_argument("--fsdp", default="on", choices=("on", "off"), help="FSDP2 on one rank, or autocast")
-    parser.add_argument("--compile-blocks", action="store_true", help="parallel.compile: torch.compile each block")
-    parser.add_argument("--peak-tflops", type=float, default=0.0, help="device peak for MFU (0 = detect)")
+def trainer_config(model: str, device_type: str, batch: int | None = None, ac: str | None = None,
+                   ops: str | None = None, num_workers: int | None = None, extra: tuple[str, ...] = ()):
+    """The shipped config of ``model`` with only the benchmark's overrides (see the module doc)."""
+    from virchow_fast.config import load_config
+
+    sets = list(TINY) if model == "tiny" else []
+    sets += ["data.source=synthetic", "data.paths=[]", f"train.device={device_type}"]
+    if batch is not None:
+        sets.append(f"data.batch_size={batch}")
+    if ac is not None:
+        mode, every = ("every_k", int(ac[len("every_k"):])) if ac.startswith("every_k") else (ac, 2)
+        sets += [f"parallel.activation_checkpointing={mode}", f"parallel.ac_every={every}"]
+    if ops is not None:
+        from virchow_fast.ops import OPS
+
+        sets += [f"ops.{op}={ops}" for op in OPS]
+    if num_workers is not None:
+        sets.append(f"data.num_workers={num_workers}")
+    return load_config(ROOT / CONFIGS[model], sets + list(extra))
 
 
-args, device = setup("bench_step", __doc__, extra=_args)
+def trainer_step(cfg, info, student, teacher, optimizer, loss_fn):
+    """``step(batch, step_index, prefetch=None) -> dict`` of floats: the trainer's own step on a device batch.
 
-import torch  # noqa: E402
+    That is ``train.step.train_step`` (the loop's whole per-step body: schedules, losses, backward,
+    clipping, the one statistics read, optimizer step and EMA). Trees without it get a mirror of
+    the loop's body, and say so.
+    """
+    from virchow_fast.config import derive
+    from virchow_fast.train.schedules import build_schedules
 
-from virchow_fast.config import load_config  # noqa: E402
-from virchow_fast.data.loader import Batch  # noqa: E402
-from virchow_fast.data.masks import collate_masks  # noqa: E402
-from virchow_fast.model.ssl import ema_update  # noqa: E402
-from virchow_fast.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
-from virchow_fast.train.loop import build, clip_grad_norm  # noqa: E402
-from virchow_fast.train.metrics import Throughput  # noqa: E402
-from virchow_fast.train.optim import apply_schedules  # noqa: E402
-
-if args.smoke:
-    print("CPU SMOKE MODE: a tiny config (not ViT-H/G), fp32, no MFU; these numbers only prove the script runs",
-          flush=True)
-AC_DEFAULT = {"tiny": "off,full", "vit_h14": "off,full,every_k2", "vit_g14": "full,every_k2"}
-
-
-def config(model: str, ops: str, ac: str, batch: int):
-    base = "configs/debug.yaml" if model == "tiny" else CONFIGS[model]
-    mode, every = (ac, 2) if not ac.startswith("every_k") else ("every_k", int(ac[len("every_k"):]))
-    sets = TINY if model == "tiny" else []
-    sets = sets + [f"data.batch_size={batch}", f"parallel.activation_checkpointing={mode}",
-                   f"parallel.ac_every={every}", f"parallel.fsdp='{args.fsdp}'",
-                   f"parallel.mixed_precision={'fp32' if args.smoke else 'bf16'}",
-                   f"parallel.compile={str(args.compile_blocks).lower()}", f"train.device={device.type}", f"train.peak_tflops={args.peak_tflops}", "data.source=synthetic",
-                   "data.paths=[]", "model.drop_path=0.4" if model != "tiny" else "model.drop_path=0.0"]
-    sets += [f"ops.{op}={ops}" for op in ("attention", "layer_norm", "swiglu", "head_loss", "centering")]
-    return load_config(ROOT / base, sets)
-
-
-def synthetic_batch(cfg) -> Batch:
-    c, b = cfg.data.crops, cfg.data.batch_size
-    gen = torch.Generator().manual_seed(0)
-    grid = c.global_size // cfg.model.patch_size
-    mk = cfg.data.masks
-    import numpy as np
-
-    masks = collate_masks(np.random.default_rng(0), c.n_global * b, grid, mk.mask_probability, mk.ratio_min,
-                          mk.ratio_max, mk.min_block_patches, mk.aspect_min)
-    return Batch(torch.randn(c.n_global * b, 3, c.global_size, c.global_size, generator=gen),
-                 torch.randn(c.n_local * b, 3, c.local_size, c.local_size, generator=gen),
-                 torch.from_numpy(masks), torch.full((b,), 20.0), 0).to(device)
-
-
-def measure(cfg) -> dict:
-    info = init_distributed(cfg)
-    student = teacher = optimizer = loss_fn = batch = None
+    derived = derive(cfg, info.world_size)
+    sched = build_schedules(cfg, derived["peak_lr"], derived["total_steps"])
     try:
-        student, teacher, optimizer, loss_fn = build(cfg, info)
-        params = [p for p in student.parameters() if p.requires_grad]
-        apply_schedules(optimizer, 1e-5, 0.04, 1e-5)
-        batch = synthetic_batch(cfg)
-        student.train()
-        teacher.eval()
+        from virchow_fast.train.step import Trainee, train_step
+    except ImportError:
+        print("train.step.train_step not found: timing a mirror of the loop's step body", flush=True)
+        return _mirror_step(cfg, info, student, teacher, optimizer, loss_fn, sched)
+    trainee = Trainee(cfg, info, student, teacher, optimizer, loss_fn)
 
-        def step():
-            out = loss_fn(student, teacher, batch, 0.07, info.reducer, info.world_size)
-            out["loss"].backward()
-            clip_grad_norm(params, cfg.optim.clip_grad)
+    def step(batch, i: int, prefetch=None) -> dict:
+        res = train_step(trainee, batch, i, sched, False, prefetch)
+        return {**res.terms, "grad_norm": res.grad_norm}
+
+    return step
+
+
+def _mirror_step(cfg, info, student, teacher, optimizer, loss_fn, sched):
+    import torch
+
+    from virchow_fast.model.ssl import ema_update
+    from virchow_fast.train import loop
+    from virchow_fast.train.optim import apply_schedules
+
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def step(batch, i: int, prefetch=None) -> dict:
+        s = sched.at(i)
+        apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"])
+        out = loss_fn(student, teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
+        out["loss"].backward()
+        grad_norm = loop.clip_grad_norm(params, cfg.optim.clip_grad)
+        if prefetch is not None:
+            prefetch()
+        stats = torch.stack([out[k].detach().float().reshape(()) for k in TERMS] + [grad_norm.float().reshape(())])
+        info.all_reduce(stats)
+        stats = stats.cpu()
+        if bool(torch.isfinite(stats).all()):
             optimizer.step()
-            ema_update(teacher, student, 0.999)
-            optimizer.zero_grad(set_to_none=True)
+            ema_update(teacher, student, s["momentum"])
+        optimizer.zero_grad(set_to_none=True)
+        return {k: float(v) for k, v in zip(TERMS + ("grad_norm",), stats, strict=True)}
 
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t = time_fn(step, device, iters=ITERS, warmup=min(args.warmup, 2))
-        rate = Throughput(cfg, 1, device)(t["ms"] / 1e3)
-        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-        return {"ms": t["ms"], "tiles_per_s": rate["tiles_per_s"], "mfu": rate["mfu"], "hfu": rate["hfu"],
-                "peak_mem_gib": peak}
-    finally:
-        del student, teacher, optimizer, loss_fn, batch
+    return step
+
+
+class Trainer:
+    """The trainer's objects for one config, built once; ``close()`` frees the device."""
+
+    def __init__(self, cfg):
+        import torch
+
+        from virchow_fast.train.distributed import init_distributed
+        from virchow_fast.train.loop import build
+
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.cfg = cfg
+        self.info = init_distributed(cfg)
+        self.device = self.info.device
+        self.student, self.teacher, self.optimizer, self.loss_fn = build(cfg, self.info)
+        self.student.train()
+        self.teacher.eval()
+        self.step = trainer_step(cfg, self.info, self.student, self.teacher, self.optimizer, self.loss_fn)
+
+    def loader(self, num_workers: int | None = None):
+        """The trainer's own loader (``virchow_fast.data.build_loader``) for this config."""
+        import dataclasses
+
+        from virchow_fast.data import build_loader
+
+        data = self.cfg.data if num_workers is None else dataclasses.replace(self.cfg.data, num_workers=num_workers)
+        return build_loader(data, self.cfg.model.patch_size, self.info.rank, self.info.world_size,
+                            self.cfg.train.seed)
+
+    def batch_in_memory(self):
+        """One batch from the trainer's loader (built in this process), on the device."""
+        return next(self.loader(num_workers=0)).pin_memory().to(self.device) if self.device.type == "cuda" \
+            else next(self.loader(num_workers=0))
+
+    def close(self) -> None:
+        import torch
+
+        from virchow_fast.train.distributed import shutdown_distributed
+
+        self.student = self.teacher = self.optimizer = self.loss_fn = self.step = None
         gc.collect()
-        if device.type == "cuda":
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
         shutdown_distributed()
 
 
-def plan() -> list[tuple[str, str, str, list[int] | None]]:
-    """(model, ops, ac, batches or None = doubling until OOM). Explicit flags give the full cross product;
-    the GPU default is a ~3-minute selection: every mode once, the batch sweep where it matters."""
-    if args.smoke or args.models or args.ac or args.batch or args.ops != "auto,torch":
-        models = (args.models or ("tiny" if args.smoke else "vit_h14,vit_g14")).split(",")
-        batches = [int(b) for b in args.batch.split(",")] if args.batch else ([2, 4] if args.smoke else None)
-        return [(m, o, a, batches) for m in models for a in (args.ac or AC_DEFAULT[m]).split(",")
-                for o in args.ops.split(",")]
-    return [("vit_h14", "auto", "off", None), ("vit_h14", "auto", "full", None), ("vit_h14", "auto", "every_k2", [64]),
-            ("vit_h14", "torch", "full", [64]),
-            ("vit_g14", "auto", "full", None), ("vit_g14", "auto", "every_k2", [32]), ("vit_g14", "torch", "full", [32])]
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def payload(rows: list, skipped: list) -> dict:
-    return {"smoke": args.smoke, "fsdp": args.fsdp, "compile_blocks": args.compile_blocks, "iters": ITERS,
-            "rows": rows, "skipped": skipped}
+def run_memory(tr: Trainer, iters: int, warmup: int) -> dict:
+    """Steps on one batch held on the device: per-step ms (CUDA events), peak memory."""
+    import statistics
+
+    import torch
+
+    batch = tr.batch_in_memory()
+    for i in range(warmup):
+        last = tr.step(batch, i)
+    _sync(tr.device)
+    if tr.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tr.device)
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        if tr.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            last = tr.step(batch, warmup + i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            last = tr.step(batch, warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"ms": statistics.median(times), "ms_min": min(times), "loss": last["loss"], **_memory(tr.device)}
 
 
-ITERS = args.iters if "--iters" in sys.argv else (2 if args.smoke else 5)
-rows, skipped, path = [], [], None
-for model, ops, ac, batches in plan():
-    for b in batches or [16 * 2 ** i for i in range(8) if 16 * 2 ** i <= args.max_batch]:
-        cfg = config(model, ops, ac, b)
-        row = {"model": model, "ops": ops, "ac": ac, "batch": b}
+def run_loader(tr: Trainer, iters: int, warmup: int) -> dict:
+    """Steps fed as the loop feeds them (its BatchStager: the next batch fetched, pinned and copied
+    while this step runs): wall ms per step, and the host's time in the loader (``next`` plus the
+    in-step prefetch), which is the data wait whenever it exceeds what the device has queued."""
+    import statistics
+
+    import torch
+
+    if tr.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(tr.device)
+    loader = tr.loader()
+    try:
+        from virchow_fast.train.staging import BatchStager
+    except ImportError:
+        BatchStager = None
+    stager = BatchStager(loader, tr.device) if BatchStager is not None else None
+    fetch_s = [0.0]
+
+    def timed(fn):
+        def run():
+            t = time.perf_counter()
+            out = fn()
+            fetch_s[0] += time.perf_counter() - t
+            return out
+        return run
+
+    get = timed(stager.next) if stager is not None else timed(lambda: next(loader).to(tr.device))  # noqa: F821
+    prefetch = timed(stager.prefetch) if stager is not None else None
+    walls, waits = [], []
+    _sync(tr.device)
+    t_prev = time.perf_counter()
+    for i in range(warmup + iters):
+        fetch_s[0] = 0.0
+        batch = get()
+        last = tr.step(batch, i, prefetch)
+        _sync(tr.device)
+        t = time.perf_counter()
+        if i >= warmup:
+            walls.append((t - t_prev) * 1e3)
+            waits.append(fetch_s[0] * 1e3)
+        t_prev = t
+    del stager, loader
+    return {"ms": statistics.median(walls), "ms_min": min(walls), "host_fetch_ms": statistics.median(waits),
+            "host_fetch_max_ms": max(waits), "loss": last["loss"], **_memory(tr.device)}
+
+
+def _memory(device) -> dict:
+    import torch
+
+    if device.type != "cuda":
+        return {"peak_mem_gib": None}
+    return {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2 ** 30}
+
+
+def gemm_rate(path: str | None, model: str) -> float | None:
+    """The measured bf16 GEMM rate (TFLOP/s) at ``model``'s GEMM shapes from bench_ceilings' JSON."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return json.loads(Path(path).read_text())["gemm_rate_tflops"].get(model)
+    except (KeyError, ValueError, AttributeError):
+        return None
+
+
+def rates(cfg, device, ms: float, peak_tflops: float, gemm_tflops: float | None) -> dict:
+    """tiles/s, MFU vs the datasheet peak (and HFU), MFU vs the measured GEMM rate."""
+    from virchow_fast.train.metrics import Throughput, flops_per_tile_step
+
+    thr = Throughput(cfg, 1, device)
+    if peak_tflops > 0:
+        thr.peak = peak_tflops * 1e12
+    out = thr(ms / 1e3)
+    model_flops, _ = flops_per_tile_step(cfg)
+    out["model_tflops_s"] = out["tiles_per_s"] * model_flops / 1e12
+    out["mfu_vs_gemm"] = out["model_tflops_s"] / gemm_tflops if gemm_tflops else None
+    return out
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def main() -> None:
+    def extra(p):
+        p.add_argument("--model", default=None, help="vit_h14 | vit_g14 | tiny (default vit_h14; tiny on CPU)")
+        p.add_argument("--batch", type=int, default=None, help="tiles per GPU (default: the config's)")
+        p.add_argument("--ac", default=None, help="comma list of off, full, every_k2 (default off,full; "
+                                                    "vit_g14: full)")
+        p.add_argument("--data", default="memory,loader", help="comma list of memory, loader")
+        p.add_argument("--ops", default=None, help="force every op to one backend (torch | triton); default auto")
+        p.add_argument("--ceilings", default=None, help="bench_ceilings JSON (default $OUT/ceilings.json)")
+        p.add_argument("--peak-tflops", type=float, default=0.0, help="datasheet peak for MFU (0 = detect)")
+
+    args, device = setup("bench_step", __doc__, extra=extra)
+    import torch
+
+    model = args.model or ("tiny" if args.smoke else "vit_h14")
+    if args.smoke and model != "tiny":
+        print(f"CPU SMOKE MODE: {model} is not run on a CPU; the tiny debug config instead", flush=True)
+        model = "tiny"
+    acs = (args.ac or ("full" if model == "vit_g14" else "off,full")).split(",")
+    modes = args.data.split(",")
+    iters = args.iters if "--iters" in sys.argv else (2 if args.smoke else 6)
+    warmup = args.warmup if "--warmup" in sys.argv else (1 if args.smoke else 2)
+    ceilings = args.ceilings or os.path.join(args.out, "ceilings.json")
+    gemm = gemm_rate(ceilings, model)
+    if gemm is None and not args.smoke:
+        print(f"no measured GEMM rate for {model} in {ceilings}: MFU vs GEMM left empty", flush=True)
+    rows, skipped, path = [], [], None
+    for ac in acs:
+        cfg = trainer_config(model, device.type, args.batch, ac, args.ops,
+                             num_workers=1 if args.smoke else None)
+        print(f"== {model}: batch {cfg.data.batch_size}, activation checkpointing {ac}, "
+              f"precision {cfg.parallel.mixed_precision}, fsdp {cfg.parallel.fsdp}", flush=True)
+        tr = None
         try:
-            row.update(measure(cfg))
+            tr = Trainer(cfg)
+            for mode in modes:
+                row = {"model": model, "batch": cfg.data.batch_size, "ac": ac, "data": mode}
+                if mode == "loader":
+                    row["workers"] = cfg.data.num_workers
+                try:
+                    res = (run_loader if mode == "loader" else run_memory)(tr, iters, warmup)
+                except torch.OutOfMemoryError:
+                    row["status"] = "OOM"
+                    rows.append(row)
+                    print(f"  {mode}: out of memory", flush=True)
+                    break
+                row.update(res)
+                row.update(rates(cfg, device, res["ms"], args.peak_tflops, gemm))
+                mem = [r for r in rows if r["ac"] == ac and r.get("data") == "memory" and r.get("status") == "ok"]
+                if mode == "loader" and mem:  # what feeding from the loader costs the step
+                    row["data_wait_ms"] = max(0.0, row["ms"] - mem[0]["ms"])
+                row["status"] = "ok"
+                rows.append(row)
+                print(f"  {mode}: {row['ms']:.1f} ms/step, {row['tiles_per_s']:.2f} tiles/s, MFU "
+                      f"{_pct(row['mfu'])} (vs GEMM {_pct(row['mfu_vs_gemm'])}), peak {row['peak_mem_gib']} GiB"
+                      + (f", host in loader {row['host_fetch_ms']:.1f} ms/step, data wait "
+                         f"{row.get('data_wait_ms', float('nan')):.1f} ms/step" if mode == "loader" else ""),
+                      flush=True)
+                path = write_json("bench_step", _payload(args, rows, skipped), args.out, device, path)
+                gc.collect()
         except torch.OutOfMemoryError:
-            row["status"] = "OOM"
-            rows.append(row)
-            print(f"  {model} ops={ops} ac={ac} batch={b}: out of memory", flush=True)
-            break
-        except Exception as exc:  # noqa: BLE001 (record and go on: one failing mode must not hide the rest)
-            skip(skipped, f"{model} ops={ops} ac={ac} batch={b}", f"{type(exc).__name__}: {exc}"[:300])
-            break
+            rows.append({"model": model, "batch": cfg.data.batch_size, "ac": ac, "status": "OOM (build)"})
+            print("  out of memory while building", flush=True)
+        except Exception as exc:  # noqa: BLE001 (one failing mode must not hide the others)
+            skip(skipped, f"{model} ac={ac}", f"{type(exc).__name__}: {exc}"[:300])
         finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-        row["status"] = "ok"
-        rows.append(row)
-        print(f"  {row}", flush=True)
-        path = write_json("bench_step", payload(rows, skipped), args.out, device, path)
+            if tr is not None:
+                tr.close()
+    print_table(rows, ["model", "batch", "ac", "data", "status", "ms", "tiles_per_s", "mfu", "mfu_vs_gemm", "hfu",
+                       "peak_mem_gib", "host_fetch_ms", "data_wait_ms"])
+    write_json("bench_step", _payload(args, rows, skipped), args.out, device, path)
+    if args.smoke:
+        print("CPU SMOKE MODE: tiny config; no GPU numbers were measured", flush=True)
+    print(summary(model, rows, skipped, args.smoke), flush=True)
+    if not any(r.get("status") == "ok" for r in rows):
+        sys.exit(1)
 
-print_table(rows, ["model", "ops", "ac", "batch", "status", "ms", "tiles_per_s", "mfu", "hfu", "peak_mem_gib"])
-write_json("bench_step", payload(rows, skipped), args.out, device, path)
-if args.smoke:
-    print("CPU SMOKE MODE: tiny config; no GPU numbers were measured", flush=True)
+
+def _payload(args, rows, skipped) -> dict:
+    return {"smoke": args.smoke, "rows": rows, "skipped": skipped}
+
+
+def summary(model: str, rows: list, skipped: list, smoke: bool) -> str:
+    parts = []
+    for r in rows:
+        if r.get("status") != "ok":
+            parts.append(f"ac={r['ac']} {r.get('data', '')} {r.get('status')}")
+            continue
+        text = f"ac={r['ac']} {r['data']}: {r['tiles_per_s']:.1f} tiles/s"
+        if r.get("mfu") is not None:
+            text += f" MFU {_pct(r['mfu'])} (vs GEMM {_pct(r['mfu_vs_gemm'])})"
+        if r.get("peak_mem_gib") is not None:
+            text += f" peak {r['peak_mem_gib']:.1f} GiB"
+        if r["data"] == "loader":
+            text += f" data wait {r.get('data_wait_ms', float('nan')):.0f} ms/step (host in loader " \
+                    f"{r['host_fetch_ms']:.0f} ms)"
+        parts.append(text)
+    parts += [f"FAILED {s['what']}: {s['reason'][:120]}" for s in skipped]
+    batch = rows[0]["batch"] if rows else "?"
+    return f"SUMMARY step {model} b{batch}{' (CPU smoke)' if smoke else ''}: " + ("; ".join(parts) or "no rows")
+
+
+if __name__ == "__main__":
+    main()

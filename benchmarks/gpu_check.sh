@@ -1,21 +1,38 @@
 #!/usr/bin/env bash
-# The prepared script for a lent GPU (H200, no network, python 3.12, torch 2.11, triton 3.6, no DALI):
-# install the package, run the GPU tests, run the kernel benchmarks; logs + JSON under $OUT.
-# Budget on the GPU: ~7 minutes, capped by GPU_CHECK_BUDGET_S (default 510 s). Also runs on a CPU box
-# (benchmarks in their smoke mode, GPU tests skipped by pytest) and says what it skipped.
+# The prepared script for a lent GPU (an H200 for at most ~9 minutes: python3 3.12 only, torch 2.11,
+# triton 3.6, numpy 2.5, no DALI / cuCIM / OpenSlide / imagecodecs, no package registry).
+# One run yields, in this order, each step capped in time and summed up in one line:
+#   1 ceilings       copy bandwidth, bf16 GEMM rate at the model's GEMM shapes, clocks (bench_ceilings.py)
+#   2 step_vit_h     the trainer's own step, ViT-H/14 at 32 tiles, AC off and full, memory and loader
+#   3 profile_vit_h  where that step's time goes, by category (bench_profile.py)
+#   4 step_vit_g     ViT-G/14's step at its batch
+#   5 correctness    one training step triton vs torch (tests/train/test_step_backends.py), then the
+#                    kernel tests: the GPU-marked ones first, then the rest
+#   6 kernel benches attention (vs SDPA backends, FlexAttention), LN / SwiGLU / residual in GB/s
+#                    against copy, head loss vs eager; compile baselines only if time remains
+#   7 CUDA extension its build and its tests
+# Steps 1-2 (with the install) are the headline: they come first and their caps fit the budget.
 #
-#   OUT=/some/dir bash benchmarks/gpu_check.sh        # default OUT: benchmarks/results/gpu_check_<utc>
+#   OUT=/some/dir bash benchmarks/gpu_check.sh     # default OUT: benchmarks/results/gpu_check_<utc>
+#   GPU_CHECK_BUDGET_S=510                         # total seconds (default 510, so a 600 s call returns)
+#   GPU_CHECK_ONLY="ceilings step_vit_h"           # run only these steps (the rest listed as SKIPPED)
+#   bash benchmarks/gpu_check.sh --prepare-wheels  # here, with a registry: pytest wheels into .whl/
+#                                                  # (carry .whl to a machine without pytest)
 #
-# To add a step, append one line to STEPS below:  "name|timeout_s|when|command"
-#   when: all = always; gpu = only with CUDA (listed as SKIPPED on a CPU); cpu = only without CUDA.
-# A step's stdout+stderr go to $OUT/<name>.log; a failing step does not stop the others; the
-# summary (step, status, seconds) is printed at the end and written to $OUT/summary.txt.
+# With OUT given (the device tool takes back at most 8 files), every log and JSON goes to a scratch
+# folder packed into $OUT/gpu_check.tar.gz after each step (a run cut short still returns what it
+# measured), with summary.txt beside it: 2 files. On a machine without CUDA every GPU-only step
+# says why it skipped and the rest run in their CPU smoke mode (numbers that prove only that the
+# script works).
 set -u
 cd "$(dirname "$0")/.."
-# With OUT given (the device tool's folder, which takes back at most 8 files), every log and JSON
-# goes to a scratch folder that is packed into $OUT/gpu_check.tar.gz after each step (so a run cut
-# short still returns what it measured), with summary.txt beside it. Without OUT, results stay in
-# benchmarks/results/gpu_check_<utc>/.
+PY="${PYTHON:-python3}"
+
+if [ "${1:-}" = "--prepare-wheels" ]; then
+  "$PY" -m pip download --only-binary=:all: -d .whl pytest && ls .whl
+  exit $?
+fi
+
 if [ -n "${OUT:-}" ]; then
   PACK_TO="$OUT"
   mkdir -p "$PACK_TO"
@@ -25,49 +42,75 @@ else
   export OUT="benchmarks/results/gpu_check_$(date -u +%Y%m%dT%H%M%SZ)"
 fi
 mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
 pack() {
   [ -n "$PACK_TO" ] || return 0
   tar czf "$PACK_TO/gpu_check.tar.gz" -C "$OUT" --exclude=_pyshim . && cp "$SUMMARY" "$PACK_TO/summary.txt"
 }
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
-PY="${PYTHON:-python}"
 
-if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if ! command -v "$PY" > /dev/null 2>&1; then
+  echo "gpu_check: no $PY on PATH (set PYTHON=...)" | tee -a "$SUMMARY"; pack; exit 2
+fi
+NO_GPU_WHY=$("$PY" -c "
+import torch
+if not torch.cuda.is_available():
+    print('no CUDA device visible to torch ' + torch.__version__ + ' (cuda ' + str(torch.version.cuda) + ')')" 2>&1)
+if [ -z "$NO_GPU_WHY" ]; then
   HAVE_GPU=1
 else
   HAVE_GPU=0
+  NO_GPU_WHY=$(echo "$NO_GPU_WHY" | tail -n 1)
   export TRITON_INTERPRET=1 OMP_NUM_THREADS=1
 fi
 
-# Editable install. PEP 660 (--use-pep517) is what maps kernels/ to virchow_fast.kernels; pip's
-# legacy `setup.py develop` fallback (old pip, no pyproject.toml) does not. The CUDA extension is
-# not built here unless GPU_CHECK_BUILD_CUDA_EXT=1 (nvcc builds can eat the whole budget).
-install() {
-  export VIRCHOW_FAST_NO_CUDA_EXT=$([ "${GPU_CHECK_BUILD_CUDA_EXT:-0}" = 1 ] && echo 0 || echo 1)
-  "$PY" -m pip install --no-deps --no-build-isolation --use-pep517 -e . \
-    || "$PY" -m pip install --no-deps --no-build-isolation -e .
-  (cd /tmp && "$PY" -c "import virchow_fast.kernels.attention as m; print('virchow_fast.kernels at', m.__file__)")
-}
-
-versions() {
+env_info() {
   "$PY" - <<'PYEOF'
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-try:
-    import triton; print("triton", triton.__version__)
-except ImportError as e:
-    print("triton missing:", e)
-print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-for name in ("flash_attn", "liger_kernel", "apex"):
+for name in ("numpy", "triton", "timm", "click", "yaml", "tqdm", "tensorboard", "pytest", "setuptools"):
     try:
-        __import__(name); print(name, "installed")
-    except ImportError:
-        print(name, "not installed")
+        mod = __import__(name); print(name, getattr(mod, "__version__", "present"))
+    except ImportError as e:
+        print(name, "MISSING:", e)
+print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PYEOF
+  if command -v nvidia-smi > /dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+  else
+    echo "nvidia-smi: not on PATH"
+  fi
 }
 
-# Last resort when no install worked (e.g. no setuptools in that Python): a sitecustomize on
-# PYTHONPATH that maps virchow_fast.kernels to kernels/ (the import the editable install provides).
+# Editable install (maps kernels/ to virchow_fast.kernels), without the CUDA extension (step 7
+# builds it last). Skipped when this tree is already what `import virchow_fast` finds.
+install() {
+  local here
+  here=$(cd /tmp && "$PY" -c "import os, virchow_fast.kernels as k; print(os.path.dirname(os.path.dirname(k.__file__)))" 2>/dev/null)
+  if [ "$here" = "$PWD" ] || [ "$here" = "$PWD/virchow_fast" ]; then
+    echo "SUMMARY install: virchow_fast already installed from this tree, not reinstalled"
+  else
+    export VIRCHOW_FAST_NO_CUDA_EXT=1
+    "$PY" -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -n 5
+    if (cd /tmp && "$PY" -c "import virchow_fast.kernels") 2>/dev/null; then
+      echo "SUMMARY install: pip install -e . done"
+    else
+      echo "SUMMARY install: pip install -e . FAILED: the PYTHONPATH shim maps the kernels instead"
+    fi
+  fi
+  if ! "$PY" -c "import pytest" 2>/dev/null; then
+    if ls .whl/*.whl > /dev/null 2>&1; then
+      "$PY" -m pip install --no-deps --no-index .whl/*.whl 2>&1 | tail -n 2
+    else
+      echo "pytest not installed and no .whl/ with its wheels: the test steps will skip"
+    fi
+  fi
+}
+
+# Last resort when no install worked (no setuptools there): a sitecustomize on PYTHONPATH mapping
+# virchow_fast.kernels to kernels/ (what the editable install provides); an existing sitecustomize
+# further on the path still runs.
 ensure_importable() {
   (cd /tmp && "$PY" -c "import virchow_fast.kernels.attention" 2>/dev/null) && return 0
   local shim="$OUT/_pyshim"
@@ -85,78 +128,129 @@ class _KernelsFinder(importlib.abc.MetaPathFinder):
                                                           submodule_search_locations=[base])
         return importlib.util.spec_from_file_location(name, base + ".py") if os.path.exists(base + ".py") else None
 sys.meta_path.insert(0, _KernelsFinder())
+_here = os.path.dirname(os.path.abspath(__file__))
+for _e in sys.path:
+    _c = os.path.join(_e or ".", "sitecustomize.py")
+    if os.path.abspath(_e or ".") != _here and os.path.isfile(_c):
+        exec(compile(open(_c).read(), _c, "exec"), {"__name__": "sitecustomize", "__file__": _c})
+        break
 PYEOF
   export PYTHONPATH="$shim:$PWD${PYTHONPATH:+:$PYTHONPATH}"
   if (cd /tmp && "$PY" -c "import virchow_fast.kernels.attention"); then
-    echo "install did not make virchow_fast.kernels importable: using the PYTHONPATH shim $shim" | tee -a "$SUMMARY"
+    echo "install did not make virchow_fast.kernels importable: using the PYTHONPATH shim" | tee -a "$SUMMARY"
   else
-    echo "virchow_fast.kernels NOT importable even with the shim: kernel tests/benches will fail" | tee -a "$SUMMARY"
+    echo "virchow_fast.kernels NOT importable even with the shim: kernel steps will fail" | tee -a "$SUMMARY"
   fi
 }
 
-# Ordered by value: correctness on the GPU first, then the cheap kernel benches, then the step
-# benchmark, the CUDA extension last (its nvcc build is the slowest step). Expected total on the
-# H200: ~7 min; GPU_CHECK_BUDGET_S (default 510 s) caps it: a step gets at most the time left and
-# steps past the budget are listed as SKIPPED, so the device call (10 min cap) always returns.
+# pytest, or one line saying why not (the machine may have no pytest and no registry).
+pytest_or_skip() {
+  if ! "$PY" -c "import pytest" 2>/dev/null; then
+    echo "SUMMARY SKIPPED: pytest is not importable here (carry .whl/ made by gpu_check.sh --prepare-wheels)"
+    return 0
+  fi
+  "$PY" -m pytest -q -rs -p no:cacheprovider "$@"
+}
+
+compile_baselines() {
+  for b in bench_layer_norm bench_swiglu bench_layer_scale; do "$PY" benchmarks/$b.py --compile || return 1; done
+}
+
+build_cuda_ext() {
+  command -v nvcc > /dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ] \
+    || { echo "SUMMARY SKIPPED: no nvcc (CUDA_HOME=${CUDA_HOME:-unset}): the extension cannot be built"; return 0; }
+  VIRCHOW_FAST_NO_CUDA_EXT=0 MAX_JOBS=16 "$PY" setup.py -q build_ext --inplace
+}
+
+# name|cap_s|when|command   (when: all = also on a CPU, in smoke mode; gpu = needs CUDA)
+# Caps are GPU seconds. A step gets min(cap, time left); with under MIN_START_S left it is skipped.
+HEADLINE="env install ceilings step_vit_h"
 STEPS=(
-  "versions|30|all|versions"
-  "install|90|gpu|install"
-  "tests_kernels|150|all|$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/kernels"  # fwd+bwd vs reference, bf16, model shapes
-  "bench_layer_norm|45|all|$PY benchmarks/bench_layer_norm.py"
-  "bench_swiglu|45|all|$PY benchmarks/bench_swiglu.py"
-  "bench_layer_scale|30|all|$PY benchmarks/bench_layer_scale.py"
-  "bench_attention|100|all|$PY benchmarks/bench_attention.py"
-  "bench_head_loss|100|gpu|$PY benchmarks/bench_head_loss.py --iters 5"  # 4 head shapes x eager / compile / fused
-  "bench_step_smoke|120|cpu|$PY benchmarks/bench_step.py"  # tiny config, proves the script runs
-  "bench_step_vit_h|120|gpu|$PY benchmarks/bench_step.py --models vit_h14 --batch 32,64 --ac full,off"
-  "bench_step_vit_g|90|gpu|$PY benchmarks/bench_step.py --models vit_g14 --batch 16,32 --ac full --ops auto"
-  "tests_block_inductor|60|gpu|$PY -m pytest -q -rs -p no:cacheprovider -m slow tests/kernels/test_block_compile.py"
-  "build_cuda_ext|150|gpu|VIRCHOW_FAST_NO_CUDA_EXT=0 MAX_JOBS=16 $PY setup.py -q build_ext --inplace"  # csrc/ -> virchow_fast/_C*.so
-  "tests_cuda_ext|40|gpu|$PY -m pytest -q -rs -p no:cacheprovider -m 'not slow' tests/kernels/test_cuda_ext.py"
-  "bench_layer_norm_cuda|45|gpu|$PY benchmarks/bench_layer_norm.py"  # now with the built extension beside Triton and torch
+  "env|20|all|env_info"
+  "install|60|all|install"
+  "ceilings|45|all|$PY benchmarks/bench_ceilings.py"
+  "step_vit_h|170|all|$PY benchmarks/bench_step.py --model vit_h14 --ac off,full --data memory,loader"
+  "profile_vit_h|60|all|$PY benchmarks/bench_profile.py --model vit_h14"
+  "step_vit_g|90|gpu|$PY benchmarks/bench_step.py --model vit_g14 --ac full --data memory"
+  "test_step_backends|60|all|pytest_or_skip tests/train/test_step_backends.py"
+  "tests_kernels_gpu|60|gpu|pytest_or_skip -m 'gpu and not slow' tests/kernels"
+  "tests_kernels_rest|90|gpu|pytest_or_skip -m 'not gpu and not slow' tests/kernels"
+  "bench_attention|90|gpu|$PY benchmarks/bench_attention.py"
+  "bench_layer_norm|30|all|$PY benchmarks/bench_layer_norm.py --no-compile"
+  "bench_swiglu|30|all|$PY benchmarks/bench_swiglu.py --no-compile"
+  "bench_layer_scale|30|all|$PY benchmarks/bench_layer_scale.py --no-compile"
+  "bench_head_loss|60|gpu|$PY benchmarks/bench_head_loss.py --iters 5 --no-compile"
+  "compile_baselines|90|gpu|compile_baselines"
+  "build_cuda_ext|150|gpu|build_cuda_ext"
+  "tests_cuda_ext|40|gpu|pytest_or_skip -m 'not slow' tests/kernels/test_cuda_ext.py"
+  "bench_layer_norm_cuda|30|gpu|$PY benchmarks/bench_layer_norm.py --no-compile"
 )
-
-SUMMARY="$OUT/summary.txt"
-: > "$SUMMARY"
-echo "gpu_check: HAVE_GPU=$HAVE_GPU OUT=$OUT $(date -u +%FT%TZ)" | tee -a "$SUMMARY"
-[ "$HAVE_GPU" = 1 ] || echo "NO CUDA: GPU-only steps SKIPPED, GPU tests skipped by pytest, benchmarks in CPU smoke mode (no GPU numbers)" | tee -a "$SUMMARY"
-
 BUDGET_S="${GPU_CHECK_BUDGET_S:-510}"
-[ "$HAVE_GPU" = 1 ] || BUDGET_S=$(( BUDGET_S * 6 ))  # the CPU interpreter is slow; the budget is the GPU's
+MIN_START_S="${GPU_CHECK_MIN_START_S:-20}"
+ONLY="${GPU_CHECK_ONLY:-}"
+
+headline_caps=0
+for step in "${STEPS[@]}"; do
+  IFS='|' read -r name limit when cmd <<< "$step"
+  case " $HEADLINE " in *" $name "*) headline_caps=$(( headline_caps + limit )) ;; esac
+done
+echo "gpu_check: HAVE_GPU=$HAVE_GPU budget ${BUDGET_S}s (headline caps ${headline_caps}s) OUT=$OUT $(date -u +%FT%TZ)" \
+  | tee -a "$SUMMARY"
+[ "$headline_caps" -le "$BUDGET_S" ] || echo "WARNING: headline caps ${headline_caps}s exceed the budget ${BUDGET_S}s" \
+  | tee -a "$SUMMARY"
+[ "$HAVE_GPU" = 1 ] || echo "NO GPU ($NO_GPU_WHY): GPU-only steps SKIPPED, the rest in CPU smoke mode (no GPU numbers)" \
+  | tee -a "$SUMMARY"
+
+# The step's one summary line: its own "SUMMARY ..." line, else pytest's result line, else its last line.
+step_summary() {
+  local log="$1" line
+  line=$(grep -E '^SUMMARY ' "$log" | tail -n 1 | sed 's/^SUMMARY //')
+  [ -n "$line" ] || line=$(grep -E '([0-9]+ (passed|failed|skipped|error|errors|deselected))|no tests ran' "$log" \
+    | tail -n 1 | sed 's/^=* *//; s/ *=*$//')
+  [ -n "$line" ] || line=$(grep -v '^\s*$' "$log" | tail -n 1)
+  echo "${line:0:400}"
+}
+
 DEADLINE=$(( $(date +%s) + BUDGET_S ))
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit when cmd <<< "$step"
-  if { [ "$when" = gpu ] && [ "$HAVE_GPU" = 0 ]; } || { [ "$when" = cpu ] && [ "$HAVE_GPU" = 1 ]; }; then
-    printf '%-22s SKIPPED (%s only)\n' "$name" "$when" | tee -a "$SUMMARY"
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+    printf '%-22s SKIPPED (not in GPU_CHECK_ONLY)\n' "$name" | tee -a "$SUMMARY"
     continue
   fi
-  [ "$HAVE_GPU" = 1 ] || limit=$(( limit * 3 ))
+  if [ "$when" = gpu ] && [ "$HAVE_GPU" = 0 ]; then
+    printf '%-22s SKIPPED (needs a GPU: %s)\n' "$name" "$NO_GPU_WHY" | tee -a "$SUMMARY"
+    continue
+  fi
   left=$(( DEADLINE - $(date +%s) ))
-  if [ "$left" -lt 15 ]; then
-    printf '%-22s SKIPPED (budget of %ss spent)\n' "$name" "$BUDGET_S" | tee -a "$SUMMARY"
+  if [ "$left" -lt "$MIN_START_S" ]; then
+    printf '%-22s SKIPPED (budget: %ss left of %ss, a step needs %ss)\n' "$name" "$left" "$BUDGET_S" "$MIN_START_S" \
+      | tee -a "$SUMMARY"
     continue
   fi
   [ "$limit" -le "$left" ] || limit=$left
   echo "== $name (limit ${limit}s): $cmd"
+  log="$OUT/$name.log"
   start=$(date +%s)
-  if declare -F "$cmd" > /dev/null; then
-    timeout "$limit" bash -c "$(declare -f "$cmd"); PY='$PY'; $cmd" > "$OUT/$name.log" 2>&1
+  if declare -F "${cmd%% *}" > /dev/null; then
+    fn="${cmd%% *}"
+    timeout -k 10 "$limit" bash -c "$(declare -f "$fn"); PY='$PY'; $cmd" > "$log" 2>&1
   else
-    timeout "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+    timeout -k 10 "$limit" bash -c "$cmd" > "$log" 2>&1
   fi
   rc=$?
   secs=$(( $(date +%s) - start ))
-  case $rc in 0) status=ok ;; 124) status="TIMEOUT after ${limit}s" ;; *) status="FAILED rc=$rc" ;; esac
-  printf '%-22s %-22s %4ss  log: %s\n' "$name" "$status" "$secs" "$OUT/$name.log" | tee -a "$SUMMARY"
-  tail -n 25 "$OUT/$name.log"
+  case $rc in 0) status=ok ;; 124|137) status="TIMEOUT ${limit}s" ;; *) status="FAILED rc=$rc" ;; esac
+  line=$(step_summary "$log")
+  case "$line" in SKIPPED*) [ "$status" = ok ] && status=SKIPPED ;; esac
+  printf '%-22s %-14s %4ss  %s\n' "$name" "$status" "$secs" "$line" | tee -a "$SUMMARY"
+  tail -n 15 "$log"
   [ "$name" = install ] && ensure_importable
-  grep -E "SKIPPED|skipped" "$OUT/$name.log" | head -n 30 >> "$OUT/skipped.txt" 2>/dev/null || true
   pack
 done
 
 echo
 echo "== summary ($SUMMARY)"
 cat "$SUMMARY"
-echo "what was skipped: $OUT/skipped.txt"
 pack
-[ -z "$PACK_TO" ] || echo "packed: $PACK_TO/gpu_check.tar.gz"
+[ -z "$PACK_TO" ] || echo "packed: $PACK_TO/gpu_check.tar.gz and $PACK_TO/summary.txt"
