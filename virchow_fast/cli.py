@@ -75,8 +75,10 @@ def config_help() -> None:
 
 # commands that live beside their subsystem
 from .data.cli import tiles  # noqa: E402
+from .downstream.cli import export  # noqa: E402
 
 main.add_command(tiles)
+main.add_command(export)
 
 if __name__ == "__main__":
     sys.exit(main())
