@@ -25,7 +25,8 @@ import torch
 from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
-from ..model.ssl import SSLNetwork, ema_update, make_teacher
+from ..downstream.pretrained import ema_step, init_student
+from ..model.ssl import SSLNetwork, make_teacher
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
@@ -98,6 +99,10 @@ def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimi
     torch.manual_seed(cfg.train.seed)  # same init on every rank
     with torch.device(info.device):
         student = SSLNetwork(cfg.model, cfg.heads)
+    if cfg.model.init_from:  # full weights on every rank before sharding; the teacher copies them
+        summary = init_student(student, cfg.model.init_from)
+        if info.is_main:
+            print(summary, flush=True)
     teacher = make_teacher(student)
     student, teacher = parallelize(student, teacher, cfg.parallel, info)
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
@@ -159,7 +164,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                 batch = next(loader).to(info.device)
             t1 = time.perf_counter()
             s = sched.at(step)
-            apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"])
+            apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"], s["backbone_lr"])
             centers = [b.clone() for b in loss_fn.buffers()]  # a skipped step must not move them
             out = loss_fn(student, teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
             out["loss"].backward()
@@ -186,7 +191,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
             if finite:
                 bad_in_a_row = 0
                 optimizer.step()
-                ema_update(teacher, student, s["momentum"])
+                ema_step(teacher, student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
             else:
                 bad_in_a_row += 1
                 bad_total += 1
