@@ -1,0 +1,297 @@
+"""A dispatch mode that records, per op, its FLOPs, the bytes it moves and where it belongs.
+
+Runs on tensors that hold no data (FakeTensorMode): nothing is computed, only shapes flow. Per op:
+
+- **FLOPs** of matmuls and convolutions (torch's own ``flop_counter`` formulas), of our attention
+  kernels (useful: 4 L^2 D per head and segment forward, twice that backward; issued: what the
+  launch's tiles and head-dim block compute) and of the fused head-loss passes (their logit and
+  value products);
+- **bytes** read and written: every tensor input read once, every output and mutated argument
+  written once; views and metadata ops move nothing; a tensor's bytes are the memory span its
+  strides cover (a broadcast bias counts once); a fused custom op counts its real inputs and outputs;
+- **category** from the op and the module it runs in (``ModTracker``'s module stack, forward and
+  backward) or the phase the caller sets (``optimizer``, ``ema``); "GEMM" is the backbone's
+  matmuls, "heads" holds the heads and the losses (their matmuls included);
+- collectives (c10d) as payload bytes, kept apart from the compute stream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    FakeTensor,
+    FakeTensorMode,
+    unset_fake_temporarily,
+)
+from torch.distributed._tools.mod_tracker import ModTracker
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.flop_counter import flop_registry
+
+CATEGORIES = ("GEMM", "attention", "norms", "SwiGLU", "residual/LayerScale/drop path", "heads",
+              "casts and copies", "optimizer and EMA", "other")
+COLLECTIVES = "collectives"
+
+# how an op's time is priced (cost.py): library GEMM rate, our Triton MMA kernels' rate, bandwidth, network
+GEMM, KERNEL_MMA, MEMORY, COMM = "gemm", "kernel_mma", "memory", "comm"
+
+_FREE = {"aten.empty", "aten.empty_strided", "aten.empty_like", "aten.new_empty", "aten.new_empty_strided",
+         "aten.detach", "aten.alias", "aten.lift_fresh", "aten._local_scalar_dense", "aten.set_", "aten.resize_",
+         "aten.record_stream", "aten._has_compatible_shallow_copy_type", "aten.is_same_size", "aten.sym_size",
+         "aten.sym_stride", "aten.sym_numel", "aten.sym_storage_offset", "aten.is_nonzero"}
+_COPIES = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.cat", "aten.stack", "aten._foreach_copy_",
+           "aten.contiguous", "aten.split_with_sizes_copy", "aten.constant_pad_nd", "fsdp.")
+_OVERWRITE = {"aten.copy_", "aten._foreach_copy_", "aten.fill_", "aten.zero_", "aten._foreach_zero_"}
+# mutable in the schema but only read by the kernel (CUDA's fused Adam reads the gradients)
+_READ_ONLY = {"aten._fused_adamw_": {"grads"}, "aten._fused_adam_": {"grads"}}
+_CONST_NUMEL = 1 << 20  # host-made index tensors are small; activations never get a value
+_GATHER = {"aten.index", "aten.index_select", "aten.gather", "aten.embedding"}
+
+
+@dataclass
+class OpRecord:
+    op: str
+    category: str
+    kind: str  # GEMM | KERNEL_MMA | MEMORY | COMM
+    flops: float = 0.0  # useful
+    issued_flops: float = 0.0  # as the kernel issues them (tile and head-dim padding)
+    bytes: float = 0.0  # read + written (COMM: payload)
+    phase: str = "forward"
+
+
+def span_bytes(t: torch.Tensor) -> int:
+    """Bytes of memory a tensor's view covers (stride 0 dims count once)."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride(), strict=True))
+    return min(span, t.numel()) * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def attention_launch_flops(lengths: list[int], heads: int, head_dim: int, dtype: torch.dtype,
+                           backward: bool) -> tuple[float, float]:
+    """(useful, issued) FLOPs of our packed attention over segments ``lengths``.
+
+    Useful: forward 4 L^2 D per head (QK^T and PV), backward twice that. Issued: the kernels'
+    launch (kernels/attention.py: its ``issued_flops`` when it has one, else its default tiles):
+    each active (BLOCK_M x BLOCK_N) tile step does its dots on the padded head-dim block; forward
+    2 dots, backward 4 (dK/dV kernel: QK^T, dO V^T, dV, dK) + 3 (dQ kernel: QK^T, dO V^T, dQ).
+    """
+    useful = sum(4.0 * L * L * head_dim * heads for L in lengths) * (2.0 if backward else 1.0)
+    try:
+        from ..kernels import attention as _attn
+    except ImportError:  # no triton: price the default tiles
+        _attn = None
+    fn = getattr(_attn, "issued_flops", None)
+    if fn is not None:
+        return useful, float(fn(lengths, heads, head_dim, dtype, backward))
+    cands = getattr(_attn, "CANDIDATES", {"fwd": [(64, 64, 4, 2)], "dkdv": [(64, 64, 8, 2)], "dq": [(64, 64, 8, 2)]})
+    if dtype == torch.float32:
+        cands = {k: [getattr(_attn, "FP32_CANDIDATE", (32, 32, 4, 1))] for k in cands}
+    block_d = _pow2(max(head_dim, 16))
+    kinds = (("dkdv", 4), ("dq", 3)) if backward else (("fwd", 2),)
+    issued = 0.0
+    for kind, dots in kinds:
+        bm, bn = cands[kind][0][:2]
+        issued += sum(_cdiv(L, bm) * _cdiv(L, bn) * dots * 2.0 * bm * bn * block_d for L in lengths) * heads
+    return useful, issued
+
+
+def split_segments(total: int, n_seg: int, max_len: int, known: list[int]) -> list[int]:
+    """Segment lengths of a packed sequence from its total, count and longest length.
+
+    All equal when ``n_seg * max_len == total``; else two lengths, the longest and one of ``known``
+    (the config's crop token counts). Falls back to equal lengths (the mean) when nothing fits.
+    """
+    if n_seg <= 0:
+        return []
+    if n_seg * max_len == total:
+        return [max_len] * n_seg
+    for short in sorted(set(known)):
+        if short >= max_len:
+            continue
+        n_long, rem = divmod(total - n_seg * short, max_len - short)
+        if rem == 0 and 0 < n_long < n_seg:
+            return [max_len] * n_long + [short] * (n_seg - n_long)
+    return [total / n_seg] * n_seg
+
+
+def _head_pass_flops(name: str, args) -> float:
+    """Logit product 2 R C D of a fused head-loss pass, plus its value product 2 R C E when it has one."""
+    if name.endswith("head_col_reduce_add_"):
+        args = args[1:]
+    z, w = args[0], args[1]
+    flops = 2.0 * z.shape[0] * w.shape[0] * z.shape[1]
+    values = [a for a in args[3:] if isinstance(a, torch.Tensor) and a.dim() == 2]
+    if values:
+        flops += 2.0 * z.shape[0] * w.shape[0] * values[-1].shape[1]
+    return flops
+
+
+class CostCounter(TorchDispatchMode):
+    """Records an :class:`OpRecord` per op that runs under it (use with ``ModTracker`` active).
+
+    ``segment_lengths``: the crop token counts of the config (to split packed attention).
+    Ops whose output size depends on values (boolean indexing, ``repeat_interleave``, ``tolist``)
+    cannot run on data-free tensors; small tensors made on the host (segment offsets, the masks,
+    given as ``constants``: fake -> real) keep their real values through the ops that use them, so
+    those ops get their real sizes. ``phase`` is set by the caller.
+    """
+
+    def __init__(self, fake_mode: FakeTensorMode, tracker: ModTracker, segment_lengths: list[int],
+                 constants: dict | None = None):
+        super().__init__()
+        self.fake_mode = fake_mode
+        self.tracker = tracker
+        self.segment_lengths = list(segment_lengths)
+        self.phase = "forward"
+        self.records: list[OpRecord] = []
+        # id(fake tensor) -> (fake, real value): host-made index tensors (segment offsets, masks)
+        self._const: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for fake, real in (constants or {}).items():
+            self._const[id(fake)] = (fake, real)
+
+    # -- values of small host-made tensors, followed through the ops that use them ----------------
+    def _real(self, t: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(t, FakeTensor):
+            return t
+        hit = self._const.get(id(t))
+        return hit[1] if hit is not None and hit[0] is t else None
+
+    def _fold(self, func, args, kwargs):
+        """The op run on real values when every tensor input has one (None when one has not)."""
+        flat, spec = tree_flatten((args, kwargs))
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+        if not tensors or any(t.numel() > _CONST_NUMEL for t in tensors):
+            return None
+        real = [self._real(x) if isinstance(x, torch.Tensor) else x for x in flat]
+        if any(r is None for r, x in zip(real, flat, strict=True) if isinstance(x, torch.Tensor)):
+            return None
+        with unset_fake_temporarily():
+            r_args, r_kwargs = tree_unflatten(real, spec)
+            return func(*r_args, **r_kwargs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+            folded = self._fold(func, args, kwargs)
+        except (DataDependentOutputException, DynamicOutputShapeException):
+            folded = self._fold(func, args, kwargs)
+            if folded is None:
+                if func is torch.ops.aten._local_scalar_dense.default:  # a value the cost does not depend on
+                    return 1.0 if args[0].is_floating_point() else 1
+                raise
+            if not isinstance(folded, torch.Tensor):  # a scalar read (item, tolist)
+                return folded
+            out = self.fake_mode.from_tensor(folded)
+        if folded is not None:
+            for o, r in zip(_tensors(out), _tensors(folded), strict=False):
+                if isinstance(o, FakeTensor):
+                    self._const[id(o)] = (o, r)
+        self._record(func, args, kwargs, out)
+        return out
+
+    # -- classification ---------------------------------------------------------------------------
+    def _module(self) -> str:
+        parents = [p for p in self.tracker.parents if p != "Global"]
+        return max(parents, key=len) if parents else ""
+
+    def _category(self, name: str, flops: float, module: str) -> str:
+        if self.phase in ("optimizer", "ema"):
+            return "optimizer and EMA"
+        if "attention" in name:
+            return "attention"
+        if "layer_norm" in name:
+            return "norms"
+        if "swiglu" in name:
+            return "SwiGLU"
+        if "residual_layer_scale" in name:
+            return "residual/LayerScale/drop path"
+        if name.startswith(_COPIES):
+            return "casts and copies"
+        if "head_" in name or "prototype" in name or (module and "backbone" not in module):
+            return "heads"  # the heads and the losses (everything of a network or loss outside the backbone)
+        if flops:
+            return "GEMM"
+        leaf = module.rsplit(".", 1)[-1]
+        if ".mlp" in module:
+            return "SwiGLU"
+        if leaf.startswith("norm"):
+            return "norms"
+        if ".blocks." in module and (leaf.isdigit() or leaf.startswith("ls")):
+            return "residual/LayerScale/drop path"
+        return "other"
+
+    def _record(self, func, args, kwargs, out) -> None:
+        name = func._overloadpacket._qualified_op_name.replace("::", ".")
+        if name in _FREE or name.startswith(("prim.", "profiler.")) or (func.is_view and not name.endswith("_")):
+            return
+        if name.startswith(("c10d.", "_c10d_functional.", "c10d_functional.")):
+            if "wait" in name:
+                return
+            payload = max((span_bytes(t) for t in _tensors((args, kwargs, out))), default=0)
+            self.records.append(OpRecord(name, COLLECTIVES, COMM, bytes=float(payload), phase=self.phase))
+            return
+        flops = issued = 0.0
+        kind = MEMORY
+        packet = func._overloadpacket
+        if packet in flop_registry:
+            flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
+            kind = GEMM
+        elif name.endswith(("attention_fwd", "attention_bwd")):
+            backward = name.endswith("bwd")
+            q = args[1] if backward else args[0]
+            cu, max_len = (args[6], args[7]) if backward else (args[3], args[4])
+            lengths = split_segments(q.shape[0], cu.numel() - 1, int(max_len), self.segment_lengths)
+            flops, issued = attention_launch_flops(lengths, q.shape[1], q.shape[2], q.dtype, backward)
+            kind = KERNEL_MMA
+        elif ".head_row" in name or ".head_col" in name:
+            flops = issued = _head_pass_flops(name, args)
+            kind = KERNEL_MMA
+        self.records.append(OpRecord(name, self._category(name, flops, self._module()), kind, flops, issued,
+                                     float(self._bytes(func, name, args, kwargs, out)), self.phase))
+
+    @staticmethod
+    def _bytes(func, name: str, args, kwargs, out) -> int:
+        schema = func._schema
+        written: dict[int, torch.Tensor] = {}
+        overwrite_only: set[int] = set()
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write or arg.name in _READ_ONLY.get(name, ()):
+                continue
+            in_kwargs = arg.kwarg_only or arg.name in kwargs
+            value = kwargs.get(arg.name) if in_kwargs else (args[i] if i < len(args) else None)
+            for t in _tensors(value):
+                written[id(t)] = t
+                if name in _OVERWRITE or not name.endswith("_"):  # out= / copy targets are not read
+                    overwrite_only.add(id(t))
+        outs = _tensors(out)
+        if name == "fsdp.all_gather_copy_in":  # its second output is only allocated (the gather fills it)
+            outs = outs[:1]
+        out_bytes = sum(span_bytes(t) for t in outs if id(t) not in written)
+        if name in _GATHER:  # reads what it gathers, plus the indices
+            idx = sum(span_bytes(t) for t in _tensors((args[1:], kwargs)) if not t.is_floating_point())
+            return 2 * out_bytes + idx
+        seen: set[int] = set()
+        reads = 0
+        for t in _tensors((args, kwargs)):
+            if id(t) in seen or id(t) in overwrite_only:
+                continue
+            seen.add(id(t))
+            reads += span_bytes(t)
+        return reads + out_bytes + sum(span_bytes(t) for t in written.values())

@@ -1,0 +1,170 @@
+"""One training step of a config, run on tensors that hold no data, as a CUDA run would run it.
+
+The step is the trainer's own (``train.loop.build`` and the loop's step: teacher forward, student
+forward, DINO + iBOT + regulariser, backward, gradient clipping, AdamW, EMA) on FakeTensorMode
+tensors of the CPU device: the autograd engine cannot run backward on fake CUDA tensors without a
+CUDA context, so the device stays ``cpu`` and everything that would differ on CUDA is set as CUDA
+sets it:
+
+- every op in ``virchow_fast.ops`` takes the backend ``auto`` picks for CUDA tensors (Triton where
+  it is registered; their custom ops' fake kernels give the output shapes);
+- ``optim.fused: auto`` becomes fused AdamW (CUDA's choice);
+- FSDP2 runs over a fake process group of ``world_size`` ranks (collectives move no data but are
+  counted); ``world_size=1`` is one GPU;
+- the iBOT masks are real (the loader's own mask generator), so boolean indexing gets its real size.
+
+Also counted: the bytes autograd saves for backward in the forward (the activations), per policy.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.distributed._tools.mod_tracker import ModTracker
+
+from .. import ops
+from ..config import Config
+from .counter import CostCounter, OpRecord
+
+
+@dataclass
+class StepTrace:
+    records: list[OpRecord]
+    tiles: int
+    world_size: int
+    activation_bytes: int  # saved for backward by the student forward (unique storages)
+    param_counts: dict = field(default_factory=dict)  # student, teacher, trainable, root, largest_unit
+    ac_mode: str = "off"
+
+
+@contextlib.contextmanager
+def cuda_backends():
+    """Make ``ops`` dispatch as for CUDA tensors whatever the tensors' device."""
+    original = ops._dispatch
+    ops._dispatch = lambda op, device: original(op, torch.device("cuda"))
+    try:
+        yield
+    finally:
+        ops._dispatch = original
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int):
+    """A fake process group (collectives return at once, untouched) and its 1-D mesh, for the trace."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("cost trace: a process group exists already; trace in a fresh process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+class _SavedBytes:
+    """saved_tensors_hooks that sum the unique storages autograd keeps for backward (not parameters)."""
+
+    def __init__(self):
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if not isinstance(base, torch.nn.Parameter) and not isinstance(t, torch.nn.Parameter):
+            st = t.untyped_storage()
+            self.storages.setdefault(st._cdata, st.nbytes())
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+
+def trace_config(cfg: Config, tiles: int | None = None, ac: str | None = None, world_size: int = 1) -> Config:
+    """The config the trace runs: the batch, the AC mode and CUDA's choices made explicit."""
+    cfg = copy.deepcopy(cfg)
+    if tiles is not None:
+        cfg.data.batch_size = tiles
+    if ac is not None:
+        cfg.parallel.activation_checkpointing = ac
+    if cfg.optim.fused == "auto":
+        cfg.optim.fused = "on"
+    cfg.train.device = "cpu"
+    return cfg
+
+
+def _units(net: torch.nn.Module) -> tuple[int, int]:
+    """Parameters of the root's own FSDP unit (embeddings, final norm, heads) and of the biggest block."""
+    blocks = net.backbone.blocks
+    in_blocks = {id(p) for p in blocks.parameters()}
+    root = sum(p.numel() for p in net.parameters() if id(p) not in in_blocks)
+    return root, max(sum(p.numel() for p in b.parameters()) for b in blocks)
+
+
+def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, world_size: int = 1,
+               forward_only: bool = False) -> StepTrace:
+    """Trace one training step of ``cfg`` at ``tiles`` per GPU with checkpointing mode ``ac``."""
+    from ..data import Batch
+    from ..data.masks import collate_masks
+    from ..model.ssl import ema_update
+    from ..train.distributed import DistInfo
+    from ..train.loop import build, clip_grad_norm
+    from ..train.optim import apply_schedules
+
+    cfg = trace_config(cfg, tiles, ac, world_size)
+    b, c, mk = cfg.data.batch_size, cfg.data.crops, cfg.data.masks
+    grid, patch = c.global_size // cfg.model.patch_size, cfg.model.patch_size
+    prefix = 1 + cfg.model.num_registers
+    lengths = [grid ** 2 + prefix, (c.local_size // patch) ** 2 + prefix]
+    real_masks = torch.from_numpy(collate_masks(np.random.default_rng(0), c.n_global * b, grid, mk.mask_probability,
+                                                mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min))
+    real = {"masks": real_masks}
+    if "mask_indices" in {f.name for f in dataclasses.fields(Batch)}:  # the loader's gather indices, made on the host
+        real["mask_indices"] = real_masks.reshape(-1).nonzero().reshape(-1)
+        per_image = real_masks.sum(1, keepdim=True).clamp(min=1).float().expand_as(real_masks)
+        real["mask_weights"] = (1.0 / per_image / real_masks.shape[0])[real_masks]
+    tracker = ModTracker()
+    saved = _SavedBytes()
+    with fake_process_group(world_size) as mesh, cuda_backends(), warnings.catch_warnings(), \
+            FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy's check
+        info = DistInfo(0, world_size, 0, torch.device("cpu"), mesh)
+        student, teacher, optimizer, loss_fn = build(cfg, info)
+        params = [p for p in student.parameters() if p.requires_grad]
+        counts = {"student": sum(p.numel() for p in student.parameters()),
+                  "teacher": sum(p.numel() for p in teacher.parameters()),
+                  "trainable": sum(p.numel() for p in params), "trainable_tensors": len(params)}
+        counts["root"], counts["largest_unit"] = _units(student)
+        apply_schedules(optimizer, 1e-5, 0.04, 1e-5)
+        fake = {k: mode.from_tensor(v) for k, v in real.items()}
+        batch = Batch(global_crops=torch.empty(c.n_global * b, 3, c.global_size, c.global_size),
+                      local_crops=torch.empty(c.n_local * b, 3, c.local_size, c.local_size),
+                      mags=torch.full((b,), 20.0), step=0, **fake)
+        counter = CostCounter(mode, tracker, lengths, {fake[k]: v for k, v in real.items()})
+        student.train()
+        teacher.eval()
+        with tracker, counter:
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+                out = loss_fn(student, teacher, batch, 0.07, info.reducer, world_size)
+            if not forward_only:
+                counter.phase = "backward"
+                out["loss"].backward()
+                counter.phase = "optimizer"
+                clip_grad_norm(params, cfg.optim.clip_grad)
+                optimizer.step()
+                counter.phase = "ema"
+                ema_update(teacher, student, 0.999)
+                optimizer.zero_grad(set_to_none=True)
+    return StepTrace(counter.records, b, world_size, saved.total, counts, cfg.parallel.activation_checkpointing)
