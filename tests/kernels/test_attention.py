@@ -1,8 +1,14 @@
-"""Packed varlen attention kernel vs ops/reference.py: forward, dQ, dK, dV.
+"""Packed varlen attention kernel vs ops/reference.py: forward, dQ, dK, dV; and its launch plan.
 
-Head dims 80 / 104 (masked inside the kernel) and 64 / 128; 54- and 261-token segments mixed in
-one packed batch; a single segment; an empty segment; strided q/k/v views of one qkv tensor.
+Head dims 64 / 128 (one chunk), 80 (64 + 16) and 104 (64 + 32 + 16, last 8 columns masked); 54- and
+261-token segments mixed in one packed batch; 1-token, prime and empty segments; segment lengths
+on each side of the tail-step boundary; strided q/k/v views of one qkv tensor; strides that are
+not 16-byte multiples (the unaligned path). The interpreter runs small blocks (32 x 32, tail 16)
+so short segments cover full blocks, the padded last block and the tail step; one case runs the
+GPU's default 64 x 64 blocks.
 """
+import math
+
 import pytest
 import torch
 
@@ -25,18 +31,19 @@ def _cu(lengths, device):
     return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
 
 
-def _check(lengths, H, D, dtype, device, close, scale=None, packed_qkv=False):
+def _check(lengths, H, D, dtype, device, close, scale=None, packed_qkv=False, head_pad=0):
     T = sum(lengths)
     cu = _cu(lengths, device)
     max_len = max(lengths)
     if packed_qkv:  # the model's layout: one [T, 3, H, D] projection, unbound into strided views
         qkv = torch.randn(T, 3, H, D, device=device, dtype=dtype)
         q, k, v = qkv.unbind(1)
-    else:
-        q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(3))
+    else:  # head_pad > 0: head stride D + head_pad, not a multiple of 16 bytes
+        q, k, v = (torch.randn(T, H, D + head_pad, device=device, dtype=dtype)[..., :D] for _ in range(3))
     do = torch.randn(T, H, D, device=device, dtype=dtype)
 
-    ins = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ins = [t.detach().clone().requires_grad_() if head_pad == 0 else t.detach().requires_grad_()
+           for t in (q, k, v)]
     o = attn.attention(*ins, cu, max_len, scale)
     grads = torch.autograd.grad(o, ins, do)
 
@@ -47,7 +54,7 @@ def _check(lengths, H, D, dtype, device, close, scale=None, packed_qkv=False):
     tol = TOL[dtype]
     assert o.dtype == dtype and o.shape == (T, H, D)
     close(o, o_ref, tol["o"], "o")
-    for name, g, gr in zip(("dq", "dk", "dv"), grads, ref_grads):
+    for name, g, gr in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
         close(g, gr, tol["grad"], name)
 
 
@@ -60,9 +67,24 @@ def test_mixed_crops(D, dtype, device, close):
 
 
 @pytest.mark.usefixtures("poison_outputs")
-@pytest.mark.parametrize("D", [64, 128])
-def test_pow2_head_dims(D, device, close):
-    _check([54, 37], 2, D, torch.float16, device, close)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [64, 80, 104, 128])
+def test_head_dims_odd_lengths(D, dtype, device, close):
+    """1-token and prime segments at every head-dim chunking (one, two and three chunks)."""
+    _check([1, 37, 5, 17], 2, D, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_tail_boundaries(device, close):
+    """Remainders after full 32-blocks of 16 (tail step), 17 (padded block), 0, and shorter than a tail."""
+    _check([48, 49, 64, 16, 15, 33], 1, 80, torch.float16, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_gpu_default_blocks(device, close, monkeypatch):
+    """The GPU's default 64-row blocks: 261 = 4 x 64 + 5 (tail), 67 = 64 + 3 (tail), 54 (one block)."""
+    monkeypatch.setattr(attn, "INTERPRET_CANDIDATE", attn.CANDIDATES["fwd"][0])
+    _check([54, 261, 67], 1, 104, torch.bfloat16, device, close)
 
 
 @pytest.mark.usefixtures("poison_outputs")
@@ -76,12 +98,66 @@ def test_short_and_empty_segments_packed_qkv(device, close):
     _check([1, 0, 5, 67], 3, 104, torch.float32, device, close, packed_qkv=True)
 
 
+@pytest.mark.usefixtures("poison_outputs")
+def test_unaligned_strides(device, close):
+    """Head stride 105 elements: no 16-byte promise (ALIGN 1), still exact."""
+    q = torch.empty(4, 2, 105, dtype=torch.bfloat16)[..., :104]
+    qkv = torch.empty(4, 3, 2, 104, dtype=torch.bfloat16).unbind(1)
+    assert attn._consts(104, q.dtype, q)["ALIGN"] == 1
+    assert attn._consts(104, q.dtype, *qkv)["ALIGN"] == 8
+    _check([37, 20], 2, 104, torch.bfloat16, device, close, head_pad=1)
+
+
 def test_int64_cu_seqlens_and_bad_shapes(device, close):
     q, k, v = (torch.randn(20, 1, 16, device=device) for _ in range(3))
     cu = torch.tensor([0, 7, 20], device=device)
     close(attn.attention(q, k, v, cu, 13), reference.attention(q, k, v, cu, 13), TOL[torch.float32]["o"], "o")
     with pytest.raises(ValueError):
         attn.attention(q, k[:, :, :8], v, cu, 13)
+
+
+# ------------------------------------------------------------------------------------------------
+# launch plan (what the cost model reads)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("D", range(1, 257))
+def test_head_chunks_cover_the_head_dim(D):
+    chunks = [c for c in attn.head_chunks(D) if c]
+    assert all(c >= 16 and c & (c - 1) == 0 for c in chunks) and chunks == sorted(chunks, reverse=True)
+    # padding below one 16-column MMA step, except where 16-rounding needs four chunks (240 = 128+64+32+16)
+    assert sum(chunks) == 256 if 225 <= D <= 240 else D <= sum(chunks) < D + 16
+
+
+def test_plan_flops_against_hand_count():
+    """ViT-H/14 tile: 2 x 261 + 8 x 54 tokens, 16 heads of 80, default 64-row blocks with a 16 tail."""
+    H, D, lens = 16, 80, [261, 261] + [54] * 8
+    p = attn.launch_plan(lens, H, D)
+    useful = 4 * H * D * (2 * 261 ** 2 + 8 * 54 ** 2)
+    assert p["fwd"]["flops_useful"] == useful and p["bwd"]["flops_useful"] == 2 * useful
+    # queries in 64-row blocks (261 -> 320, 54 -> 64); keys 4 x 64 + 16 = 272 for 261, one 64 block for 54
+    assert p["head_chunks"] == (64, 16, 0)
+    assert p["kernels"]["fwd"]["flops_issued"] == 4 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
+    assert p["kernels"]["bwd_dkdv"]["flops_issued"] == 8 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
+    assert p["kernels"]["bwd_dq"]["flops_issued"] == 6 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
+    assert p["kernels"]["fwd"]["grid"] == (5, 10, 16)
+    same = attn.launch_plan(None, H, D, cu_seqlens=torch.tensor([0] + lens).cumsum(0))
+    assert same["fwd"] == p["fwd"] and same["bwd"] == p["bwd"]
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_plan_no_padding_issues_exactly_the_useful_flops(D):
+    """Segments of whole 64-blocks at a power-of-two head dim: only the backward's recompute is extra."""
+    p = attn.launch_plan([128, 64, 192], 4, D)
+    assert p["fwd"]["flops_issued"] == p["fwd"]["flops_useful"]
+    assert math.isclose(p["bwd"]["flops_issued"], p["bwd"]["flops_useful"] * 14 / 8)
+
+
+def test_plan_bytes_and_config_override():
+    T, H, D = 261 + 54, 16, 104
+    p = attn.launch_plan([261, 54], H, D, configs={"fwd": attn.CANDIDATES["fwd"][2]})
+    assert p["kernels"]["fwd"]["bytes"] == 4 * T * H * D * 2 + 4 * T * H  # q, k, v, o in bf16 + fp32 lse
+    assert p["kernels"]["fwd"]["config"]["BLOCK_N"] == attn.CANDIDATES["fwd"][2][1]
+    assert attn.launch_plan([261, 54], H, D, torch.float32)["kernels"]["fwd"]["config"]["BLOCK_M"] == 32
 
 
 @pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
