@@ -1,4 +1,5 @@
-// Torch glue for the csrc/ kernels: the `virchow_fast` custom-op library (schemas + CUDA kernels).
+// Torch glue for the csrc/ kernels: the `virchow_fast_cuda` custom-op library (schemas + CUDA kernels).
+// Its own namespace: the Triton backend registers `virchow_fast_triton`, and both load into one process.
 // Fake (meta) kernels and autograd are registered from Python in virchow_fast/ops/cuda_ops.py,
 // which set_python_module names so that torch imports it when it needs them.
 #include <Python.h>
@@ -123,7 +124,7 @@ void sinkhorn_normalize_rows_(at::Tensor& q, const at::Tensor& col, double col_s
 
 }  // namespace
 
-TORCH_LIBRARY(virchow_fast, m) {
+TORCH_LIBRARY(virchow_fast_cuda, m) {
   m.set_python_module("virchow_fast.ops.cuda_ops");
   m.def("layer_norm_fwd(Tensor x, Tensor weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
@@ -132,7 +133,7 @@ TORCH_LIBRARY(virchow_fast, m) {
   m.def("sinkhorn_normalize_rows_(Tensor(a!) q, Tensor col, float col_scale, float row_target) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(virchow_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(virchow_fast_cuda, CUDA, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd);
   m.impl("layer_norm_bwd", &layer_norm_bwd);
   m.impl("softmax_center", &softmax_center);
@@ -142,7 +143,7 @@ TORCH_LIBRARY_IMPL(virchow_fast, CUDA, m) {
 
 // `import virchow_fast._C` loads this library (and with it the registrations above); no Python API.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "virchow_fast CUDA custom ops (torch.ops.virchow_fast)",
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "virchow_fast CUDA custom ops (torch.ops.virchow_fast_cuda)",
                                -1, nullptr};
   return PyModule_Create(&module);
 }

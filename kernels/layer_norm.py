@@ -135,7 +135,7 @@ def _backward(dy, x, weight, mean, rstd):
 # Custom ops: torch.compile and FSDP see two opaque ops with fake (meta) implementations
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("virchow_fast::layer_norm_fwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _forward(x, weight, bias, eps)
@@ -148,7 +148,7 @@ def _(x, weight, bias, eps):
     return x.new_empty((R, C)), stats, torch.empty_like(stats)
 
 
-@torch.library.custom_op("virchow_fast::layer_norm_bwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
                     rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dy, x, weight, mean, rstd)

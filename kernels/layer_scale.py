@@ -106,7 +106,7 @@ def _backward(dz: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor):
 # Custom ops
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("virchow_fast::residual_layer_scale_fwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::residual_layer_scale_fwd", mutates_args=())
 def _rls_fwd(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return _forward(x, y, gamma)
 
@@ -116,7 +116,7 @@ def _(x, y, gamma):
     return x.new_empty(x.shape, dtype=torch.promote_types(torch.promote_types(x.dtype, y.dtype), gamma.dtype))
 
 
-@torch.library.custom_op("virchow_fast::residual_layer_scale_bwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::residual_layer_scale_bwd", mutates_args=())
 def _rls_bwd(dz: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(dz, y, gamma)
 

@@ -343,7 +343,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
 
 # custom ops: torch.compile and FSDP see each pass as one opaque node with a fake (shape-only) kernel
 
-@torch.library.custom_op("virchow_fast_kernels::head_row_lse", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::head_row_lse", mutates_args=())
 def _row_lse_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor]) -> torch.Tensor:
     return row_lse(z, w, scale, beta)
 
@@ -353,7 +353,7 @@ def _(z, w, scale, beta):
     return z.new_empty(z.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("virchow_fast_kernels::head_row_expect", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::head_row_expect", mutates_args=())
 def _row_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                    alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return row_expect(z, w, scale, beta, alpha, v).contiguous()
@@ -364,7 +364,7 @@ def _(z, w, scale, beta, alpha, v):
     return z.new_empty(z.shape[0], v.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("virchow_fast_kernels::head_row_softmax_expect", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::head_row_softmax_expect", mutates_args=())
 def _row_softmax_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                            v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_softmax_expect(z, w, scale, beta, v)
@@ -375,7 +375,7 @@ def _(z, w, scale, beta, v):
     return z.new_empty(z.shape[0], v.shape[1], dtype=torch.float32), z.new_empty(z.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("virchow_fast_kernels::head_col_sum", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::head_col_sum", mutates_args=())
 def _col_sum_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                 alpha: torch.Tensor) -> torch.Tensor:
     return col_reduce(z, w, scale, beta, alpha)
@@ -386,7 +386,7 @@ def _(z, w, scale, beta, alpha):
     return w.new_empty(w.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("virchow_fast_kernels::head_col_reduce", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::head_col_reduce", mutates_args=())
 def _col_reduce_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                    alpha: torch.Tensor, v: torch.Tensor, coef: float) -> torch.Tensor:
     return col_reduce(z, w, scale, beta, alpha, v, coef)
@@ -397,7 +397,7 @@ def _(z, w, scale, beta, alpha, v, coef):
     return w.new_empty(w.shape[0], v.shape[1], dtype=torch.float32)
 
 
-@torch.library.custom_op("virchow_fast_kernels::head_col_reduce_add_", mutates_args=("out",))
+@torch.library.custom_op("virchow_fast_triton::head_col_reduce_add_", mutates_args=("out",))
 def _col_reduce_add_op(out: torch.Tensor, z: torch.Tensor, w: torch.Tensor, scale: float,
                        beta: Optional[torch.Tensor], alpha: torch.Tensor, v: torch.Tensor, coef: float) -> None:
     col_reduce(z, w, scale, beta, alpha, v, coef, out=out)

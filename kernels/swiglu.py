@@ -96,7 +96,7 @@ def _backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Custom ops
 # ------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("virchow_fast::swiglu_fwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::swiglu_fwd", mutates_args=())
 def _swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
     return _forward(x)
 
@@ -106,7 +106,7 @@ def _(x):
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
 
-@torch.library.custom_op("virchow_fast::swiglu_bwd", mutates_args=())
+@torch.library.custom_op("virchow_fast_triton::swiglu_bwd", mutates_args=())
 def _swiglu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return _backward(dy, x)
 

@@ -53,7 +53,7 @@ spec = importlib.util.spec_from_file_location("virchow_fast._C", sys.argv[1])
 mod = importlib.util.module_from_spec(spec); sys.modules["virchow_fast._C"] = mod; spec.loader.exec_module(mod)
 from virchow_fast.ops import cuda_ops
 names = ["layer_norm_fwd", "layer_norm_bwd", "softmax_center", "sinkhorn_col_sums", "sinkhorn_normalize_rows_"]
-assert all(hasattr(torch.ops.virchow_fast, n) for n in names)
+assert all(hasattr(torch.ops.virchow_fast_cuda, n) for n in names)
 # fake kernels: shapes on the meta device, autograd through layer_norm_fwd
 x = torch.empty(3, 7, 1280, device="meta", dtype=torch.bfloat16, requires_grad=True)
 w = torch.empty(1280, device="meta", requires_grad=True)
@@ -62,9 +62,9 @@ y = cuda_ops.layer_norm(x, w, b, 1e-6)
 assert y.shape == x.shape and y.dtype == x.dtype
 gx, gw, gb = torch.autograd.grad(y.sum(), [x, w, b])
 assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
-p = torch.ops.virchow_fast.softmax_center(torch.empty(4, 96, device="meta"), torch.empty(96, device="meta"), 0.04)
+p = torch.ops.virchow_fast_cuda.softmax_center(torch.empty(4, 96, device="meta"), torch.empty(96, device="meta"), 0.04)
 assert p.shape == (4, 96) and p.dtype == torch.float32
-assert torch.ops.virchow_fast.sinkhorn_col_sums(p).shape == (96,)
+assert torch.ops.virchow_fast_cuda.sinkhorn_col_sums(p).shape == (96,)
 assert sorted(cuda_ops.IMPLEMENTATIONS) == ["centering", "layer_norm"]
 print("ok")
 """
@@ -162,7 +162,7 @@ def test_layer_norm_opcheck():
     _cuda_ops()
     x = torch.randn(37, 1280, device="cuda", dtype=torch.bfloat16)
     w, b = torch.randn(1280, device="cuda"), torch.randn(1280, device="cuda")
-    torch.library.opcheck(torch.ops.virchow_fast.layer_norm_fwd, (x, w, b, 1e-6))
+    torch.library.opcheck(torch.ops.virchow_fast_cuda.layer_norm_fwd, (x, w, b, 1e-6))
 
 
 @pytest.mark.gpu
@@ -172,7 +172,7 @@ def test_softmax_center_matches_reference(dtype, m, k):
     _cuda_ops()
     logits = torch.randn(m, k, device="cuda").clamp(-1, 1).to(dtype)
     center = 0.1 * torch.randn(k, device="cuda")
-    got = torch.ops.virchow_fast.softmax_center(logits, center, 0.04)
+    got = torch.ops.virchow_fast_cuda.softmax_center(logits, center, 0.04)
     torch.testing.assert_close(got, ref.softmax_center(logits, center, 0.04), rtol=1e-4, atol=1e-7)
 
 

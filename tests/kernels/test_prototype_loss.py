@@ -203,7 +203,7 @@ def test_custom_ops_opcheck():
     torch.manual_seed(9)
     z, w, v = _unit(5, 16), _unit(40, 16), torch.randn(5, 16, device=DEVICE)
     beta, alpha = torch.randn(40, device=DEVICE), torch.randn(5, device=DEVICE)
-    ops_ = torch.ops.virchow_fast_kernels
+    ops_ = torch.ops.virchow_fast_triton
     for op, args in [(ops_.head_row_lse, (z, w, 2.0, beta)), (ops_.head_row_expect, (z, w, 2.0, None, alpha, w)),
                      (ops_.head_row_softmax_expect, (z, w, 2.0, beta, w)),
                      (ops_.head_col_sum, (z, w, 2.0, beta, alpha)),

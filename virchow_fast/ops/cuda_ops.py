@@ -1,6 +1,6 @@
 """The CUDA extension's ops (``virchow_fast._C``, built from csrc/): fake kernels, autograd, wrappers.
 
-csrc/bindings.cpp defines the schemas and CUDA kernels of ``torch.ops.virchow_fast.*``; this module
+csrc/bindings.cpp defines the schemas and CUDA kernels of ``torch.ops.virchow_fast_cuda.*``; this module
 adds what torch.compile and autograd need (fake kernels, ``register_autograd``) and the functions
 with the reference's signatures that ops/ registers as the ``cuda`` backend (``IMPLEMENTATIONS``).
 Importing it raises ImportError when the extension is not built.
@@ -13,41 +13,41 @@ from . import reference
 from .reference import AllReduce
 
 try:
-    from virchow_fast import _C  # noqa: F401  (loading the library registers torch.ops.virchow_fast)
+    from virchow_fast import _C  # noqa: F401  (loading the library registers torch.ops.virchow_fast_cuda)
 except ImportError as exc:
     raise ImportError(f"virchow_fast._C is not built (pip install with torch CUDA and CUDA_HOME): {exc}") from exc
 
-_ops = torch.ops.virchow_fast
+_ops = torch.ops.virchow_fast_cuda
 
 
 # ---------------------------------------------------------------------------------------------
 # fake (meta) kernels: shapes and dtypes only
 # ---------------------------------------------------------------------------------------------
 
-@torch.library.register_fake("virchow_fast::layer_norm_fwd")
+@torch.library.register_fake("virchow_fast_cuda::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, weight, bias, eps):
     rows = x.numel() // x.shape[-1]
     stat = x.new_empty(rows, dtype=torch.float32)
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, torch.empty_like(stat)
 
 
-@torch.library.register_fake("virchow_fast::layer_norm_bwd")
+@torch.library.register_fake("virchow_fast_cuda::layer_norm_bwd")
 def _layer_norm_bwd_fake(dy, x, weight, mean, rstd):
     return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
             torch.empty_like(weight))
 
 
-@torch.library.register_fake("virchow_fast::softmax_center")
+@torch.library.register_fake("virchow_fast_cuda::softmax_center")
 def _softmax_center_fake(logits, center, temp):
     return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("virchow_fast::sinkhorn_col_sums")
+@torch.library.register_fake("virchow_fast_cuda::sinkhorn_col_sums")
 def _sinkhorn_col_sums_fake(q):
     return q.new_empty(q.shape[1])
 
 
-@torch.library.register_fake("virchow_fast::sinkhorn_normalize_rows_")
+@torch.library.register_fake("virchow_fast_cuda::sinkhorn_normalize_rows_")
 def _sinkhorn_normalize_rows_fake(q, col, col_scale, row_target):
     return None
 
@@ -69,7 +69,7 @@ def _ln_backward(ctx, dy, _dmean, _drstd):
     return dx, dw, None if ctx.bias_dtype is None else db.to(ctx.bias_dtype), None
 
 
-torch.library.register_autograd("virchow_fast::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
+torch.library.register_autograd("virchow_fast_cuda::layer_norm_fwd", _ln_backward, setup_context=_ln_setup)
 
 
 # ---------------------------------------------------------------------------------------------
