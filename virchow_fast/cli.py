@@ -75,10 +75,11 @@ def config_help() -> None:
 
 # commands that live beside their subsystem
 from .data.cli import tiles  # noqa: E402
-from .downstream.cli import export  # noqa: E402
+from .downstream.cli import evaluate, export  # noqa: E402
 
 main.add_command(tiles)
 main.add_command(export)
+main.add_command(evaluate)
 
 if __name__ == "__main__":
     sys.exit(main())

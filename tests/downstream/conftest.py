@@ -47,3 +47,44 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     run(tiny_config(f"train.output_dir={out}"))
     return out
+
+
+def labelled_tile(cls: int, seed: int, size: int = 56):
+    """An H&E-like tile whose class sets its texture and stain: 0 pink stroma with few small nuclei,
+    1 crowded large purple nuclei (tumour-like), 2 pale, sparse, bluish (a third stain)."""
+    import numpy as np
+
+    from virchow_fast.data.synthetic import he_image
+
+    rng = np.random.default_rng(1000 * cls + seed)
+    mag = (10.0, 40.0, 20.0)[cls]
+    img = he_image(rng, size, magnification=mag, tissue_fraction=1.0).astype(np.float32)
+    tint = np.array([(1.0, 1.0, 1.0), (0.85, 0.8, 1.05), (0.95, 1.0, 1.1)][cls], dtype=np.float32)
+    return np.clip(img * tint, 0, 255).astype(np.uint8)
+
+
+def write_image_folder(root, n_per_class: int, classes=("0_stroma", "1_tumour", "2_other"), seed: int = 0,
+                       size: int = 56):
+    from PIL import Image
+
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            Image.fromarray(labelled_tile(c, seed + i, size)).save(root / name / f"{name}-{i:03d}.png")
+    return root
+
+
+def save_model(path, model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+    """Weights + config.json as an export writes them, for a bare VisionTransformer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from virchow_fast.model.timm_compat import export_timm_state_dict, json_kwargs
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(export_timm_state_dict(model), str(path))
+    meta = {"architecture": "vit_huge_patch14_224", "model_args": json_kwargs(model.cfg),
+            "pretrained_cfg": {"mean": list(mean), "std": list(std)}}
+    path.with_name("config.json").write_text(json.dumps(meta))
+    return path

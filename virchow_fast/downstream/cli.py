@@ -36,3 +36,38 @@ def export(run_dir: str, out: str, step: int | None, which: str, overwrite: bool
     except _user_errors() as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"wrote {weights} and {cfg}")
+
+
+@click.command("eval")
+@click.option("--model", "model", required=True, type=click.Path(), help="weights file or run directory")
+@click.option("--train", "train", required=True, type=click.Path(), help="labelled tiles: ImageFolder tree, "
+              "CSV of path,label, or PCam _x.h5")
+@click.option("--val", "val", required=True, type=click.Path(), help="labelled tiles for early stopping")
+@click.option("--test", "test", type=click.Path(), default=None, help="labelled tiles to report on (default: val)")
+@click.option("--out", type=click.Path(dir_okay=False), default="eval.json", show_default=True, help="results JSON")
+@click.option("--seeds", type=int, default=5, show_default=True, help="linear-probe runs")
+@click.option("--k", type=int, default=20, show_default=True, help="kNN neighbours")
+@click.option("--embedding", type=click.Choice(["cls+mean", "cls"]), default="cls+mean", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True, help="tiles per forward")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N]")
+@click.option("--max-steps", type=int, default=12500, show_default=True, help="probe steps at most")
+@click.option("--patience", type=int, default=0, help="validations without improvement before stopping "
+              "(0 = max(7 epochs, 1250 steps))")
+@click.option("--val-every", type=int, default=0, help="probe steps between validations (0 = one epoch)")
+@click.option("--step", type=int, default=None, help="checkpoint step of a run directory (default: newest)")
+def evaluate(model, train, val, test, out, seeds, k, embedding, batch_size, device, max_steps, patience, val_every,
+             step) -> None:
+    """Frozen embeddings: kNN (cosine) and eva's linear probe; prints a table, writes JSON."""
+    from .evaluate import evaluate as run_eval
+    from .evaluate import format_table
+
+    try:
+        result = run_eval(model, train, val, test, out, seeds, k, embedding, batch_size, device, max_steps, patience,
+                          val_every, step)
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{result['weights']}: {result['embedding']} embeddings ({result['embedding_dim']}), "
+               f"reported on {result['reported_on']} ({result['tiles'][result['reported_on']]} tiles), "
+               f"RankMe(train) {result['rankme_train']:.1f}")
+    click.echo(format_table(result))
+    click.echo(f"wrote {out}")
