@@ -167,6 +167,9 @@ class ParallelConfig:
     ac_every: int = _doc("with every_k: checkpoint every k-th block", 2)
     compile: bool = _doc("torch.compile each block", False)
     backend: str = _doc("process group backend: auto (nccl on CUDA, gloo on CPU) | nccl | gloo", "auto")
+    shard_size: int = _doc("processes per FSDP shard group; the groups replicate each other (HSDP: gather "
+                           "within a node, all-reduce across nodes). 0 = the launcher's LOCAL_WORLD_SIZE "
+                           "(one node), or all processes without one", 0)
 
 
 @dataclass
@@ -432,6 +435,7 @@ def validate(cfg: Config) -> None:
     _choice(p.mixed_precision, "parallel.mixed_precision", ("bf16", "fp32"))
     _choice(p.activation_checkpointing, "parallel.activation_checkpointing", ("off", "full", "every_k"))
     _check(p.ac_every >= 1, "parallel.ac_every", "must be >= 1")
+    _check(p.shard_size >= 0, "parallel.shard_size", "must be >= 0 (0 = one node)")
     _choice(p.backend, "parallel.backend", ("auto", "nccl", "gloo"))
     t = cfg.train
     _check(t.epochs >= 1 and t.steps_per_epoch >= 1, "train.epochs", "epochs and steps_per_epoch must be >= 1")

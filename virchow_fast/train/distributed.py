@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, ConfigError
 
 log = logging.getLogger("virchow_fast.train")
 
@@ -25,7 +25,8 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: object | None = field(default=None, repr=False)  # 1-D DeviceMesh when a process group exists
+    mesh: object | None = field(default=None, repr=False)  # DeviceMesh when a process group exists: (shard,) or
+    # (replicate, shard) for HSDP
 
     @property
     def is_main(self) -> bool:
@@ -64,20 +65,27 @@ def init_distributed(cfg: Config) -> DistInfo:
                                     device_id=device if use_cuda else None)
     mesh = None
     if dist.is_initialized():
-        from torch.distributed.device_mesh import init_device_mesh
-
         world, rank = dist.get_world_size(), dist.get_rank()
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = device_mesh(device.type, world, shard_group_size(cfg.parallel.shard_size, world))
     return DistInfo(rank, world, local_rank, device, mesh)
 
 
-def from_main(value):
-    """Rank 0's ``value`` on every rank (one pickled broadcast); ``value`` itself without a process group."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
+def shard_group_size(configured: int, world: int) -> int:
+    """Processes per FSDP shard group: ``parallel.shard_size``, or one node (LOCAL_WORLD_SIZE) for 0."""
+    size = configured or min(int(os.environ.get("LOCAL_WORLD_SIZE", world)), world)
+    if size <= 0 or size > world or world % size:
+        raise ConfigError(f"parallel.shard_size: {size} does not divide the {world} processes of this launch")
+    return size
+
+
+def device_mesh(device_type: str, world: int, shard: int):
+    """1-D mesh ("shard",) for plain FSDP; 2-D ("replicate", "shard") for HSDP, with each shard group a
+    block of consecutive ranks (one node under torchrun), so parameter gathers stay inside a node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if shard == world:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world // shard, shard), mesh_dim_names=("replicate", "shard"))
 
 
 def shutdown_distributed(barrier: bool = True) -> None:
