@@ -16,10 +16,13 @@ group, how the student and the teacher run:
 - the teacher is sharded the same way (no gradients, no optimizer state; it reshards after its
   no-grad forward, so ``ema_update`` lerps the local fp32 shards without any gather).
 
-Without FSDP (one process and ``fsdp: auto``, or ``fsdp: off``) and ``mixed_precision: bf16``, the
-forward of both networks runs under ``torch.autocast(bf16)`` with fp32 outputs: fp32 weights and
-optimizer as with FSDP, matmuls in bf16 (autocast keeps norms and softmax in fp32, so its numbers
-are close to, not identical with, FSDP's bf16-parameter compute).
+One GPU runs the way FSDP runs: with ``mixed_precision: bf16`` and ``fsdp: auto`` a single process
+gets FSDP2 over a one-rank group (made here when none exists): bf16 compute copies of the
+parameters cast once per forward and backward, fp32 master weights, optimizer and gradient
+reduction, a bf16 residual stream between blocks, the same numbers as a multi-GPU run. Only
+``fsdp: off`` with bf16 runs the forward under ``torch.autocast(bf16)`` (fp32 weights re-cast by
+every matmul, fp32 residual stream and norms: more memory traffic, close to but not identical
+with FSDP's numbers).
 """
 from __future__ import annotations
 
@@ -37,8 +40,22 @@ log = logging.getLogger("virchow_fast.train")
 
 
 def use_fsdp(cfg: ParallelConfig, info: DistInfo) -> bool:
-    """FSDP2 on: ``on``, or ``auto`` with more than one process."""
-    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and info.world_size > 1)
+    """FSDP2 on: ``on``, or ``auto`` with more than one process or with bf16 (one GPU as FSDP runs it)."""
+    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and (info.world_size > 1 or cfg.mixed_precision == "bf16"))
+
+
+def _one_rank_mesh(info: DistInfo):
+    """A one-rank process group (in memory, no rendezvous) and its mesh, for FSDP2 on a single process."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        cuda = info.device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=30), device_id=info.device if cuda else None)
+    return init_device_mesh(info.device.type, (1,), mesh_dim_names=("shard",))
 
 
 def checkpointed_blocks(cfg: ParallelConfig, depth: int) -> list[int]:
@@ -91,6 +108,12 @@ def _shard(net: nn.Module, info: DistInfo, bf16: bool, teacher: bool) -> None:
     fully_shard(net, mesh=info.mesh, mp_policy=root_mp, reshard_after_forward=True if teacher else None)
 
 
+def _mesh_text(mesh) -> str:
+    if mesh is None or mesh.ndim == 1:
+        return ""
+    return f" (HSDP: {mesh.size(0)} replicas x {mesh.size(1)} shards)"
+
+
 def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, info: DistInfo):
     """Return (student, teacher) ready to train, modified in place.
 
@@ -107,6 +130,8 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
             for block in net.backbone.blocks:
                 block.compile()
     fsdp = use_fsdp(cfg, info)
+    if fsdp and info.mesh is None:
+        info.mesh = _one_rank_mesh(info)
     if fsdp:
         _shard(student, info, bf16, teacher=False)
         _shard(teacher, info, bf16, teacher=True)
@@ -114,7 +139,7 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
         for net in (student, teacher):
             _apply_autocast(net, torch.bfloat16, info.device.type)
     if info.is_main:
-        log.info("parallelize: fsdp=%s over %d process(es), precision=%s%s, activation checkpointing on %d/%d "
-                 "blocks, compile=%s", fsdp, info.world_size, cfg.mixed_precision,
+        log.info("parallelize: fsdp=%s over %d process(es)%s, precision=%s%s, activation checkpointing on %d/%d "
+                 "blocks, compile=%s", fsdp, info.world_size, _mesh_text(info.mesh) if fsdp else "", cfg.mixed_precision,
                  "" if fsdp or not bf16 else " (autocast)", len(ac), depth, cfg.compile)
     return student, teacher
