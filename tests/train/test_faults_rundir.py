@@ -42,8 +42,8 @@ def test_cli_refuses_in_one_line_and_resume_or_overwrite_go_on(earlier):
     runner = CliRunner()
     res = runner.invoke(main, cli_args(earlier, "train.steps_per_epoch=2"))
     assert res.exit_code == 1
-    lines = res.output.strip().splitlines()
-    assert len(lines) == 1 and "holds an earlier run" in lines[0], res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "holds an earlier run" in errors[0] and "Traceback" not in res.output, res.output
     res = runner.invoke(main, cli_args(earlier) + ["--resume", "--overwrite"])
     assert res.exit_code == 1 and "give one" in res.output
     res = runner.invoke(main, cli_args(earlier, "train.steps_per_epoch=2") + ["--overwrite"])

@@ -3,9 +3,14 @@
 A checkpoint is the folder ``<run>/checkpoints/step_XXXXXXXX``; it is written as
 ``.tmp-step_XXXXXXXX`` and renamed when every rank has finished, so a folder with the final name is
 complete and a half-written one (killed mid-save) is never picked (and is removed by the next
-save). The run directory must be on a filesystem every rank sees (rank 0 renames and prunes). Inside: the student, teacher,
-optimizer (sharded or not: DCP reshards on load, also to another number of processes), the loss
-state (centers), the step, the data position and each rank's RNG state.
+save). Before the rename each checkpoint gets a ``manifest.json`` of sizes and checksums (see
+train/integrity.py) and the files its caller adds (the loop: the resolved config and the schedules,
+see train/resume.py).
+A checkpoint whose weights are not finite is never written, and pruning removes only checkpoints
+older than the one just written. The run directory must be on a filesystem every rank sees (rank 0
+renames and prunes). Inside: the student, teacher, optimizer (sharded or not: DCP reshards on load,
+also to another number of processes), the loss state (centers), the step, the data position and
+each rank's RNG state.
 """
 from __future__ import annotations
 
@@ -17,16 +22,29 @@ import re
 import shutil
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from .errors import RunError
+from .integrity import nonfinite_count, write_manifest
 
 log = logging.getLogger("virchow_fast.train")
 
 _NAME = re.compile(r"^step_(\d{8})$")
+
+
+class NonFiniteCheckpointError(RunError):
+    """The weights to be saved hold NaN or infinity: nothing is written, the earlier checkpoints stay."""
 
 
 def _rank() -> int:
@@ -96,9 +114,28 @@ def _app_state(student, teacher, optimizer, extra: dict) -> dict:
     }
 
 
+def step_of(path: str | os.PathLike) -> int:
+    return int(_NAME.match(Path(path).name).group(1))
+
+
+def _nonfinite_weights(*modules) -> bool:
+    bad = nonfinite_count([p for m in modules for p in m.parameters()])
+    if dist.is_initialized() and _world() > 1:
+        bad = bad.to(next(modules[0].parameters()).device)
+        dist.all_reduce(bad)
+    return bool(bad > 0)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, optimizer, losses: dict,
-                    data_state: dict, keep: int) -> Path:
-    """Write the checkpoint of ``step`` (the next step to run) atomically; keep the newest ``keep``."""
+                    data_state: dict, keep: int, extras: dict[str, Callable[[Path], None]] | None = None) -> Path:
+    """Write the checkpoint of ``step`` (the next step to run) atomically; keep the newest ``keep`` up to it.
+
+    ``extras``: file name -> writer(path), files rank 0 adds before the checkpoint is sealed. Raises
+    :class:`NonFiniteCheckpointError`, on every rank, instead of saving non-finite weights.
+    """
+    if _nonfinite_weights(student, teacher):
+        raise NonFiniteCheckpointError(f"step {step}: the weights hold NaN or infinity; checkpoint not written "
+                                       f"(the earlier ones in {checkpoint_dir(run_dir)} are kept)")
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -119,12 +156,17 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
     state = _app_state(student, teacher, optimizer, extra)
     with _single_process_quiet():
         dcp.save(state, checkpoint_id=str(tmp))
+    if rank == 0:
+        for name, write in (extras or {}).items():
+            write(tmp / name)
+    write_manifest(tmp)  # a collective: every rank's files are in it when it returns on rank 0
     _barrier()
     if _rank() == 0:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]  # never one from beyond this step
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

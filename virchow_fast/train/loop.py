@@ -27,11 +27,12 @@ from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.pretrained import ema_step, init_student
 from ..model.ssl import SSLNetwork, make_teacher
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import apply_schedules, build_optimizer
 from .parallelize import parallelize, use_fsdp
+from .resume import checkpoint_files, resume_run
 from .rundir import prepare_run_dir
 from .schedules import build_schedules
 from .step import SSLLoss
@@ -130,15 +131,10 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
 
     torch.manual_seed(cfg.train.seed + 1000 * (info.rank + 1))  # per-rank stream (drop path); a resume restores it
     start_step, data_state = 0, None
-    if resume:
-        ckpt = latest_checkpoint(run_dir)
-        if ckpt is None:
-            log.warning("--resume: no complete checkpoint in %s, starting from step 0", run_dir)
-        else:
-            loaded = load_checkpoint(ckpt, student, teacher, optimizer, losses_dict)
-            start_step, data_state = loaded["step"], loaded["data"]
-            if info.is_main:
-                print(f"resumed from {ckpt} at step {start_step}", flush=True)
+    resumed = resume_run(run_dir, cfg, derived, student, teacher, optimizer, losses_dict, info.is_main) \
+        if resume else None  # the newest intact checkpoint, if its settings allow (train/resume.py)
+    if resumed is not None:
+        start_step, data_state, sched = resumed.step, resumed.data, resumed.schedules
 
     loader = build_loader(cfg.data, cfg.model.patch_size, info.rank, info.world_size, cfg.train.seed,
                           start_step=start_step, run_dir=str(run_dir))
@@ -150,7 +146,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
 
     def checkpoint(step: int, data_state: dict) -> None:
         save_checkpoint(run_dir, step, student, teacher, optimizer, losses_dict, data_state,
-                        cfg.train.keep_checkpoints)
+                        cfg.train.keep_checkpoints, extras=checkpoint_files(cfg, derived, sched))
 
     bad_in_a_row = bad_total = 0
     batch = None
