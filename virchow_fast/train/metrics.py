@@ -1,4 +1,4 @@
-"""Per-step metrics: JSON lines, TensorBoard when installed, MFU and peak memory.
+"""Per-step metrics: JSON lines, TensorBoard (pinned in requirements/base.txt), MFU and peak memory.
 
 MFU counts *model* FLOPs (``model.info.flops_per_tile``: student forward + backward on all crops,
 teacher forward on the global crops, heads; no recompute) per second per device, against the
@@ -79,10 +79,17 @@ class Throughput:
         return out
 
 
+def tag(key: str) -> str:
+    """TensorBoard tag of a metrics key: eval_knn_acc -> eval/knn_acc, anything else -> train/<key>."""
+    return f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+
+
 class MetricsWriter:
     """Per-step metrics as JSON lines in <run>/metrics.jsonl (rank 0); resume drops later lines.
 
-    Mirrors every numeric field to TensorBoard (<run>/tensorboard) when ``tensorboard`` is installed.
+    Mirrors every finite numeric field to TensorBoard (<run>/tensorboard): ``train/<key>`` (loss
+    terms, lr and the other schedules, tiles/s, MFU, memory), ``eval/<name>`` for ``eval_<name>``
+    (kNN accuracy and RankMe from ``eval.every``).
     """
 
     def __init__(self, path: Path, start_step: int, enabled: bool, tensorboard: bool = True):
@@ -95,8 +102,8 @@ class MetricsWriter:
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard not installed: JSONL only
-                pass
+            except ImportError:  # not in the pinned stack's install: say so once, keep the JSON lines
+                log.warning("tensorboard is not installed: metrics go to %s only", path)
             else:
                 self._tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=start_step)
 
@@ -108,7 +115,7 @@ class MetricsWriter:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) \
                         and math.isfinite(value):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+                    self._tb.add_scalar(tag(key), value, record["step"])
 
     def close(self) -> None:
         if self._f is not None:
