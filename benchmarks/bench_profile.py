@@ -5,7 +5,7 @@ after warm-up steps (Triton compiles and autotunes there). One step is profiled;
 kernel of that step is put in one category by its name:
 
   GEMM               cuBLAS / CUTLASS matmuls (nvjet, sm90 xmma, cutlass, gemm)
-  attention          our Triton attention kernels (kernels/attention.py), SDPA / flash / cuDNN
+  attention          our Triton attention kernels (kernels/*attention*.py), SDPA / flash / cuDNN
   head loss (fused)  our Triton prototype-loss kernels (kernels/prototype_loss.py)
   Triton glue        every other Triton kernel: LayerNorm, SwiGLU, residual + LayerScale, inductor's
   optimizer and EMA  fused AdamW, the foreach passes (gradient norm and clipping, EMA lerp)
@@ -42,11 +42,12 @@ CATEGORIES = ("GEMM", "attention", "head loss (fused)", "Triton glue", "optimize
 
 def triton_kernels(folder: Path = ROOT / "kernels") -> dict[str, str]:
     """{kernel function name: category} of every ``@triton.jit`` kernel in ``folder``."""
-    by_file = {"attention.py": "attention", "prototype_loss.py": "head loss (fused)"}
     names = {}
     for path in sorted(folder.glob("*.py")):
+        cat = "attention" if "attention" in path.stem else "head loss (fused)" if "prototype_loss" in path.stem \
+            else "Triton glue"
         for name in re.findall(r"@triton\.jit[^\n]*\n(?:@[^\n]*\n)*def (\w+)\(", path.read_text()):
-            names[name] = by_file.get(path.name, "Triton glue")
+            names[name] = cat
     return names
 
 
@@ -167,8 +168,8 @@ def main() -> None:
             trace_path = os.path.join(tmp, "trace.json")
             prof.export_chrome_trace(trace_path)
             trace = json.loads(Path(trace_path).read_text())
-        marks = [e for e in trace.get("traceEvents", [])
-                 if e.get("name") == "bench_profile_step" and e.get("ph") == "X"]
+        marks = [e for e in trace.get("traceEvents", []) if e.get("name") == "bench_profile_step"
+                 and e.get("ph") == "X" and e.get("cat") == "user_annotation"]  # the host's range, not the GPU's
         window = (marks[0]["ts"], marks[0]["ts"] + marks[0]["dur"]) if marks else None
         rows, top, wall = breakdown_from_trace(trace, window)
     else:

@@ -68,13 +68,14 @@ fi
 
 env_info() {
   "$PY" - <<'PYEOF'
-import platform, torch
+import importlib.metadata as md, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
-for name in ("numpy", "triton", "timm", "click", "yaml", "tqdm", "tensorboard", "pytest", "setuptools"):
+for name in ("numpy", "triton", "timm", "torchvision", "click", "PyYAML", "tqdm", "tensorboard", "pytest",
+             "setuptools", "nvidia-dali-cuda130", "cucim-cu13", "openslide-python", "imagecodecs"):
     try:
-        mod = __import__(name); print(name, getattr(mod, "__version__", "present"))
-    except ImportError as e:
-        print(name, "MISSING:", e)
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
 PYEOF
   if command -v nvidia-smi > /dev/null 2>&1; then

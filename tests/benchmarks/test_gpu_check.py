@@ -111,3 +111,14 @@ def test_gpu_check_full_cpu_run(tmp_path):
     lines, summary = _run(tmp_path, budget_s=1200, timeout_s=1500)
     ran = _check_statuses(lines, summary, allow_budget_cut=False)
     assert set(ran) == {n for n, when in _steps().items() if when == "all"}, summary
+
+
+def test_headline_first_and_within_the_default_budget():
+    """The headline steps (install, ceilings, the ViT-H step) lead the table and their caps fit the budget."""
+    text = SCRIPT.read_text()
+    headline = re.search(r'^HEADLINE="([^"]+)"', text, re.M).group(1).split()
+    budget = int(re.search(r"GPU_CHECK_BUDGET_S:-(\d+)", text).group(1))
+    caps = dict(re.findall(r'^\s+"(\w+)\|(\d+)\|', text, re.M))
+    assert list(caps)[:len(headline)] == headline
+    assert sum(int(caps[n]) for n in headline) <= budget
+    assert budget <= 540  # one device call of at most 9 minutes
