@@ -75,11 +75,12 @@ def config_help() -> None:
 
 # commands that live beside their subsystem
 from .data.cli import tiles  # noqa: E402
-from .downstream.cli import evaluate, export  # noqa: E402
+from .downstream.cli import embed, evaluate, export  # noqa: E402
 
 main.add_command(tiles)
 main.add_command(export)
 main.add_command(evaluate)
+main.add_command(embed)
 
 if __name__ == "__main__":
     sys.exit(main())

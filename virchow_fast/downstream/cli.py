@@ -71,3 +71,32 @@ def evaluate(model, train, val, test, out, seeds, k, embedding, batch_size, devi
                f"RankMe(train) {result['rankme_train']:.1f}")
     click.echo(format_table(result))
     click.echo(f"wrote {out}")
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option("--model", "model", required=True, type=click.Path(), help="weights file or run directory")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for one <slide>.h5 each")
+@click.option("--mag", type=float, default=20.0, show_default=True, help="magnification of the tiles (40x = 0.25 um/px)")
+@click.option("--tile", type=int, default=224, show_default=True, help="tile side in px at --mag")
+@click.option("--embedding", type=click.Choice(["cls+mean", "cls"]), default="cls+mean", show_default=True)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--min-tissue", type=float, default=0.65, show_default=True, help="tissue fraction to keep a tile")
+@click.option("--mpp", type=float, default=None, help="um/px for slides whose metadata has none")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda[:N] (bf16 on CUDA)")
+@click.option("--overwrite", is_flag=True, help="redo slides whose .h5 already exists")
+@click.option("--step", type=int, default=None, help="checkpoint step of a run directory (default: newest)")
+def embed(inputs, model, out, mag, tile, embedding, batch_size, min_tissue, mpp, device, overwrite, step) -> None:
+    """Tile embeddings of slides (files or folders) or tile-image folders: one HDF5 per slide."""
+    from .embed import embed as run_embed
+
+    if tile <= 0 or mag <= 0 or batch_size <= 0:
+        raise click.ClickException("--tile, --mag and --batch-size must be positive")
+    try:
+        rep = run_embed(list(inputs), model, out, mag, tile, embedding, batch_size, min_tissue, mpp, device,
+                        overwrite, step)
+    except _user_errors() as exc:
+        raise click.ClickException(str(exc)) from None
+    rate = rep.tiles / rep.seconds if rep.seconds > 0 else 0.0
+    click.echo(f"embedded {rep.tiles} tiles of {len(rep.done)} slides in {rep.seconds:.1f} s ({rate:.1f} tiles/s); "
+               f"{len(rep.skipped)} already done, {len(rep.failed)} failed, {rep.bad_tiles} bad tiles skipped -> {out}")
