@@ -315,6 +315,10 @@ def main() -> None:
     gemm = gemm_rate(ceilings, model)
     if gemm is None and not args.smoke:
         print(f"no measured GEMM rate for {model} in {ceilings}: MFU vs GEMM left empty", flush=True)
+    if "loader" in modes:
+        print("loader mode: data.source=synthetic, the trainer's TileLoader (multi-crop, masks, collation in "
+              "data.num_workers processes, pinned staging); slide reads excluded: they need cuCIM / OpenSlide, "
+              "which a benchmark box may lack", flush=True)
     rows, skipped, path = [], [], None
     for ac in acs:
         cfg = trainer_config(model, device.type, args.batch, ac, args.ops,
