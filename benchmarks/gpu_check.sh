@@ -171,7 +171,7 @@ STEPS=(
   "env|20|all|env_info"
   "install|60|all|install"
   "ceilings|45|all|$PY benchmarks/bench_ceilings.py"
-  "step_vit_h|170|all|$PY benchmarks/bench_step.py --model vit_h14 --ac off,full --data memory,loader"
+  "step_vit_h|170|all|$PY benchmarks/bench_step.py --model vit_h14 --ac full,off --data memory,loader"
   "profile_vit_h|60|all|$PY benchmarks/bench_profile.py --model vit_h14"
   "step_vit_g|90|gpu|$PY benchmarks/bench_step.py --model vit_g14 --ac full --data memory"
   "test_step_backends|60|all|pytest_or_skip tests/train/test_step_backends.py"
