@@ -15,7 +15,7 @@
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh     # default OUT: benchmarks/results/gpu_check_<utc>
 #   GPU_CHECK_BUDGET_S=510                         # total seconds (default 510, so a 600 s call returns)
-#   GPU_CHECK_ONLY="ceilings step_vit_h"           # run only these steps (the rest listed as SKIPPED)
+#   GPU_CHECK_ONLY="bench_attention build_cuda_ext" # a rerun: only these steps (+ env, install), the rest SKIPPED
 #   bash benchmarks/gpu_check.sh --prepare-wheels  # here, with a registry: pytest wheels into .whl/
 #                                                  # (carry .whl to a machine without pytest)
 #
@@ -216,7 +216,7 @@ step_summary() {
 DEADLINE=$(( T0 + BUDGET_S ))
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit when cmd <<< "$step"
-  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+  if [ -n "$ONLY" ] && [[ " env install $ONLY " != *" $name "* ]]; then  # env and install always run
     printf '%-22s SKIPPED (not in GPU_CHECK_ONLY)\n' "$name" | tee -a "$SUMMARY"
     continue
   fi
