@@ -225,6 +225,7 @@ for step in "${STEPS[@]}"; do
     continue
   fi
   left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -ge 0 ] || left=0
   if [ "$left" -lt "$MIN_START_S" ]; then
     printf '%-22s SKIPPED (budget: %ss left of %ss, a step needs %ss)\n' "$name" "$left" "$BUDGET_S" "$MIN_START_S" \
       | tee -a "$SUMMARY"
