@@ -22,6 +22,7 @@ from __future__ import annotations
 import itertools
 import multiprocessing as mp
 import os
+import signal
 import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -176,6 +177,8 @@ class DecoderLog:
 
 
 def _serve(conn) -> None:
+    # a terminal's Ctrl-C reaches this process too: the trainer stops with a checkpoint, then ends it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cache = SlideCache()
     try:
         log = DecoderLog()

@@ -97,18 +97,23 @@ def shutdown_distributed(barrier: bool = True) -> None:
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> checkpoint and exit cleanly.
+    """Ctrl-C (SIGINT), SIGTERM / SIGUSR1 (SLURM preemption, torchrun shutdown) -> checkpoint and exit cleanly.
 
     The handler only records the signal. The loop sends ``pending`` through its per-step
     all-reduce, so every rank stops at the same step even when only one was signalled.
-    A second SIGINT / SIGTERM while stopping is not intercepted (handlers restored by ``close``).
+    Once a stop is pending, SIGINT gets the system's default action back: a second Ctrl-C ends
+    the process at once (also inside a blocking collective or a checkpoint write; a half-written
+    checkpoint is never picked). A repeated SIGTERM / SIGUSR1 is ignored: a preempting launcher
+    is waiting for that checkpoint. Processes forked after ``install`` (reader workers) inherit the
+    handler and ignore the first signal quietly: the main process ends them.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._pid = os.getpid()
 
     def install(self) -> "StopRequest":
         for sig in self.SIGNALS:
@@ -119,6 +124,10 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signal.SIGINT in self._previous:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # the next Ctrl-C ends the process at once
+        if os.getpid() != self._pid:  # a forked worker: the main process decides when it ends
+            return
         if self.signum is None:
             self.signum = signum
             # A group-wide signal also kills data-loader workers (torch gives them a SIGTERM handler);
@@ -126,7 +135,8 @@ class StopRequest:
             # batch after a stop request, so worker deaths from here on are expected: stop watching.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             # print, not log: safe enough in a handler, and visible in SLURM's output without logging setup
-            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
+            again = " (Ctrl-C again to quit at once, without one)" if signum == signal.SIGINT else ""
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint{again}",
                   flush=True)
 
     @property
