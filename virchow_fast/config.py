@@ -185,6 +185,9 @@ class TrainConfig:
     max_nonfinite_steps: int = _doc("stop after this many non-finite losses in a row", 5)
     peak_tflops: float = _doc("peak TFLOP/s per device for MFU (0 = detect)", 0.0)
     threads: int = _doc("torch CPU threads (0 = torch default)", 0)
+    sync_timing: bool = _doc("wait for the device after every step, so compute_s is that step alone (the next "
+                             "step's host work then no longer overlaps its tail); tiles/s is the time between "
+                             "the steps' statistics reads either way", False)
     freeze_backbone_steps: int = _doc("train only the heads for the first N steps (backbone lr 0, teacher "
                                       "backbone EMA paused): for init_from weights that come without heads", 0)
 

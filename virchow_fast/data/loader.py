@@ -25,25 +25,46 @@ TileSource = Callable[[int, np.random.Generator], tuple[np.ndarray, float]]
 
 @dataclass
 class Batch:
-    """One step's crops, crop-major: crop ``c`` of tile ``b`` is row ``c * B + b``."""
+    """One step's crops, crop-major: crop ``c`` of tile ``b`` is row ``c * B + b``.
+
+    ``mask_indices`` and ``mask_weights`` are derived from ``masks`` where the batch is made (on
+    the host, in the loader's worker): the training step selects the masked tokens with them, as
+    a gather of known size, instead of a boolean index (which waits for the device to count).
+    """
 
     global_crops: torch.Tensor  # [n_global * B, 3, G, G] float32, normalised
     local_crops: torch.Tensor  # [n_local * B, 3, L, L] float32, normalised
     masks: torch.Tensor  # [n_global * B, (G / patch) ** 2] bool, iBOT masks (student globals)
     mags: torch.Tensor  # [B] float32, magnification of each tile
     step: int  # the step this batch belongs to
+    mask_indices: torch.Tensor | None = None  # [n_masked] int64: flat indices of masked patches, row-major
+    mask_weights: torch.Tensor | None = None  # [n_masked] float32: iBOT weight of each (losses.ibot_weights)
+
+    def __post_init__(self) -> None:
+        if self.mask_indices is None:
+            from ..losses.dino import ibot_weights
+
+            flat = self.masks.reshape(-1)
+            self.mask_indices = torch.nonzero(flat).reshape(-1)
+            self.mask_weights = ibot_weights(self.masks)
 
     @property
     def n_tiles(self) -> int:
         return int(self.mags.shape[0])
 
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.global_crops, self.local_crops, self.masks, self.mags, self.mask_indices, self.mask_weights]
+
+    def map(self, fn) -> "Batch":
+        """The same batch with ``fn`` applied to every tensor."""
+        g, loc, m, mags, idx, w = (fn(t) for t in self.tensors())
+        return Batch(g, loc, m, mags, self.step, idx, w)
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
-        move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
-        return Batch(move(self.global_crops), move(self.local_crops), move(self.masks), move(self.mags), self.step)
+        return self.map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> "Batch":
-        return Batch(self.global_crops.pin_memory(), self.local_crops.pin_memory(), self.masks.pin_memory(),
-                     self.mags.pin_memory(), self.step)
+        return self.map(lambda t: t.pin_memory())
 
 
 def synthetic_source(cfg: DataConfig) -> TileSource:

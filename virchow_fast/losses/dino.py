@@ -36,16 +36,25 @@ def dino_pairs(n_global: int, n_crops: int, batch: int, device=None):
     return s_idx, t_idx, weights
 
 
+def ibot_weights(masks: torch.Tensor) -> torch.Tensor:
+    """iBOT weight of each masked token, [n_masked] fp32 in row-major order of masks [n_images, P] bool.
+
+    1 / (masked tokens in its image) / n_images: the loss is averaged per image over its masked
+    tokens, then over all images (masked or not, as DINOv2). The loader computes these on the host
+    (a boolean index on the device would wait for it).
+    """
+    n_images = masks.shape[0]
+    per_image = masks.sum(dim=1).clamp(min=1).float()
+    return (1.0 / per_image / n_images).unsqueeze(1).expand_as(masks)[masks]
+
+
 def ibot_pairs(masks: torch.Tensor):
     """Pairs of the iBOT loss: masked token i of the student with the teacher's token i.
 
     masks [n_images, P] bool; rows of both sides are the masked tokens in row-major order.
-    Weight of a token: 1 / (masked tokens in its image) / n_images, i.e. the loss is averaged
-    per image over its masked tokens, then over all images (masked or not, as DINOv2).
+    Returns s_idx, t_idx [n_masked] int64 and :func:`ibot_weights`.
     """
-    n_images = masks.shape[0]
-    per_image = masks.sum(dim=1).clamp(min=1).float()
-    weights = (1.0 / per_image / n_images).unsqueeze(1).expand_as(masks)[masks]
+    weights = ibot_weights(masks)
     idx = torch.arange(weights.numel(), device=masks.device)
     return idx, idx, weights
 
@@ -75,7 +84,9 @@ class _PrototypeLoss(nn.Module):
     @torch.no_grad()
     def _update_center(self, logit_mean: torch.Tensor, rows: int, all_reduce: AllReduce) -> None:
         if all_reduce is not None:
-            stats = torch.cat([logit_mean * rows, logit_mean.new_tensor([rows])])
+            # a rank without rows adds nothing (its mean over no rows is nan)
+            mean_sum = logit_mean * rows if rows else torch.zeros_like(logit_mean)
+            stats = torch.cat([mean_sum, logit_mean.new_full((1,), float(rows))])
             all_reduce(stats)
             logit_mean = stats[:-1] / stats[-1].clamp(min=1)
         self.center.mul_(self.center_momentum).add_(logit_mean, alpha=1 - self.center_momentum)
@@ -100,13 +111,22 @@ class IBOTLoss(_PrototypeLoss):
 
     def forward(self, student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: torch.Tensor,
                 teacher_w: torch.Tensor, masks: torch.Tensor, teacher_temp: float,
-                all_reduce: AllReduce = None) -> torch.Tensor:
-        """student_z, teacher_z [n_masked, b] in row-major order of masks [n_images, P]."""
-        n_masked = torch.tensor([float(teacher_z.shape[0])], device=teacher_z.device)
+                all_reduce: AllReduce = None, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """student_z, teacher_z [n_masked, b] in row-major order of masks [n_images, P].
+
+        weights: :func:`ibot_weights` of ``masks`` when the caller has them (the batch does).
+        """
+        n_masked = teacher_z.shape[0]
         if all_reduce is not None:
-            all_reduce(n_masked)
-        if n_masked.item() == 0:
+            # the global count of masked tokens enters the kernels as a host number (Sinkhorn's
+            # row total): with several ranks that is one more read per step
+            count = teacher_z.new_full((1,), float(n_masked), dtype=torch.float32)
+            all_reduce(count)
+            n_masked = int(count.item())
+        if n_masked == 0:
             return student_w.sum() * 0.0
-        s_idx, t_idx, weights = ibot_pairs(masks)
-        return self._loss(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, weights, teacher_temp,
-                          all_reduce, int(n_masked.item()))
+        if weights is None:
+            weights = ibot_weights(masks)
+        idx = torch.arange(weights.numel(), device=student_z.device)
+        return self._loss(student_z, student_w, teacher_z, teacher_w, idx, idx, weights, teacher_temp,
+                          all_reduce, n_masked)

@@ -30,11 +30,14 @@ class SSLNetwork(nn.Module):
             self.ibot_head = None
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None, mask_inputs: bool = True) -> dict[str, torch.Tensor]:
+                masks: torch.Tensor | None = None, mask_inputs: bool = True,
+                mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """global_crops [Ng*B, 3, G, G], local_crops [Nl*B, 3, L, L] or None, masks [Ng*B, P] bool.
 
         mask_inputs: replace masked patches by the mask token (student) or only select the
         masked positions for the iBOT head (teacher).
+        mask_indices: [n_masked] int64, the flat (row-major) indices of ``masks``' set entries; given
+        (the batch has them), the masked tokens are gathered without a host synchronisation.
         Returns cls_z [(Ng + Nl) * B, b] (global rows first), patch_z [n_masked, b'] (masked patch
         tokens in row-major order of ``masks``), cls_tokens [Ng*B, C] (backbone, final-normed),
         dino_w [K, b], ibot_w [K', b'].
@@ -52,8 +55,12 @@ class SSLNetwork(nn.Module):
             "ibot_w": ibot_head.normalized_prototypes(),
         }
         if masks is not None:
-            patches = outs[0][:, prefix:]
-            result["patch_z"] = ibot_head(patches[masks])
+            if mask_indices is None:
+                mask_indices = torch.nonzero(masks.reshape(-1)).reshape(-1)
+            tokens = outs[0]  # [N, prefix + P, C], contiguous
+            n_patches = tokens.shape[1] - prefix
+            rows = mask_indices // n_patches * tokens.shape[1] + prefix + mask_indices % n_patches
+            result["patch_z"] = ibot_head(tokens.reshape(-1, tokens.shape[-1]).index_select(0, rows))
         return result
 
 

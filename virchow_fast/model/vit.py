@@ -44,11 +44,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-        """x: [T, C] packed tokens -> [T, C]."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x: [T, C] packed tokens -> [T, C]. host_offsets: cu_seqlens as ints (see ops.attention)."""
         t, c = x.shape
         q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)
-        o = ops.attention(q, k, v, cu_seqlens, max_seqlen, self.head_dim ** -0.5)
+        o = ops.attention(q, k, v, cu_seqlens, max_seqlen, self.head_dim ** -0.5, host_offsets=host_offsets)
         return self.proj(o.reshape(t, c))
 
 
@@ -92,9 +93,10 @@ class Block(nn.Module):
         return x + ls(y) * scale
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                seg_ids: torch.Tensor) -> torch.Tensor:
+                seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
         n_seg = cu_seqlens.numel() - 1
-        x = self._residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen), self.ls1, self._keep(seg_ids, n_seg, x))
+        x = self._residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen, host_offsets), self.ls1,
+                           self._keep(seg_ids, n_seg, x))
         return self._residual(x, self.mlp(self.norm2(x)), self.ls2, self._keep(seg_ids, n_seg, x))
 
 
@@ -163,31 +165,46 @@ class VisionTransformer(nn.Module):
         x = torch.cat(prefix + [x], dim=1)
         return x + self.pos_embed_for(h // self.patch_size)
 
-    def forward_packed(self, crops: list[torch.Tensor], masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    def forward_packed(self, crops: list[torch.Tensor],
+                       masks: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """Run groups of crops (each [N_g, 3, S_g, S_g]) through the blocks in one packed sequence.
 
         Returns the final-normed tokens of each group, [N_g, L_g, C]. Attention never crosses crops.
         """
         masks = masks if masks is not None else [None] * len(crops)
-        tokens = [self.prepare_tokens(c, m) for c, m in zip(crops, masks)]
-        shapes = [t.shape[:2] for t in tokens]
-        lengths = torch.tensor([l for n, l in shapes for _ in range(n)], dtype=torch.int32)
-        cu_seqlens = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)).to(tokens[0].device)
-        max_seqlen = max(l for _, l in shapes)
-        seg_ids = torch.repeat_interleave(torch.arange(lengths.numel()), lengths.long()).to(tokens[0].device)
+        tokens = [self.prepare_tokens(c, m) for c, m in zip(crops, masks, strict=True)]
+        shapes = [(int(t.shape[0]), int(t.shape[1])) for t in tokens]
+        cu_seqlens, seg_ids, host_offsets = packed_segments(shapes, tokens[0].device)
+        max_seqlen = max(length for _, length in shapes)
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens], dim=0)
         for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen, seg_ids)
+            x = block(x, cu_seqlens, max_seqlen, seg_ids, host_offsets)
         x = self.norm(x)
         out, start = [], 0
-        for n, l in shapes:
-            out.append(x[start:start + n * l].view(n, l, -1))
-            start += n * l
+        for n, length in shapes:
+            out.append(x[start:start + n * length].view(n, length, -1))
+            start += n * length
         return out
 
     def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """images [N, 3, S, S] -> final-normed tokens [N, prefix + (S/p)^2, C] (cls, registers, patches)."""
         return self.forward_packed([images], [masks])[0]
+
+
+def packed_segments(groups: list[tuple[int, int]], device) -> tuple[torch.Tensor, torch.Tensor, tuple[int, ...]]:
+    """Segment offsets of groups of equal-length crops packed back to back ([(n crops, length)]).
+
+    Returns cu_seqlens [S + 1] int32 and seg_ids [T] int64 (crop of each token), made on ``device``
+    from the shapes alone (no host tensor to copy, no wait), and the same offsets as ints.
+    """
+    cu, seg, host = [torch.zeros(1, dtype=torch.int32, device=device)], [], [0]
+    tokens = crops = 0
+    for n, length in groups:
+        cu.append(torch.arange(1, n + 1, dtype=torch.int32, device=device) * length + tokens)
+        seg.append(torch.arange(n * length, device=device) // length + crops)
+        host.extend(tokens + length * i for i in range(1, n + 1))
+        tokens, crops = tokens + n * length, crops + n
+    return torch.cat(cu), torch.cat(seg), tuple(host)
 
 
 def tile_embedding(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:

@@ -135,9 +135,16 @@ def _dispatch(op: str, device: torch.device) -> Callable:
     return fn
 
 
-def attention(q, k, v, cu_seqlens, max_seqlen, scale=None):
-    """Packed varlen attention; see :func:`reference.attention` for shapes."""
-    return _dispatch("attention", q.device)(q, k, v, cu_seqlens, max_seqlen, scale)
+def attention(q, k, v, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
+    """Packed varlen attention; see :func:`reference.attention` for shapes.
+
+    host_offsets: cu_seqlens as a sequence of ints, when the caller knows them; the torch backend
+    then groups segments by length from them instead of reading cu_seqlens back from the device.
+    """
+    fn = _dispatch("attention", q.device)
+    if host_offsets is not None and fn is _impls.get(("attention", "torch")):
+        cu_seqlens = host_offsets
+    return fn(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 def layer_norm(x, weight, bias, eps):

@@ -23,7 +23,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     """Non-causal attention over packed variable-length segments.
 
     q, k, v: [T, H, D] (T = total tokens of all segments, back to back).
-    cu_seqlens: [S + 1] int32 cumulative segment offsets (0, len0, len0 + len1, ...).
+    cu_seqlens: [S + 1] int32 cumulative segment offsets (0, len0, len0 + len1, ...), or the same
+    offsets as a sequence of ints (no read from the device).
     Each segment attends only to itself. Returns o: [T, H, D] in q's dtype.
 
     Cost: 4 T L H D FLOPs for a segment length L; eagerly it also writes and reads the
@@ -31,7 +32,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     Segments of equal length are batched into one SDPA call.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    offsets = cu_seqlens.tolist()
+    offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
     lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
     out = torch.empty_like(q)
     by_len: dict[int, list[int]] = {}

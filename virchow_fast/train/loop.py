@@ -1,8 +1,9 @@
 """The training loop: build, (resume), step, log, checkpoint. Same code on one CPU or many GPUs.
 
-Per step every rank runs forward and backward (always: the FSDP collectives must match), then one
-small all-reduce carries the loss terms (logged as the mean over ranks) and the stop request; the
-gradient norm is global already. From them every rank takes the same decisions:
+Per step (train/step.py: ``train_step``) every rank runs forward and backward (always: the FSDP
+collectives must match), then one small all-reduce carries the loss terms (logged as the mean over
+ranks), the gradient norm (global already) and the stop request, read on the host once: the step's
+only wait for the device. From them every rank takes the same decisions:
 - a non-finite loss or gradient norm skips the step (no optimizer step, no EMA, the loss centers
   restored), is counted and logged; ``train.max_nonfinite_steps`` in a row stop the run with
   :class:`NonFiniteLossError`;
@@ -15,7 +16,6 @@ gradient norm is global already. From them every rank takes the same decisions:
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -26,21 +26,20 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.monitor import TrainingEval
-from ..downstream.pretrained import ema_step, init_student
+from ..downstream.pretrained import init_student
 from ..model.ssl import SSLNetwork, make_teacher
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
-from .optim import apply_schedules, build_optimizer
+from .optim import build_optimizer
 from .parallelize import parallelize, use_fsdp
 from .resume import checkpoint_files, resume_run
 from .rundir import prepare_run_dir
 from .schedules import build_schedules
-from .step import SSLLoss
+from .staging import BatchStager
+from .step import TERMS, SSLLoss, Trainee, clip_grad_norm, train_step  # noqa: F401  (public here too)
 
 log = logging.getLogger("virchow_fast.train")
-
-TERMS = ("loss", "dino", "ibot", "reg")
 
 __all__ = ["run", "NonFiniteLossError", "MetricsWriter"]
 
@@ -76,19 +75,6 @@ def run(cfg: Config, resume: bool = False, config_path: str | None = None, overw
         stop.close()
         # after an error only this rank may be here: no barrier, let the launcher tear the rest down
         shutdown_distributed(barrier=clean)
-
-
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks (fp32 scalar, plain tensor); clips in place when max_norm > 0."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-    if hasattr(total, "full_tensor"):  # FSDP2: DTensor with a pending sum over shards
-        total = total.full_tensor()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-    return total
 
 
 def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
@@ -154,34 +140,27 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
 
     bad_in_a_row = bad_total = 0
     batch = None
+    trainee = Trainee(cfg, info, student, teacher, optimizer, loss_fn, params)
+    stager = BatchStager(loader, info.device)  # the next step's batch is copied while this one runs
+
+    def prefetch() -> None:  # a signalled rank fetches nothing more (the workers may be gone)
+        if not stop.pending:
+            stager.prefetch()
+
     student.train()
     teacher.eval()
+    t_read = time.perf_counter()  # steps are timed from one statistics read to the next
     try:
         for step in range(start_step, total_steps):
-            before = {"data": loader.state_dict(), "rng": rng_state()}  # for a discarded step
+            before = {"data": stager.state_dict(), "rng": rng_state()}  # for a discarded step
             t0 = time.perf_counter()
             if not (stop.pending and batch is not None):  # else: this step will be discarded anyway
-                batch = next(loader).to(info.device)
+                batch = stager.next()
             t1 = time.perf_counter()
-            s = sched.at(step)
-            apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"], s["backbone_lr"])
-            centers = [b.clone() for b in loss_fn.buffers()]  # a skipped step must not move them
-            out = loss_fn(student, teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
-            out["loss"].backward()
-            grad_norm = clip_grad_norm(params, cfg.optim.clip_grad)
-            stats = torch.stack([out[k].detach().float().reshape(()) for k in TERMS]
-                                + [torch.tensor(float(stop.pending), device=info.device)])
-            info.all_reduce(stats)
-            stats = stats.cpu()  # also the step's synchronisation point
-            terms = {k: float(v) / info.world_size for k, v in zip(TERMS, stats[:len(TERMS)])}
-            stop_now = bool(stats[len(TERMS)] > 0)
-            grad_norm = float(grad_norm)
-            finite = bool(torch.isfinite(stats[:len(TERMS)]).all()) and math.isfinite(grad_norm)
-            if stop_now:  # discard the step, save the state from before it, leave
-                optimizer.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for b, saved in zip(loss_fn.buffers(), centers):
-                        b.copy_(saved)
+            res = train_step(trainee, batch, step, sched, stop.pending, prefetch if step + 1 < total_steps else None,
+                             sync=cfg.train.sync_timing)
+            terms, grad_norm, finite, s = res.terms, res.grad_norm, res.finite, res.schedule
+            if res.stop:  # the step was discarded: save the state from before it, leave
                 set_rng_state(before["rng"])
                 checkpoint(step, before["data"])
                 if info.is_main:
@@ -190,25 +169,21 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                 break
             if finite:
                 bad_in_a_row = 0
-                optimizer.step()
-                ema_step(teacher, student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
             else:
                 bad_in_a_row += 1
                 bad_total += 1
-                with torch.no_grad():
-                    for b, saved in zip(loss_fn.buffers(), centers):
-                        b.copy_(saved)
                 log.warning("step %d: non-finite loss %s / grad norm %s, step skipped (%d in a row, %d in all)",
                             step, terms["loss"], grad_norm, bad_in_a_row, bad_total)
-            optimizer.zero_grad(set_to_none=True)
-            if info.device.type == "cuda":
-                torch.cuda.synchronize()
             t2 = time.perf_counter()
-            record = {"step": step, **terms, "grad_norm": grad_norm, **s, **throughput(t2 - t0),
+            # without sync_timing the device runs behind the host: the step's time is the time between
+            # two statistics reads (each waits for everything queued before it)
+            step_s, t_read = t2 - t_read, t2
+            record = {"step": step, **terms, "grad_norm": grad_norm, **s, **throughput(step_s),
                       "data_s": t1 - t0, "compute_s": t2 - t1, "peak_mem_gib": peak_memory_gib(info.device),
                       "skipped": not finite, "nonfinite_total": bad_total}
             if monitor is not None and monitor.due(step):
                 record.update(monitor(teacher, step))
+                t_read = time.perf_counter()  # the evaluation is not the next step's time
             metrics.write(record)
             if bar is not None:
                 bar.update(1)
@@ -222,7 +197,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                                          f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
                                          "lower the lr or check the data")
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
-                checkpoint(step + 1, loader.state_dict())
+                checkpoint(step + 1, stager.state_dict())
+                t_read = time.perf_counter()  # the save is not the next step's time
     finally:
         if bar is not None:
             bar.close()

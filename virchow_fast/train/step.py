@@ -1,13 +1,28 @@
-"""One DINOv2 step's losses: teacher on the global crops, student on all crops, three terms."""
+"""One training step: DINOv2's losses, backward, clipping, the one statistics read, the update.
+
+:func:`train_step` is the whole per-step body of ``virchow-fast train`` (the loop around it only
+fetches batches, logs and checkpoints), so a benchmark that calls it measures exactly what the
+trainer runs. On a GPU the step waits on the host once: where it reads its statistics (loss
+terms, gradient norm and the stop flag, in one all-reduced vector). Nothing else in it reads a
+device value: the iBOT mask indices and weights come with the batch, attention's segment offsets
+are made on the device from the crops' shapes, and the next batch is staged while this one runs
+(``prefetch``, see train/staging.py).
+"""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from ..config import LossConfig
+from ..config import Config, LossConfig
 from ..data import Batch
+from ..downstream.pretrained import ema_step
 from ..losses import DINOLoss, IBOTLoss, kde_loss, koleo_loss
+from .optim import apply_schedules
+
+TERMS = ("loss", "dino", "ibot", "reg")
 
 
 class SSLLoss(torch.nn.Module):
@@ -24,20 +39,112 @@ class SSLLoss(torch.nn.Module):
         """Sum over global crops of the regulariser on this rank's tiles."""
         if self.cfg.regularizer == "none":
             return cls_tokens.new_zeros(())
-        fn = (lambda x: kde_loss(x, self.cfg.kde_kappa, self.cfg.kde_self_term)) if self.cfg.regularizer == "kde" else koleo_loss
+        c = self.cfg
+        fn = (lambda x: kde_loss(x, c.kde_kappa, c.kde_self_term)) if c.regularizer == "kde" else koleo_loss
         return sum(fn(chunk) for chunk in cls_tokens.chunk(n_global))
 
     def forward(self, student, teacher, batch: Batch, teacher_temp: float,
                 all_reduce: Optional[Callable[[torch.Tensor], None]] = None, world_size: int = 1) -> dict:
         n_global = batch.global_crops.shape[0] // batch.n_tiles
         with torch.no_grad():
-            t = teacher(batch.global_crops, None, batch.masks, mask_inputs=False)
-        s = student(batch.global_crops, batch.local_crops, batch.masks, mask_inputs=True)
+            t = teacher(batch.global_crops, None, batch.masks, mask_inputs=False, mask_indices=batch.mask_indices)
+        s = student(batch.global_crops, batch.local_crops, batch.masks, mask_inputs=True,
+                    mask_indices=batch.mask_indices)
         cfg = self.cfg
         dino = self.dino(s["cls_z"], s["dino_w"], t["cls_z"], t["dino_w"], n_global, teacher_temp,
                          all_reduce, world_size)
         ibot = self.ibot(s["patch_z"], s["ibot_w"], t["patch_z"], t["ibot_w"], batch.masks, teacher_temp,
-                         all_reduce)
+                         all_reduce, weights=batch.mask_weights)
         reg = self.regularizer(s["cls_tokens"], n_global)
         total = cfg.dino_weight * dino + cfg.ibot_weight * ibot + cfg.regularizer_weight * reg
         return {"loss": total, "dino": dino, "ibot": ibot, "reg": reg}
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Total gradient norm over all ranks (fp32 scalar on the gradients' device, plain tensor); clips in
+    place when max_norm > 0. Never read on the host here: the step reads it with its statistics."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros((), device=params[0].device if params else None)
+    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
+    if hasattr(total, "full_tensor"):  # FSDP2: DTensor with a pending sum over shards
+        total = total.full_tensor()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+@dataclass
+class Trainee:
+    """What a step updates: the networks, optimizer and losses from ``loop.build``, on ``info.device``."""
+
+    cfg: Config
+    info: object  # distributed.DistInfo
+    student: torch.nn.Module
+    teacher: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: SSLLoss
+    params: list = field(default_factory=list)  # the student's trainable parameters (default: all of them)
+
+    def __post_init__(self) -> None:
+        if not self.params:
+            self.params = [p for p in self.student.parameters() if p.requires_grad]
+
+
+@dataclass
+class StepResult:
+    terms: dict  # TERMS -> float, mean over ranks
+    grad_norm: float  # global gradient norm before clipping
+    stop: bool  # some rank asked to stop: the step was discarded (no update, loss centers as before)
+    finite: bool  # every term and the gradient norm finite; else no update and loss centers as before
+    schedule: dict  # the step's schedule values (Schedules.at)
+
+
+def read_stats(out: dict, grad_norm: torch.Tensor, stop_pending: bool, info) -> tuple[dict, float, bool]:
+    """The step's one host read: loss terms (mean over ranks), gradient norm and the stop flag (any rank).
+
+    One vector, one all-reduce, one device-to-host copy. The norm is global already, so only rank 0
+    adds it (a non-finite norm stays non-finite: 0 * inf is nan); the flag is filled in on the
+    device (no host tensor to copy in).
+    """
+    vals = [out[k].detach().float().reshape(()) for k in TERMS]
+    vals.append(grad_norm.detach().float().reshape(()) * (1.0 if info.rank == 0 else 0.0))
+    stats = torch.cat([torch.stack(vals), vals[0].new_full((1,), 1.0 if stop_pending else 0.0)])
+    info.all_reduce(stats)
+    host = stats.tolist()  # the synchronisation point
+    terms = {k: v / info.world_size for k, v in zip(TERMS, host, strict=False)}
+    return terms, host[len(TERMS)], host[len(TERMS) + 1] > 0
+
+
+def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool = False,
+               prefetch: Callable[[], None] | None = None, sync: bool = False) -> StepResult:
+    """Step ``step`` on ``batch`` (already on the device), with ``sched`` from ``build_schedules``.
+
+    prefetch: called once the forward and backward are queued, before the statistics read, so the
+    next batch's fetch and host-to-device copy overlap this step's kernels.
+    sync: wait for the device at the end (the update included), for per-step timing.
+    A non-finite step and a stopped step change nothing but the gradients (set to None); the caller
+    restores the RNG and data position of a stopped step.
+    """
+    cfg, info = t.cfg, t.info
+    s = sched.at(step)
+    apply_schedules(t.optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"], s["backbone_lr"])
+    centers = [b.clone() for b in t.loss_fn.buffers()]  # a skipped step must not move them
+    out = t.loss_fn(t.student, t.teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
+    out["loss"].backward()
+    grad_norm = clip_grad_norm(t.params, cfg.optim.clip_grad)
+    if prefetch is not None:
+        prefetch()
+    terms, norm, stop = read_stats(out, grad_norm, stop_pending, info)
+    finite = all(math.isfinite(v) for v in terms.values()) and math.isfinite(norm)
+    if finite and not stop:
+        t.optimizer.step()
+        ema_step(t.teacher, t.student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
+    else:
+        with torch.no_grad():
+            for b, saved in zip(t.loss_fn.buffers(), centers, strict=True):
+                b.copy_(saved)
+    t.optimizer.zero_grad(set_to_none=True)
+    if sync and info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
+    return StepResult(terms, norm, stop, finite, s)
