@@ -5,9 +5,9 @@ import subprocess
 import time
 
 import pytest
+from distrun import assert_losses_close, command, environment
 from faults import config, metrics
 
-from distrun import assert_losses_close, command, environment
 from virchow_fast.train import step as step_module
 from virchow_fast.train.checkpoint import list_checkpoints
 from virchow_fast.train.loop import run
