@@ -3,13 +3,13 @@
 The head dim is processed as up to three power-of-two column chunks D0 >= D1 >= D2 (0 = unused):
 80 = 64 + 16, 104 -> 64 + 32 + 16 (the last 8 columns masked), so every ``tl.dot`` has tensor-core
 sized operands and at most 15 padded columns instead of a next-power-of-two block. Unused chunk
-slots are passed as aliases of chunk 0 and never touched (the compiler drops them).
+slots are passed as aliases of chunk 0 and never touched (the compiler drops them). Each chunk has
+its own load statement, so a chunk too narrow for 128-bit accesses per thread (16 columns at 8
+warps) is reported on its own source line by the compile checks.
 
-Inner loops run over BLOCK-wide key (or query) blocks; when a segment's remainder after its full
-blocks is at most TAIL, one TAIL-wide step finishes it instead of a padded full block (261 tokens:
-4 x 64 + 16, not 5 x 64). ALIGN (elements) is a promise from the launcher that every token and head
-stride is a multiple of it, so loads and stores of head-dim rows vectorise to 16 bytes even when a
-stride (104 elements) is not a multiple of 16.
+ALIGN (elements) is a promise from the launcher that every token and head stride is a multiple of
+it, so loads and stores of head-dim rows vectorise to 16 bytes even when a stride (104 elements)
+is not a multiple of 16.
 """
 from __future__ import annotations
 
@@ -20,32 +20,18 @@ LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _chunk(base, tok, row_mask, stride_t, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """[R, W]: columns C0 .. C0 + W of rows ``tok``; zero past HEAD_DIM and outside ``row_mask``."""
-    offs = C0 + tl.arange(0, W)
-    mask = row_mask[:, None]
-    if C0 + W > HEAD_DIM:
-        mask = mask & (offs < HEAD_DIM)[None, :]
-    return tl.load(base + tok[:, None] * stride_t + offs[None, :], mask=mask, other=0.0)
+def _ptrs(base, tok, stride_t, C0: tl.constexpr, W: tl.constexpr):
+    """[R, W] pointers to columns C0 .. C0 + W of rows ``tok``."""
+    return base + tok[:, None] * stride_t + (C0 + tl.arange(0, W))[None, :]
 
 
 @triton.jit
-def _store_chunk(base, tok, row_mask, stride_t, x, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
-    offs = C0 + tl.arange(0, W)
-    mask = row_mask[:, None]
+def _mask(row_mask, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Rows in ``row_mask``; columns below HEAD_DIM (only the last chunk can cross it)."""
     if C0 + W > HEAD_DIM:
-        mask = mask & (offs < HEAD_DIM)[None, :]
-    tl.store(base + tok[:, None] * stride_t + offs[None, :], x.to(base.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _inner_end(seqlen, BLOCK: tl.constexpr, TAIL: tl.constexpr):
-    """End of the full-block loop: past a remainder > TAIL (one padded block), else before it."""
-    full = seqlen // BLOCK * BLOCK
-    if TAIL > 0:
-        return full + (seqlen - full > TAIL).to(tl.int32) * BLOCK
+        return row_mask[:, None] & (C0 + tl.arange(0, W) < HEAD_DIM)[None, :]
     else:
-        return tl.cdiv(seqlen, BLOCK) * BLOCK
+        return row_mask[:, None]
 
 
 @triton.jit
@@ -71,26 +57,28 @@ def _fwd_step(q0, q1, q2, acc0, acc1, acc2, m_i, l_i, K, V, start, n0, seqlen, s
     cols = n0 + tl.arange(0, BN)
     n_mask = cols < seqlen
     tok = (start + cols).to(tl.int64)
-    s = tl.dot(q0, tl.trans(_chunk(K, tok, n_mask, stride_kt, 0, D0, HEAD_DIM)), input_precision=DOT_PREC)
+    k = tl.load(_ptrs(K, tok, stride_kt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
+    s = tl.dot(q0, tl.trans(k), input_precision=DOT_PREC)  # [M, BN]
     if D1 > 0:
-        s = tl.dot(q1, tl.trans(_chunk(K, tok, n_mask, stride_kt, D0, D1, HEAD_DIM)), s, input_precision=DOT_PREC)
+        k = tl.load(_ptrs(K, tok, stride_kt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
+        s = tl.dot(q1, tl.trans(k), s, input_precision=DOT_PREC)
     if D2 > 0:
-        s = tl.dot(q2, tl.trans(_chunk(K, tok, n_mask, stride_kt, D0 + D1, D2, HEAD_DIM)), s,
-                   input_precision=DOT_PREC)
-    s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # [M, BN], log2 units
+        k = tl.load(_ptrs(K, tok, stride_kt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
+        s = tl.dot(q2, tl.trans(k), s, input_precision=DOT_PREC)
+    s = tl.where(n_mask[None, :], s * qk_scale, float("-inf"))  # log2 units
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     p = p.to(q0.dtype)
-    acc0 = tl.dot(p, _chunk(V, tok, n_mask, stride_vt, 0, D0, HEAD_DIM), acc0 * alpha[:, None],
-                  input_precision=DOT_PREC)
+    v = tl.load(_ptrs(V, tok, stride_vt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
+    acc0 = tl.dot(p, v, acc0 * alpha[:, None], input_precision=DOT_PREC)
     if D1 > 0:
-        acc1 = tl.dot(p, _chunk(V, tok, n_mask, stride_vt, D0, D1, HEAD_DIM), acc1 * alpha[:, None],
-                      input_precision=DOT_PREC)
+        v = tl.load(_ptrs(V, tok, stride_vt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
+        acc1 = tl.dot(p, v, acc1 * alpha[:, None], input_precision=DOT_PREC)
     if D2 > 0:
-        acc2 = tl.dot(p, _chunk(V, tok, n_mask, stride_vt, D0 + D1, D2, HEAD_DIM), acc2 * alpha[:, None],
-                      input_precision=DOT_PREC)
+        v = tl.load(_ptrs(V, tok, stride_vt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
+        acc2 = tl.dot(p, v, acc2 * alpha[:, None], input_precision=DOT_PREC)
     return acc0, acc1, acc2, m_new, l_i
 
 
@@ -104,7 +92,7 @@ def _attn_fwd_kernel(
     stride_lse,  # LSE head stride (= T)
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -124,33 +112,29 @@ def _attn_fwd_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < seqlen
     tok_m = (start + offs_m).to(tl.int64)
-    q0 = _chunk(Q, tok_m, m_mask, stride_qt, 0, D0, HEAD_DIM)
+    q0 = tl.load(_ptrs(Q, tok_m, stride_qt, 0, D0), mask=_mask(m_mask, 0, D0, HEAD_DIM), other=0.0)
     acc0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     q1, q2, acc1, acc2 = q0, q0, acc0, acc0
     if D1 > 0:
-        q1 = _chunk(Q, tok_m, m_mask, stride_qt, D0, D1, HEAD_DIM)
+        q1 = tl.load(_ptrs(Q, tok_m, stride_qt, D0, D1), mask=_mask(m_mask, D0, D1, HEAD_DIM), other=0.0)
         acc1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     if D2 > 0:
-        q2 = _chunk(Q, tok_m, m_mask, stride_qt, D0 + D1, D2, HEAD_DIM)
+        q2 = tl.load(_ptrs(Q, tok_m, stride_qt, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         acc2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_end = _inner_end(seqlen, BLOCK_N, TAIL)
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(0, seqlen, BLOCK_N):
         acc0, acc1, acc2, m_i, l_i = _fwd_step(q0, q1, q2, acc0, acc1, acc2, m_i, l_i, K, V, start, n0, seqlen,
                                                stride_kt, stride_vt, qk_scale, BLOCK_N, D0, D1, D2, HEAD_DIM,
                                                DOT_PREC)
-    if TAIL > 0:
-        if n_end < seqlen:
-            acc0, acc1, acc2, m_i, l_i = _fwd_step(q0, q1, q2, acc0, acc1, acc2, m_i, l_i, K, V, start, n_end,
-                                                   seqlen, stride_kt, stride_vt, qk_scale, TAIL, D0, D1, D2,
-                                                   HEAD_DIM, DOT_PREC)
     inv = 1.0 / l_i[:, None]
-    _store_chunk(Out, tok_m, m_mask, stride_ot, acc0 * inv, 0, D0, HEAD_DIM)
+    ty = Out.dtype.element_ty
+    tl.store(_ptrs(Out, tok_m, stride_ot, 0, D0), (acc0 * inv).to(ty), mask=_mask(m_mask, 0, D0, HEAD_DIM))
     if D1 > 0:
-        _store_chunk(Out, tok_m, m_mask, stride_ot, acc1 * inv, D0, D1, HEAD_DIM)
+        tl.store(_ptrs(Out, tok_m, stride_ot, D0, D1), (acc1 * inv).to(ty), mask=_mask(m_mask, D0, D1, HEAD_DIM))
     if D2 > 0:
-        _store_chunk(Out, tok_m, m_mask, stride_ot, acc2 * inv, D0 + D1, D2, HEAD_DIM)
+        tl.store(_ptrs(Out, tok_m, stride_ot, D0 + D1, D2), (acc2 * inv).to(ty),
+                 mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM))
     tl.store(LSE + h * stride_lse + tok_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
 
 
@@ -169,8 +153,10 @@ def _attn_bwd_delta_kernel(
     h = tl.program_id(1).to(tl.int64)
     m_mask = offs_m < T
     tok = offs_m.to(tl.int64)
-    o = _chunk(Out + h * _hint(stride_oh, ALIGN), tok, m_mask, _hint(stride_ot, ALIGN), 0, BLOCK_D, HEAD_DIM)
-    do = _chunk(DO + h * _hint(stride_doh, ALIGN), tok, m_mask, _hint(stride_dot, ALIGN), 0, BLOCK_D, HEAD_DIM)
+    o = tl.load(_ptrs(Out + h * _hint(stride_oh, ALIGN), tok, _hint(stride_ot, ALIGN), 0, BLOCK_D),
+                mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
+    do = tl.load(_ptrs(DO + h * _hint(stride_doh, ALIGN), tok, _hint(stride_dot, ALIGN), 0, BLOCK_D),
+                 mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + h * stride_delta + tok, delta, mask=m_mask)
 
@@ -184,26 +170,26 @@ def _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask, Q, 
     tok = (start + rows).to(tl.int64)
     lse = tl.load(LSE + tok, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + tok, mask=m_mask, other=0.0)
-    q0 = _chunk(Q, tok, m_mask, stride_qt, 0, D0, HEAD_DIM)
+    q0 = tl.load(_ptrs(Q, tok, stride_qt, 0, D0), mask=_mask(m_mask, 0, D0, HEAD_DIM), other=0.0)
     sT = tl.dot(k0, tl.trans(q0), input_precision=DOT_PREC)  # [N, BM]
     if D1 > 0:
-        q1 = _chunk(Q, tok, m_mask, stride_qt, D0, D1, HEAD_DIM)
+        q1 = tl.load(_ptrs(Q, tok, stride_qt, D0, D1), mask=_mask(m_mask, D0, D1, HEAD_DIM), other=0.0)
         sT = tl.dot(k1, tl.trans(q1), sT, input_precision=DOT_PREC)
     if D2 > 0:
-        q2 = _chunk(Q, tok, m_mask, stride_qt, D0 + D1, D2, HEAD_DIM)
+        q2 = tl.load(_ptrs(Q, tok, stride_qt, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         sT = tl.dot(k2, tl.trans(q2), sT, input_precision=DOT_PREC)
     pT = tl.exp2(sT * qk_scale - lse[None, :])
     pT = tl.where(n_mask[:, None] & m_mask[None, :], pT, 0.0)
     p16 = pT.to(q0.dtype)
-    do0 = _chunk(DO, tok, m_mask, stride_dot, 0, D0, HEAD_DIM)
+    do0 = tl.load(_ptrs(DO, tok, stride_dot, 0, D0), mask=_mask(m_mask, 0, D0, HEAD_DIM), other=0.0)
     dv0 = tl.dot(p16, do0, dv0, input_precision=DOT_PREC)
     dpT = tl.dot(v0, tl.trans(do0), input_precision=DOT_PREC)
     if D1 > 0:
-        do1 = _chunk(DO, tok, m_mask, stride_dot, D0, D1, HEAD_DIM)
+        do1 = tl.load(_ptrs(DO, tok, stride_dot, D0, D1), mask=_mask(m_mask, D0, D1, HEAD_DIM), other=0.0)
         dv1 = tl.dot(p16, do1, dv1, input_precision=DOT_PREC)
         dpT = tl.dot(v1, tl.trans(do1), dpT, input_precision=DOT_PREC)
     if D2 > 0:
-        do2 = _chunk(DO, tok, m_mask, stride_dot, D0 + D1, D2, HEAD_DIM)
+        do2 = tl.load(_ptrs(DO, tok, stride_dot, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dv2 = tl.dot(p16, do2, dv2, input_precision=DOT_PREC)
         dpT = tl.dot(v2, tl.trans(do2), dpT, input_precision=DOT_PREC)
     ds16 = (pT * (dpT - delta[None, :])).to(q0.dtype)
@@ -225,7 +211,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_lse,
     qk_scale, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
@@ -250,37 +236,33 @@ def _attn_bwd_dkdv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < seqlen
     tok_n = (start + offs_n).to(tl.int64)
-    k0 = _chunk(K, tok_n, n_mask, stride_kt, 0, D0, HEAD_DIM)
-    v0 = _chunk(V, tok_n, n_mask, stride_vt, 0, D0, HEAD_DIM)
+    k0 = tl.load(_ptrs(K, tok_n, stride_kt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
+    v0 = tl.load(_ptrs(V, tok_n, stride_vt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
     dk0 = tl.zeros([BLOCK_N, D0], dtype=tl.float32)
     k1, k2, v1, v2, dk1, dk2 = k0, k0, v0, v0, dk0, dk0
     if D1 > 0:
-        k1 = _chunk(K, tok_n, n_mask, stride_kt, D0, D1, HEAD_DIM)
-        v1 = _chunk(V, tok_n, n_mask, stride_vt, D0, D1, HEAD_DIM)
+        k1 = tl.load(_ptrs(K, tok_n, stride_kt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
+        v1 = tl.load(_ptrs(V, tok_n, stride_vt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
         dk1 = tl.zeros([BLOCK_N, D1], dtype=tl.float32)
     if D2 > 0:
-        k2 = _chunk(K, tok_n, n_mask, stride_kt, D0 + D1, D2, HEAD_DIM)
-        v2 = _chunk(V, tok_n, n_mask, stride_vt, D0 + D1, D2, HEAD_DIM)
+        k2 = tl.load(_ptrs(K, tok_n, stride_kt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
+        v2 = tl.load(_ptrs(V, tok_n, stride_vt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     dv0, dv1, dv2 = dk0, dk1, dk2
-    m_end = _inner_end(seqlen, BLOCK_M, TAIL)
-    for m0 in range(0, m_end, BLOCK_M):
+    for m0 in range(0, seqlen, BLOCK_M):
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask, Q, DO,
                                                   LSE, DELTA, start, m0, seqlen, stride_qt, stride_dot, qk_scale,
                                                   BLOCK_M, D0, D1, D2, HEAD_DIM, DOT_PREC)
-    if TAIL > 0:
-        if m_end < seqlen:
-            dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask,
-                                                      Q, DO, LSE, DELTA, start, m_end, seqlen, stride_qt, stride_dot,
-                                                      qk_scale, TAIL, D0, D1, D2, HEAD_DIM, DOT_PREC)
-    _store_chunk(DK, tok_n, n_mask, stride_dkt, dk0 * scale, 0, D0, HEAD_DIM)
-    _store_chunk(DV, tok_n, n_mask, stride_dkt, dv0, 0, D0, HEAD_DIM)
+    ty = DK.dtype.element_ty
+    tl.store(_ptrs(DK, tok_n, stride_dkt, 0, D0), (dk0 * scale).to(ty), mask=_mask(n_mask, 0, D0, HEAD_DIM))
+    tl.store(_ptrs(DV, tok_n, stride_dkt, 0, D0), dv0.to(ty), mask=_mask(n_mask, 0, D0, HEAD_DIM))
     if D1 > 0:
-        _store_chunk(DK, tok_n, n_mask, stride_dkt, dk1 * scale, D0, D1, HEAD_DIM)
-        _store_chunk(DV, tok_n, n_mask, stride_dkt, dv1, D0, D1, HEAD_DIM)
+        tl.store(_ptrs(DK, tok_n, stride_dkt, D0, D1), (dk1 * scale).to(ty), mask=_mask(n_mask, D0, D1, HEAD_DIM))
+        tl.store(_ptrs(DV, tok_n, stride_dkt, D0, D1), dv1.to(ty), mask=_mask(n_mask, D0, D1, HEAD_DIM))
     if D2 > 0:
-        _store_chunk(DK, tok_n, n_mask, stride_dkt, dk2 * scale, D0 + D1, D2, HEAD_DIM)
-        _store_chunk(DV, tok_n, n_mask, stride_dkt, dv2, D0 + D1, D2, HEAD_DIM)
+        tl.store(_ptrs(DK, tok_n, stride_dkt, D0 + D1, D2), (dk2 * scale).to(ty),
+                 mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM))
+        tl.store(_ptrs(DV, tok_n, stride_dkt, D0 + D1, D2), dv2.to(ty), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM))
 
 
 @triton.jit
@@ -290,18 +272,20 @@ def _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V,
     cols = n0 + tl.arange(0, BN)
     n_mask = cols < seqlen
     tok = (start + cols).to(tl.int64)
-    k0 = _chunk(K, tok, n_mask, stride_kt, 0, D0, HEAD_DIM)
+    k0 = tl.load(_ptrs(K, tok, stride_kt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
+    v = tl.load(_ptrs(V, tok, stride_vt, 0, D0), mask=_mask(n_mask, 0, D0, HEAD_DIM), other=0.0)
     s = tl.dot(q0, tl.trans(k0), input_precision=DOT_PREC)  # [M, BN]
-    dp = tl.dot(do0, tl.trans(_chunk(V, tok, n_mask, stride_vt, 0, D0, HEAD_DIM)), input_precision=DOT_PREC)
+    dp = tl.dot(do0, tl.trans(v), input_precision=DOT_PREC)
     if D1 > 0:
-        k1 = _chunk(K, tok, n_mask, stride_kt, D0, D1, HEAD_DIM)
+        k1 = tl.load(_ptrs(K, tok, stride_kt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
+        v = tl.load(_ptrs(V, tok, stride_vt, D0, D1), mask=_mask(n_mask, D0, D1, HEAD_DIM), other=0.0)
         s = tl.dot(q1, tl.trans(k1), s, input_precision=DOT_PREC)
-        dp = tl.dot(do1, tl.trans(_chunk(V, tok, n_mask, stride_vt, D0, D1, HEAD_DIM)), dp, input_precision=DOT_PREC)
+        dp = tl.dot(do1, tl.trans(v), dp, input_precision=DOT_PREC)
     if D2 > 0:
-        k2 = _chunk(K, tok, n_mask, stride_kt, D0 + D1, D2, HEAD_DIM)
+        k2 = tl.load(_ptrs(K, tok, stride_kt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
+        v = tl.load(_ptrs(V, tok, stride_vt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         s = tl.dot(q2, tl.trans(k2), s, input_precision=DOT_PREC)
-        dp = tl.dot(do2, tl.trans(_chunk(V, tok, n_mask, stride_vt, D0 + D1, D2, HEAD_DIM)), dp,
-                    input_precision=DOT_PREC)
+        dp = tl.dot(do2, tl.trans(v), dp, input_precision=DOT_PREC)
     p = tl.exp2(s * qk_scale - lse[:, None])
     p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
     ds16 = (p * (dp - delta[:, None])).to(q0.dtype)
@@ -323,7 +307,7 @@ def _attn_bwd_dq_kernel(
     stride_dqt, stride_dqh, stride_lse,
     qk_scale, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -347,29 +331,25 @@ def _attn_bwd_dq_kernel(
     tok_m = (start + offs_m).to(tl.int64)
     lse = tl.load(LSE + h * stride_lse + tok_m, mask=m_mask, other=0.0) * LOG2E
     delta = tl.load(DELTA + h * stride_lse + tok_m, mask=m_mask, other=0.0)
-    q0 = _chunk(Q, tok_m, m_mask, stride_qt, 0, D0, HEAD_DIM)
-    do0 = _chunk(DO, tok_m, m_mask, stride_dot, 0, D0, HEAD_DIM)
+    q0 = tl.load(_ptrs(Q, tok_m, stride_qt, 0, D0), mask=_mask(m_mask, 0, D0, HEAD_DIM), other=0.0)
+    do0 = tl.load(_ptrs(DO, tok_m, stride_dot, 0, D0), mask=_mask(m_mask, 0, D0, HEAD_DIM), other=0.0)
     dq0 = tl.zeros([BLOCK_M, D0], dtype=tl.float32)
     q1, q2, do1, do2, dq1, dq2 = q0, q0, do0, do0, dq0, dq0
     if D1 > 0:
-        q1 = _chunk(Q, tok_m, m_mask, stride_qt, D0, D1, HEAD_DIM)
-        do1 = _chunk(DO, tok_m, m_mask, stride_dot, D0, D1, HEAD_DIM)
+        q1 = tl.load(_ptrs(Q, tok_m, stride_qt, D0, D1), mask=_mask(m_mask, D0, D1, HEAD_DIM), other=0.0)
+        do1 = tl.load(_ptrs(DO, tok_m, stride_dot, D0, D1), mask=_mask(m_mask, D0, D1, HEAD_DIM), other=0.0)
         dq1 = tl.zeros([BLOCK_M, D1], dtype=tl.float32)
     if D2 > 0:
-        q2 = _chunk(Q, tok_m, m_mask, stride_qt, D0 + D1, D2, HEAD_DIM)
-        do2 = _chunk(DO, tok_m, m_mask, stride_dot, D0 + D1, D2, HEAD_DIM)
+        q2 = tl.load(_ptrs(Q, tok_m, stride_qt, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
+        do2 = tl.load(_ptrs(DO, tok_m, stride_dot, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dq2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
-    n_end = _inner_end(seqlen, BLOCK_N, TAIL)
-    for n0 in range(0, n_end, BLOCK_N):
+    for n0 in range(0, seqlen, BLOCK_N):
         dq0, dq1, dq2 = _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V, start, n0,
                                  seqlen, stride_kt, stride_vt, qk_scale, BLOCK_N, D0, D1, D2, HEAD_DIM, DOT_PREC)
-    if TAIL > 0:
-        if n_end < seqlen:
-            dq0, dq1, dq2 = _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V, start,
-                                     n_end, seqlen, stride_kt, stride_vt, qk_scale, TAIL, D0, D1, D2, HEAD_DIM,
-                                     DOT_PREC)
-    _store_chunk(DQ, tok_m, m_mask, stride_dqt, dq0 * scale, 0, D0, HEAD_DIM)
+    ty = DQ.dtype.element_ty
+    tl.store(_ptrs(DQ, tok_m, stride_dqt, 0, D0), (dq0 * scale).to(ty), mask=_mask(m_mask, 0, D0, HEAD_DIM))
     if D1 > 0:
-        _store_chunk(DQ, tok_m, m_mask, stride_dqt, dq1 * scale, D0, D1, HEAD_DIM)
+        tl.store(_ptrs(DQ, tok_m, stride_dqt, D0, D1), (dq1 * scale).to(ty), mask=_mask(m_mask, D0, D1, HEAD_DIM))
     if D2 > 0:
-        _store_chunk(DQ, tok_m, m_mask, stride_dqt, dq2 * scale, D0 + D1, D2, HEAD_DIM)
+        tl.store(_ptrs(DQ, tok_m, stride_dqt, D0 + D1, D2), (dq2 * scale).to(ty),
+                 mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM))

@@ -43,35 +43,62 @@ LOG2E = 1.4426950408889634
 # Launch plan and cost (pure Python: the cost model imports these without a GPU)
 # ------------------------------------------------------------------------------------------------
 
-# Launch candidates per kernel: (BLOCK_M, BLOCK_N, TAIL, num_warps, num_stages); the first of each
-# list is the default. Rows of a program (queries for fwd / dq, keys for dkdv) come in 64-row blocks:
-# the smallest wgmma tile (one warp group), which fits a 54- or 58-token local crop in one block.
-# The inner loop (keys for fwd / dq, queries for dkdv) takes TAIL-wide steps for short remainders,
-# so a 261- or 265-token global crop costs 4 x 64 + 16 inner columns, not 5 x 64. fp32 (tests, not
-# training) gets small unpipelined tiles so its shared memory stays well inside the limit. On a GPU
-# the launcher times the candidates once per (kernel, head-dim chunks, dtype, max_seqlen bucket,
-# device) and keeps the fastest; VIRCHOW_FAST_ATTN_TUNE=0 always takes the default.
+# Launch candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is
+# the default. Rows of a program (queries for fwd / dq, keys for dkdv) come in 64-row blocks: the
+# smallest wgmma tile (one warp group), which fits a 54- or 58-token local crop in one block. The
+# inner loop (keys for fwd / dq, queries for dkdv) defaults to 32-wide blocks, so a 261- or
+# 265-token global crop costs 9 x 32 = 288 inner columns, not 5 x 64 = 320 (a 54-token crop: 64
+# either way). fp32 (tests, not training) gets small unpipelined tiles so its shared memory stays
+# well inside the limit. On a GPU the launcher times the candidates once per (kernel, head-dim
+# chunks, dtype, max_seqlen bucket, device) and keeps the fastest; VIRCHOW_FAST_ATTN_TUNE=0 always
+# takes the default.
 CANDIDATES = {
-    "fwd": [(64, 64, 16, 4, 2), (64, 64, 16, 8, 2), (64, 32, 16, 4, 3)],
-    "dkdv": [(64, 64, 16, 8, 2), (32, 64, 16, 4, 2), (64, 64, 16, 8, 3)],
-    "dq": [(64, 64, 16, 4, 2), (64, 64, 16, 8, 2), (64, 32, 16, 4, 2)],
+    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
+    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
+    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
 }
-FP32_CANDIDATE = (32, 32, 16, 4, 1)
-# The interpreter runs one configuration; small blocks make the tests' short segments exercise
-# several full blocks, the padded last block and the tail step.
-INTERPRET_CANDIDATE = (32, 32, 16, 4, 1)
+FP32_CANDIDATE = (32, 32, 4, 1)
+# The interpreter runs one configuration; small blocks make the tests' short segments cover
+# several full blocks and a padded last block.
+INTERPRET_CANDIDATE = (32, 32, 4, 1)
 DELTA_BLOCK_M = 64
 _chosen: dict[tuple, tuple[int, ...]] = {}
 _forced: dict[str, tuple[int, ...]] = {}
 
 
-def candidates(kind: str, dtype: torch.dtype) -> list[tuple[int, int, int, int, int]]:
-    """Launch candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for inputs of ``dtype``."""
-    return [FP32_CANDIDATE] if dtype == torch.float32 else CANDIDATES[kind]
+# Per-thread fp32 accumulator registers above which ptxas spills at sm_90's 255 (compiled for hd 80,
+# 104, 128, 256: 112 fits next to the dot operands and softmax tiles, 128 spills), and the shared
+# memory one CTA may use (227 KiB, less a margin for the row statistics).
+_ACC_REGS_MAX = 112
+_SMEM_MAX = 225 * 1024
+
+
+def _fits(kind: str, c: tuple[int, ...], head_dim: int, esize: int) -> bool:
+    """Estimate: accumulators in registers and pipelined tiles in shared memory stay within sm_90."""
+    bm, bn, warps, stages = c
+    rows, inner = (bn, bm) if kind == "dkdv" else (bm, bn)
+    dp, n_acc = sum(head_chunks(head_dim)), 2 if kind == "dkdv" else 1  # dK and dV
+    resident = 1 if kind == "fwd" else 2  # Q; K, V (dkdv) or Q, dO (dq)
+    smem = esize * dp * (2 * inner * max(stages, 1) + resident * rows)  # two streamed operands per stage
+    return n_acc * rows * dp <= _ACC_REGS_MAX * 32 * warps and smem <= _SMEM_MAX
+
+
+def candidates(kind: str, dtype: torch.dtype, head_dim: int = 128) -> list[tuple[int, int, int, int]]:
+    """Launch candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for ``dtype`` inputs of ``head_dim``.
+
+    Those of :data:`CANDIDATES` that fit sm_90's registers and shared memory at this head dim (all of
+    them up to 104; wider heads lose the 4-warp and 3-stage ones), else the default (dK / dV at head
+    dims above 224 spills: smaller tiles fall back to mma.sync and spill more). fp32 (tests): one
+    small unpipelined tile, on CUDA cores.
+    """
+    if dtype == torch.float32:
+        return [FP32_CANDIDATE]
+    esize = torch.empty((), dtype=dtype).element_size()
+    return [c for c in CANDIDATES[kind] if _fits(kind, c, head_dim, esize)] or CANDIDATES[kind][:1]
 
 
 @contextlib.contextmanager
-def use_config(kind: str, config: tuple[int, int, int, int, int]):
+def use_config(kind: str, config: tuple[int, int, int, int]):
     """Launch kernel ``kind`` with ``config`` inside the block (compile checks of every candidate)."""
     _forced[kind] = tuple(config)
     try:
@@ -94,30 +121,23 @@ def head_chunks(head_dim: int) -> tuple[int, int, int]:
     return tuple(out + [0] * (3 - len(out)))
 
 
-def _inner_padded(n: int, block: int, tail: int) -> int:
-    """Inner-loop columns a kernel computes for a segment of n tokens (mirrors ``_inner_end``)."""
-    full = n // block * block
-    rem = n - full
-    return full + (0 if rem == 0 else tail if 0 < tail and rem <= tail else block)
-
-
 def launch_plan(seqlens=None, num_heads: int = 1, head_dim: int = 64, dtype: torch.dtype = torch.bfloat16, *,
                 cu_seqlens=None, configs: dict | None = None) -> dict:
     """What one packed attention call launches, and the FLOPs it issues versus the useful ones.
 
     seqlens: segment lengths (sequence of ints), or ``cu_seqlens=`` the [S + 1] offsets (list or
         tensor); num_heads H, head_dim D, dtype of q / k / v. configs: {kind: candidate tuple}
-        overrides the default (first) candidate of "fwd", "dkdv", "dq" (what autotuning picked).
+        overrides the default (first) candidate of "fwd", "dkdv", "dq" (e.g. what autotuning picked).
     Returns a dict:
         "head_chunks": (D0, D1, D2), "head_dim_padded": D0 + D1 + D2,
-        "kernels": {"fwd" | "bwd_delta" | "bwd_dkdv" | "bwd_dq": {"config": {BLOCK_M, BLOCK_N, TAIL,
+        "kernels": {"fwd" | "bwd_delta" | "bwd_dkdv" | "bwd_dq": {"config": {BLOCK_M, BLOCK_N,
             num_warps, num_stages} (bwd_delta: BLOCK_M, BLOCK_D), "grid": (x, y, z),
             "flops_issued", "flops_useful", "bytes"}},
         "fwd" / "bwd": {"flops_issued", "flops_useful", "bytes"} summed over their kernels.
     Useful FLOPs are the model's: forward 4 L^2 H D per segment of L tokens (QK^T and PV), backward
     twice that (dV, dP, dS K, dS^T Q). Issued FLOPs are the tensor-core work on padded tiles:
-    rows padded to BLOCK (a 64-row block is the smallest wgmma tile), inner columns padded as
-    ``_inner_padded``, D padded to its chunks; the backward also recomputes S in both kernels and dP
+    each segment's rows and inner columns padded to whole blocks (a 64-row block is the smallest
+    wgmma tile), D padded to its chunks; the backward also recomputes S in both kernels and dP
     in the dQ kernel (14 L^2 H D issued per 8 useful without padding). Bytes: each tensor's unique
     HBM reads and writes (re-reads of K / V by other blocks of a segment are assumed to hit L2).
     """
@@ -135,11 +155,11 @@ def launch_plan(seqlens=None, num_heads: int = 1, head_dim: int = 64, dtype: tor
     kernels = {}
 
     def add(name, kind, matmuls, useful_share, nbytes):
-        c = tuple((configs or {}).get(kind) or candidates(kind, dtype)[0])
-        bm, bn, tail = c[:3]
+        c = tuple((configs or {}).get(kind) or candidates(kind, dtype, D)[0])
+        bm, bn = c[:2]
         rows, inner = (bn, bm) if kind == "dkdv" else (bm, bn)
-        issued = sum(2.0 * matmuls * -(-n // rows) * rows * _inner_padded(n, inner, tail) * dp * H for n in lens)
-        kernels[name] = {"config": dict(zip(("BLOCK_M", "BLOCK_N", "TAIL", "num_warps", "num_stages"), c, strict=True)),
+        issued = sum(2.0 * matmuls * -(-n // rows) * rows * -(-n // inner) * inner * dp * H for n in lens)
+        kernels[name] = {"config": dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), c, strict=True)),
                          "grid": (-(-maxlen // rows), S, H), "flops_issued": issued,
                          "flops_useful": useful * useful_share, "bytes": nbytes}
 
@@ -164,7 +184,7 @@ def launch_plan(seqlens=None, num_heads: int = 1, head_dim: int = 64, dtype: tor
 def _meta(c: tuple[int, ...]) -> dict:
     if interpreting():
         c = INTERPRET_CANDIDATE
-    return dict(BLOCK_M=c[0], BLOCK_N=c[1], TAIL=c[2], num_warps=c[3], num_stages=c[4])
+    return dict(BLOCK_M=c[0], BLOCK_N=c[1], num_warps=c[2], num_stages=c[3])
 
 
 def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, max_seqlen: int,
@@ -173,7 +193,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
 
     The kernels only write their outputs, so timing a candidate by running it is harmless.
     """
-    cands = candidates(kind, dtype)
+    cands = candidates(kind, dtype, consts["HEAD_DIM"])
     key = (kind, consts["D0"], consts["D1"], consts["D2"], consts["ALIGN"], dtype, next_pow2(max_seqlen),
            str(device))
     choice = _forced.get(kind) or _chosen.get(key)

@@ -2,10 +2,9 @@
 
 Head dims 64 / 128 (one chunk), 80 (64 + 16) and 104 (64 + 32 + 16, last 8 columns masked); 54- and
 261-token segments mixed in one packed batch; 1-token, prime and empty segments; segment lengths
-on each side of the tail-step boundary; strided q/k/v views of one qkv tensor; strides that are
-not 16-byte multiples (the unaligned path). The interpreter runs small blocks (32 x 32, tail 16)
-so short segments cover full blocks, the padded last block and the tail step; one case runs the
-GPU's default 64 x 64 blocks.
+on each side of a block boundary; strided q/k/v views of one qkv tensor; strides that are not
+16-byte multiples (the unaligned path). The interpreter runs small blocks (32 x 32) so short
+segments cover several full blocks and a padded last one; one case runs 64 x 64 blocks.
 """
 import math
 
@@ -75,15 +74,15 @@ def test_head_dims_odd_lengths(D, dtype, device, close):
 
 
 @pytest.mark.usefixtures("poison_outputs")
-def test_tail_boundaries(device, close):
-    """Remainders after full 32-blocks of 16 (tail step), 17 (padded block), 0, and shorter than a tail."""
-    _check([48, 49, 64, 16, 15, 33], 1, 80, torch.float16, device, close)
+def test_block_boundaries(device, close):
+    """Segments of whole 32-blocks, one token past and short of one, and shorter than a block."""
+    _check([32, 33, 64, 63, 16, 15], 1, 80, torch.float16, device, close)
 
 
 @pytest.mark.usefixtures("poison_outputs")
-def test_gpu_default_blocks(device, close, monkeypatch):
-    """The GPU's default 64-row blocks: 261 = 4 x 64 + 5 (tail), 67 = 64 + 3 (tail), 54 (one block)."""
-    monkeypatch.setattr(attn, "INTERPRET_CANDIDATE", attn.CANDIDATES["fwd"][0])
+def test_64_row_blocks(device, close, monkeypatch):
+    """64 x 64 blocks (GPU candidates): 261 = 4 x 64 + 5, 67 = 64 + 3, 54 (one padded block)."""
+    monkeypatch.setattr(attn, "INTERPRET_CANDIDATE", (64, 64, 4, 1))
     _check([54, 261, 67], 1, 104, torch.bfloat16, device, close)
 
 
@@ -129,16 +128,16 @@ def test_head_chunks_cover_the_head_dim(D):
 
 
 def test_plan_flops_against_hand_count():
-    """ViT-H/14 tile: 2 x 261 + 8 x 54 tokens, 16 heads of 80, default 64-row blocks with a 16 tail."""
+    """ViT-H/14 tile: 2 x 261 + 8 x 54 tokens, 16 heads of 80, default blocks: 64 rows, 32 inner."""
     H, D, lens = 16, 80, [261, 261] + [54] * 8
     p = attn.launch_plan(lens, H, D)
     useful = 4 * H * D * (2 * 261 ** 2 + 8 * 54 ** 2)
     assert p["fwd"]["flops_useful"] == useful and p["bwd"]["flops_useful"] == 2 * useful
-    # queries in 64-row blocks (261 -> 320, 54 -> 64); keys 4 x 64 + 16 = 272 for 261, one 64 block for 54
+    # rows in 64-blocks (261 -> 320, 54 -> 64), inner columns in 32-blocks (261 -> 288, 54 -> 64)
     assert p["head_chunks"] == (64, 16, 0)
-    assert p["kernels"]["fwd"]["flops_issued"] == 4 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
-    assert p["kernels"]["bwd_dkdv"]["flops_issued"] == 8 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
-    assert p["kernels"]["bwd_dq"]["flops_issued"] == 6 * H * 80 * (2 * 320 * 272 + 8 * 64 * 64)
+    assert p["kernels"]["fwd"]["flops_issued"] == 4 * H * 80 * (2 * 320 * 288 + 8 * 64 * 64)
+    assert p["kernels"]["bwd_dkdv"]["flops_issued"] == 8 * H * 80 * (2 * 320 * 288 + 8 * 64 * 64)
+    assert p["kernels"]["bwd_dq"]["flops_issued"] == 6 * H * 80 * (2 * 320 * 288 + 8 * 64 * 64)
     assert p["kernels"]["fwd"]["grid"] == (5, 10, 16)
     same = attn.launch_plan(None, H, D, cu_seqlens=torch.tensor([0] + lens).cumsum(0))
     assert same["fwd"] == p["fwd"] and same["bwd"] == p["bwd"]
@@ -154,9 +153,9 @@ def test_plan_no_padding_issues_exactly_the_useful_flops(D):
 
 def test_plan_bytes_and_config_override():
     T, H, D = 261 + 54, 16, 104
-    p = attn.launch_plan([261, 54], H, D, configs={"fwd": attn.CANDIDATES["fwd"][2]})
+    p = attn.launch_plan([261, 54], H, D, configs={"fwd": attn.CANDIDATES["fwd"][1]})
     assert p["kernels"]["fwd"]["bytes"] == 4 * T * H * D * 2 + 4 * T * H  # q, k, v, o in bf16 + fp32 lse
-    assert p["kernels"]["fwd"]["config"]["BLOCK_N"] == attn.CANDIDATES["fwd"][2][1]
+    assert p["kernels"]["fwd"]["config"]["BLOCK_N"] == attn.CANDIDATES["fwd"][1][1]
     assert attn.launch_plan([261, 54], H, D, torch.float32)["kernels"]["fwd"]["config"]["BLOCK_M"] == 32
 
 
