@@ -46,12 +46,13 @@ def main(log_level: str) -> None:
 def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool) -> None:
     """Train (single process, or one rank of a torchrun launch)."""
     cfg = _load(config, overrides)
+    from .data.records import DataError
     from .train.errors import RunError
     from .train.loop import run
 
     try:
         run_dir = run(cfg, resume=resume, config_path=config, overwrite=overwrite)
-    except (ConfigError, FileNotFoundError, RunError) as exc:  # the user's input or the run's fate, in one line
+    except (ConfigError, FileNotFoundError, RunError, DataError) as exc:  # the user's input or the run's fate
         raise click.ClickException(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
     click.echo(f"run directory: {Path(run_dir).resolve()}")
 

@@ -20,7 +20,10 @@ def index_dir(slides, tmp_path_factory):
 
 
 def _cfg(index_dir, **kw):
-    cfg = DataConfig(source="slides", paths=["unused"], index_dir=str(index_dir), batch_size=2, num_workers=1,
+    from virchow_fast.data.index import load_index
+
+    slides = [str(part["slide"]) for part in load_index(index_dir)]  # the slides of the prebuilt index
+    cfg = DataConfig(source="slides", paths=slides, index_dir=str(index_dir), batch_size=2, num_workers=1,
                      device="cpu", pipeline="dali")
     for k, v in kw.items():
         setattr(cfg, k, v)
@@ -144,7 +147,8 @@ def test_unreadable_region_mid_epoch(slides, index_dir, tmp_path, capfd):
     assert all(c.shape == (392, 392, 3) for c, _ in got)
     assert tiles.failures >= 1 and tiles.pool.failed == tiles.failures
     lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("data: skipped tile")]
-    assert len(lines) == tiles.failures and all(str(copy) in l for l in lines)
+    # one line per bad tile (a tile drawn twice in one step is read twice: not yet known to be bad)
+    assert len(lines) == len(tiles.bad_rows) <= tiles.failures and all(str(copy) in l for l in lines)
     tiles.close()
     assert n > 0
 

@@ -83,19 +83,51 @@ def test_tiles_command_bad_inputs_and_rerun(slides, tmp_path):
     assert "0 indexed, 3 already done" in res.output
 
 
-def test_other_ranks_wait_for_rank0_index(slides, tmp_path):
-    import threading
+def _rank(rank, store, slide, idx, bad, out):
+    import time
+
+    import torch.distributed as dist
 
     from virchow_fast.config import DataConfig
-    from virchow_fast.data import prepare_index
+    from virchow_fast.data import DataError, prepare_index
 
-    cfg = DataConfig(source="slides", paths=[str(slides["generic"])], index_dir=str(tmp_path / "idx"))
-    with pytest.raises(TimeoutError):
-        prepare_index(cfg, None, rank=1, wait_s=0.5)
-    got = {}
-    waiter = threading.Thread(target=lambda: got.setdefault("dir", prepare_index(cfg, None, rank=1, wait_s=120)))
-    waiter.start()
-    assert prepare_index(cfg, None, rank=0) == tmp_path / "idx"
-    waiter.join(60)
-    assert got["dir"] == tmp_path / "idx" and (tmp_path / "idx" / "READY").is_file()
-    assert len(load_index(tmp_path / "idx")) == 1
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        if rank == 1:
+            time.sleep(1.0)  # arrive at the collective well before rank 0 has finished indexing
+        _, files = prepare_index(DataConfig(source="slides", paths=[slide], index_dir=idx), None, rank)
+        result = {"files": [str(f) for f in files], "at": time.time()}
+        try:
+            prepare_index(DataConfig(source="slides", paths=[bad], index_dir=idx), None, rank)
+        except DataError as exc:
+            result["error"] = str(exc)
+        out.put((rank, result))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes with a gloo group: ~18 s on 2 cores
+def test_other_ranks_wait_for_rank0_index(slides, tmp_path):
+    """Rank 1 waits in a collective (a READY file left by an earlier run used to let it through) and
+    receives rank 0's index files, or rank 0's error as one line."""
+    import multiprocessing as mp
+
+    idx = tmp_path / "idx"
+    idx.mkdir()
+    (idx / "READY").write_text("ok\n")  # stale, from an earlier run
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(b"")
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, tmp_path / "store", str(slides["generic"]), str(idx), str(bad), out))
+             for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got[0]["files"] == got[1]["files"] and len(got[0]["files"]) == 1
+    mtime = (idx / got[0]["files"][0].split("/")[-1]).stat().st_mtime
+    assert got[1]["at"] >= mtime  # rank 1 returned after rank 0 wrote the index
+    assert "no slide of data.paths could be indexed" in got[0]["error"]
+    assert got[1]["error"].startswith("rank 0 could not prepare the data") and "\n" not in got[1]["error"]

@@ -95,3 +95,102 @@ def test_webdataset_reader_source_resumes_from_dali_checkpoint(shard_dir):
     for x, y in zip(later, again):
         assert x.step == y.step
         assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.mags, y.mags)
+
+
+def _copy(shard_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shard_dir, bad)
+    return bad
+
+
+def _jpgs(tar_path):
+    with tarfile.open(tar_path) as tar:
+        return [m for m in tar.getmembers() if m.name.endswith(".jpg")]
+
+
+def _scramble(data: bytes, seed=0) -> bytes:
+    """Random bytes in the entropy-coded half of a JPEG, same length; SOI/SOS/EOI markers stay valid."""
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], "big")
+    n = (len(data) - start) // 2
+    junk = np.random.default_rng(seed).integers(0, 255, n, dtype=np.uint8)
+    junk[junk == 0xFF] = 0x7F  # no stray markers: libjpeg decodes this without a word
+    return data[:start] + junk.tobytes() + data[start + n:]
+
+
+def _wds_cfg(d):
+    return DataConfig(source="shards", paths=[str(d)], batch_size=4, device="cpu", pipeline="dali",
+                      shard_reader="webdataset")
+
+
+def test_webdataset_reader_drops_a_bad_jpeg_member(shard_dir, tmp_path):
+    """One undecodable member: DALI's decoder failed the run; now the sample is dropped and counted."""
+    bad = _copy(shard_dir, tmp_path)
+    tar_path = bad / "shard-000000.tar"
+    (m,) = _jpgs(tar_path)[:1]
+    raw = bytearray(tar_path.read_bytes())
+    raw[m.offset_data + 2: m.offset_data + 200] = b"\x00" * 198
+    tar_path.write_bytes(bytes(raw))
+    loader = build_loader(_wds_cfg(bad), 14, seed=0, run_dir=str(tmp_path / "run"))
+    batches = [next(loader) for _ in range(6)]  # more than an epoch of the reader
+    assert all(torch.isfinite(b.global_crops).all() for b in batches)
+    assert loader.skips["shard_samples_dropped"] == 1
+
+
+def test_webdataset_reader_survives_a_truncated_shard(shard_dir, tmp_path):
+    """A shard cut in half: DALI refused the index ('malformed'); now its intact samples are kept."""
+    bad = _copy(shard_dir, tmp_path)
+    tar_path = bad / "shard-000001.tar"
+    n_jpg = len(_jpgs(tar_path))
+    tar_path.write_bytes(tar_path.read_bytes()[: tar_path.stat().st_size // 2])
+    loader = build_loader(_wds_cfg(bad), 14, seed=0, run_dir=str(tmp_path / "run"))
+    batches = [next(loader) for _ in range(6)]
+    assert all(torch.isfinite(b.global_crops).all() for b in batches)
+    assert 0 < loader.skips["shard_samples_dropped"] < n_jpg
+    # checked once per shard version: a second loader reuses the check (same count, no new work)
+    again = build_loader(_wds_cfg(bad), 14, seed=0, run_dir=str(tmp_path / "run"))
+    assert again.skips["shard_samples_dropped"] == loader.skips["shard_samples_dropped"]
+
+
+def test_scrambled_member_is_caught_by_checksum(shard_dir, tmp_path):
+    """Valid markers, scrambled entropy data: decodes to garbage without an error; the CRC-32 catches it."""
+    from virchow_fast.data.sampling import MagSampler
+    from virchow_fast.data.sources import ShardTable, ShardTiles, decode_jpeg
+
+    bad = _copy(shard_dir, tmp_path)
+    tar_path = bad / "shard-000000.tar"
+    m = _jpgs(tar_path)[0]
+    raw = bytearray(tar_path.read_bytes())
+    raw[m.offset_data:m.offset_data + m.size] = _scramble(bytes(raw[m.offset_data:m.offset_data + m.size]))
+    tar_path.write_bytes(bytes(raw))
+    decode_jpeg(bytes(raw[m.offset_data:m.offset_data + m.size]))  # the decoder sees nothing wrong
+    table = ShardTable(bad)
+    row = int(np.flatnonzero(table.key == m.name[:-4])[0])
+    with pytest.raises(ValueError, match="CRC"):
+        table.read_bytes(row)
+    lines = []
+    tiles = ShardTiles(table, MagSampler(table, DataConfig(mags=[40.0, 20.0], mag_weights=[1.0, 1.0],
+                                                           mag_mpp=[0.25, 0.5])), 0, log=lines.append)
+    got = tiles(0, list(range(300)))  # the member is drawn many times: read (and reported) once
+    assert len(got) == 300 and tiles.counters["tiles_failed"] == 1 and m.name in lines[0]
+    assert tiles.counters["tiles_known_bad"] >= 1
+    with pytest.raises(ValueError, match="CRC"):
+        validate_shard(tar_path, bad / "shard-000000.idx", dict(zip(map(str, table.key), map(int, table.crc))))
+
+
+def test_writer_refuses_a_scrambled_encoding(slides, tmp_path, monkeypatch):
+    """An encoder (or memory) that scrambles the entropy data: the writer compares with the pixels."""
+    import virchow_fast.data.shards as shards
+
+    write_index(str(slides["generic"]), tmp_path / "index", IndexSettings(mags=(20.0,), mag_mpp=(0.5,)))
+    real = shards.encode_jpeg
+
+    def scrambled(rgb, quality=90):
+        return _scramble(real(rgb, quality))
+
+    monkeypatch.setattr(shards, "encode_jpeg", scrambled)
+    lines = []
+    written, skipped = write_shards(tmp_path / "index", tmp_path / "shards", workers=1, log=lines.append)
+    assert written == 0 and skipped == 2 and all("scrambled" in line for line in lines), lines

@@ -21,14 +21,7 @@ import torch
 
 from ..config import CropConfig, DataConfig
 from . import sampling as S
-from .loader import Batch
-from .masks import collate_masks
-
-try:  # the rank-split-invariant rule, where masks.py has it (the same masks as loader.py draws)
-    from .masks import step_masks
-except ImportError:  # pragma: no cover
-    step_masks = None
-
+from .loader import Batch, batch_masks
 
 N_PER_CROP = 6  # external-source outputs per crop: roi start, roi end, hflip, vflip, colour [3, 4], blur [2]
 
@@ -176,6 +169,8 @@ class TileFeed:
 class DaliLoader:
     """Iterator of :class:`Batch` from a DALI pipeline; ``state_dict`` is the next step."""
 
+    skips = None  # SkipCounters of the tile getters (set by the factory)
+
     def __init__(self, make_tiles, cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  start_step: int = 0, device: str = "cpu", encoded: bool = False, num_threads: int = 1,
                  webdataset: dict | None = None):
@@ -217,15 +212,7 @@ class DaliLoader:
         c = self.cfg.crops
         step = int(out["steps"].reshape(-1)[0])
         g, l = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
-        mk = self.cfg.masks
-        grid = c.global_size // self.patch
-        if step_masks is not None:
-            masks = step_masks(self.seed, step, c.n_global, self.cfg.batch_size, self.rank, self.world, grid,
-                               mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
-        else:
-            masks = collate_masks(np.random.default_rng([self.seed, step, self.rank, 7]), g.shape[0], grid,
-                                  mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches,
-                                  mk.aspect_min)
+        masks = batch_masks(self.cfg, self.patch, self.seed, step, self.rank, self.world)
         self.next_step = step + 1
         return Batch(g, l, torch.from_numpy(masks), out["mags"].reshape(-1).float().cpu(), step)
 

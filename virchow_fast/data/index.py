@@ -3,8 +3,11 @@
 One ``.npz`` per slide (numpy's zip of columns, no extra dependency), columns of equal length:
 ``mag`` float32, ``level`` int16, ``x`` ``y`` int64 (level-0 top-left of the context),
 ``read`` int32 (px read at ``level``; != context size means a resize), ``tissue`` float32; plus
-scalars ``slide`` (path), ``slide_mpp``, ``width``, ``height``, ``backend``, ``context``,
-``source_size`` and ``source_mtime`` (a re-run skips a slide whose index matches the file).
+scalars ``slide`` (path), ``slide_mpp``, ``width``, ``height``, ``backend``, ``source_size`` and
+``source_mtime``; and the settings it was built with: ``context``, ``settings_mags``,
+``settings_mag_mpp``, ``min_tissue``, ``mpp_from`` ("metadata" or "given": a user-given mpp only
+matters for a slide without one). A re-run skips a slide whose index matches the file and the
+settings, and rebuilds the index (a derived file) when either changed.
 
 Tiles form a grid of contexts (``context`` px at the target mpp) lying wholly inside the slide,
 so no tile ever reads past an edge; the tissue fraction is measured over the whole context.
@@ -19,10 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .records import DataError
 from .slides import Slide, SlideError
 from .tissue import tile_fractions, tissue_mask
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the build settings are stored
 MAX_TILES_PER_MAG = 2_000_000  # a grid larger than this is a bogus header, not a slide
 
 
@@ -33,6 +37,29 @@ class IndexSettings:
     context: int = 392
     min_tissue: float = 0.65
     mpp: float | None = None  # user-given mpp for slides without one
+
+    def differences(self, z, exact: bool = True) -> list[str]:
+        """How the index ``z`` (npz columns) was built differently from these settings ([] = current).
+
+        ``exact=False`` (training): an index that also holds other magnifications serves too.
+        """
+        out = []
+        if int(z["context"]) != self.context:
+            out.append(f"context {int(z['context'])} -> {self.context}")
+        have = dict(zip((float(m) for m in z["settings_mags"]), (float(m) for m in z["settings_mag_mpp"])))
+        want = dict(zip((float(m) for m in self.mags), (float(m) for m in self.mag_mpp)))
+        same = all(m in have and abs(have[m] - v) <= 1e-6 * v for m, v in want.items())
+        if not same or (exact and set(have) != set(want)):
+            out.append(f"mags/mpp {_fmt(have)} -> {_fmt(want)}")
+        if abs(float(z["min_tissue"]) - self.min_tissue) > 1e-9:
+            out.append(f"min-tissue {float(z['min_tissue']):g} -> {self.min_tissue:g}")
+        if str(z["mpp_from"]) == "given" and abs(float(z["slide_mpp"]) - (self.mpp or 0.0)) > 1e-12:
+            out.append(f"mpp {float(z['slide_mpp']):g} -> {self.mpp or 'none'}")
+        return out
+
+
+def _fmt(mags: dict[float, float]) -> str:
+    return ",".join(f"{m:g}@{v:g}" for m, v in mags.items())
 
 
 def index_name(slide_path: str) -> str:
@@ -86,7 +113,10 @@ def index_slide(path: str, settings: IndexSettings) -> tuple[dict, np.ndarray, n
         out.update(slide=np.array(os.path.abspath(path)), slide_mpp=np.float64(slide.mpp), width=np.int64(width),
                    height=np.int64(height), backend=np.array(slide.backend), context=np.int32(settings.context),
                    source_size=np.int64(st.st_size), source_mtime=np.float64(st.st_mtime),
-                   version=np.int32(INDEX_VERSION))
+                   version=np.int32(INDEX_VERSION), settings_mags=np.asarray(settings.mags, np.float64),
+                   settings_mag_mpp=np.asarray(settings.mag_mpp, np.float64),
+                   min_tissue=np.float64(settings.min_tissue),
+                   mpp_from=np.array("given" if slide.mpp_given else "metadata"))
         return out, thumb, np.float64(scale)
 
 
@@ -121,26 +151,48 @@ def write_index(path: str, out_dir: str | Path, settings: IndexSettings) -> Path
     return target
 
 
-def is_done(path: str, out_dir: str | Path) -> bool:
-    """True when ``out_dir`` holds a complete, current index of ``path``."""
-    target = Path(out_dir) / f"{index_name(path)}.npz"
+def index_file(slide_path: str, out_dir: str | Path) -> Path:
+    return Path(out_dir) / f"{index_name(slide_path)}.npz"
+
+
+def index_state(path: str, out_dir: str | Path, settings: IndexSettings, exact: bool = True) -> str:
+    """"current", "missing", or why the index of ``path`` in ``out_dir`` must be rebuilt (one phrase)."""
+    target = index_file(path, out_dir)
     if not target.is_file():
-        return False
+        return "missing"
     try:
         with np.load(target) as z:
+            if int(z["version"]) != INDEX_VERSION:
+                return f"index format {int(z['version'])} -> {INDEX_VERSION}"
             st = os.stat(path)
-            return (int(z["version"]) == INDEX_VERSION and int(z["source_size"]) == st.st_size
-                    and float(z["source_mtime"]) == st.st_mtime)
-    except Exception:  # noqa: BLE001 (a broken index is redone)
-        return False
+            if int(z["source_size"]) != st.st_size or float(z["source_mtime"]) != st.st_mtime:
+                return "the slide changed since"
+            diff = settings.differences(z, exact)
+            return "settings " + ", ".join(diff) if diff else "current"
+    except Exception as exc:  # noqa: BLE001 (a broken index is rebuilt)
+        return f"unreadable index ({type(exc).__name__})"
 
 
-def load_index(index_dir: str | Path) -> list[dict]:
-    """Every slide index in ``index_dir``, as dicts of numpy columns (sorted by file name)."""
-    out = []
-    for f in sorted(Path(index_dir).glob("*.npz")):
-        if f.name.endswith(".tmp.npz"):
-            continue
+def is_done(path: str, out_dir: str | Path, settings: IndexSettings | None = None) -> bool:
+    """True when ``out_dir`` holds a complete index of ``path``, current for the file and ``settings``."""
+    return index_state(path, out_dir, settings or IndexSettings()) == "current"
+
+
+def read_part(f: str | Path) -> dict:
+    """One slide index as a dict of numpy columns; :class:`DataError` with one line naming the file."""
+    try:
         with np.load(f) as z:
-            out.append({k: z[k] for k in z.files})
-    return out
+            part = {k: z[k] for k in z.files}
+        missing = {"mag", "level", "x", "y", "read", "slide", "slide_mpp", "context"} - part.keys()
+        if missing:
+            raise ValueError(f"missing columns {sorted(missing)}")
+    except Exception as exc:  # noqa: BLE001 (any unreadable file is one line naming it)
+        raise DataError(f"{f}: not a usable tile index ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    return part
+
+
+def load_index(index_dir: str | Path, files: list[Path] | None = None) -> list[dict]:
+    """The slide indexes ``files`` (default: every ``.npz`` in ``index_dir``, sorted by file name)."""
+    if files is None:
+        files = [f for f in sorted(Path(index_dir).glob("*.npz")) if not f.name.endswith(".tmp.npz")]
+    return [read_part(f) for f in files]

@@ -80,6 +80,13 @@ def synthetic_source(cfg: DataConfig) -> TileSource:
     return source
 
 
+def batch_masks(cfg: DataConfig, patch_size: int, seed: int, step: int, rank: int, world: int) -> np.ndarray:
+    """This rank's iBOT masks of a step [n_global * B, (G / patch) ** 2] bool (both augmentation paths)."""
+    mk, c = cfg.masks, cfg.crops
+    return step_masks(seed, step, c.n_global, cfg.batch_size, rank, world, c.global_size // patch_size,
+                      mk.mask_probability, mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
+
+
 class _StepDataset(Dataset):
     """Item ``s`` = the whole batch of step ``s`` for this rank (one worker builds one batch)."""
 
@@ -104,10 +111,7 @@ class _StepDataset(Dataset):
         # crop-major layout: [n_crops, B, ...] -> [n_crops * B, ...]
         g = torch.stack(globals_, 1).flatten(0, 1)
         l = torch.stack(locals_, 1).flatten(0, 1)
-        grid = cfg.crops.global_size // self.patch
-        mk = cfg.masks
-        masks = step_masks(self.seed, step, cfg.crops.n_global, b, self.rank, self.world, grid, mk.mask_probability,
-                           mk.ratio_min, mk.ratio_max, mk.min_block_patches, mk.aspect_min)
+        masks = batch_masks(cfg, self.patch, self.seed, step, self.rank, self.world)
         return Batch(g, l, torch.from_numpy(masks), torch.tensor(mags, dtype=torch.float32), step)
 
 
@@ -126,6 +130,8 @@ class _From:
 
 class TileLoader:
     """Iterates over :class:`Batch` objects from ``start_step``; ``state_dict`` is the position."""
+
+    skips = None  # SkipCounters of the tile getter (set by the factory; shared with the DataLoader workers)
 
     def __init__(self, source: TileSource, cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, start_step: int = 0):

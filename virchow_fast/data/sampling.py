@@ -17,6 +17,7 @@ import numpy as np
 from ..config import CropConfig, DataConfig
 from .index import load_index
 from .multicrop import ect_box
+from .records import DataError, ReadTask
 
 # columns of the per-crop parameter row fed to the DALI graph; P_MT: the colour transform [M | T] (3 x 4).
 # Flips and a transposition, each a fair coin, give the 8 symmetries of the square uniformly: the same
@@ -67,27 +68,32 @@ class TileTable:
     read: np.ndarray  # [N] int32
     context: int
     by_mag: dict[float, np.ndarray]
+    where: str = ""  # the index folder, for messages
 
     @classmethod
-    def from_index(cls, index_dir: str | Path) -> "TileTable":
-        parts = load_index(index_dir)
+    def from_index(cls, index_dir: str | Path, files: list[Path] | None = None) -> "TileTable":
+        """The tiles of the index ``files`` (default: every index in ``index_dir``), one context size."""
+        parts = load_index(index_dir, files)
         if not parts:
-            raise FileNotFoundError(f"{index_dir}: no tile index (run `virchow-fast tiles` first)")
+            raise DataError(f"{index_dir}: no tile index (run `virchow-fast tiles` first)")
+        contexts = {int(p["context"]) for p in parts}
+        if len(contexts) > 1:
+            raise DataError(f"{index_dir}: indexes with different context sizes {sorted(contexts)}")
         slides = [str(p["slide"]) for p in parts]
         cat = lambda k: np.concatenate([p[k] for p in parts])  # noqa: E731
         slide = np.concatenate([np.full(len(p["x"]), i, np.int32) for i, p in enumerate(parts)])
         mag = cat("mag")
         by_mag = {float(m): np.flatnonzero(mag == m) for m in np.unique(mag)}
         return cls(slides, np.array([float(p["slide_mpp"]) for p in parts]), slide, mag, cat("level"), cat("x"),
-                   cat("y"), cat("read"), int(parts[0]["context"]), by_mag)
+                   cat("y"), cat("read"), int(parts[0]["context"]), by_mag, str(index_dir))
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
-    def task(self, row: int, mpp_override: float | None = None) -> tuple:
-        """The worker task (path, x, y, level, read_px, out_px, mpp) of one row."""
-        return (self.slides[self.slide[row]], int(self.x[row]), int(self.y[row]), int(self.level[row]),
-                int(self.read[row]), self.context, mpp_override or float(self.slide_mpp[self.slide[row]]))
+    def task(self, row: int, mpp_override: float | None = None) -> ReadTask:
+        """The reader task of one row."""
+        return ReadTask(self.slides[self.slide[row]], int(self.x[row]), int(self.y[row]), int(self.level[row]),
+                        int(self.read[row]), self.context, mpp_override or float(self.slide_mpp[self.slide[row]]))
 
 
 class MagSampler:
@@ -100,8 +106,10 @@ class MagSampler:
                 mags.append(float(m))
                 weights.append(w)
         if not mags:
-            have = sorted(table.by_mag)
-            raise ValueError(f"the tile index holds no tiles at magnifications {cfg.mags} (it has {have})")
+            have = {m: len(r) for m, r in sorted(table.by_mag.items()) if len(r)}
+            where = getattr(table, "where", "") or "the tile index"
+            raise DataError(f"{where}: no tiles at the sampled magnifications data.mags={list(cfg.mags)} with "
+                            f"weight > 0 (tiles per magnification: {have or 'none'})")
         self.table, self.mags = table, mags
         self.p = np.asarray(weights, np.float64) / sum(weights)
 

@@ -95,7 +95,9 @@ class Slide:
             except Exception as exc:  # noqa: BLE001 (each reader raises its own types)
                 errors.append(f"{name}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         if not self.backend:
-            raise SlideError(f"{self.path}: not a readable slide ({'; '.join(errors)})")
+            kind = sniff(self.path)
+            what = f"not a slide: {kind}" if kind else "not a readable slide"
+            raise SlideError(f"{self.path}: {what} ({'; '.join(errors)})")
         w, h = self.levels[0].width, self.levels[0].height
         if w <= 0 or h <= 0 or max(w, h) > MAX_SIDE:
             raise SlideError(f"{self.path}: refusing absurd size {w} x {h} (max side {MAX_SIDE})")
@@ -103,6 +105,7 @@ class Slide:
             raise SlideError(f"{self.path}: {w} x {h} px in {size} bytes: header and data disagree (truncated or bogus)")
         found = self._find_mpp()
         self.mpp = found or (float(mpp) if mpp else None)  # a given mpp fills in, never overrides metadata
+        self.mpp_given = not found
         if not self.mpp:
             raise SlideError(f"{self.path}: no microns-per-pixel in its metadata; give it with --mpp")
 
@@ -316,13 +319,64 @@ def sane_region(region: np.ndarray, shape: tuple[int, int]) -> str | None:
     return None
 
 
-def find_slides(paths: list[str] | tuple[str, ...]) -> list[str]:
-    """Files given, plus slide files (by suffix) under the folders given, sorted; missing ones kept (reported later)."""
+# leading bytes of files people mistake for slides (a slide is a TIFF, or a vendor format OpenSlide knows)
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"PK\x03\x04", "a ZIP archive"),
+          (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"GIF8", "a GIF image"), (b"BM", "a BMP image"),
+          (b"\x89HDF", "an HDF5 file"), (b"<?xml", "an XML file"), (b"7z\xbc\xaf", "a 7-Zip archive"),
+          (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"), (b"DICM", "a DICOM file"))
+
+
+def sniff(path: str | os.PathLike) -> str | None:
+    """What a file that no reader opens looks like from its first bytes ("a PNG image", ...), or None for
+    a TIFF (a damaged slide, most likely) or something unrecognised."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "an empty file"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return None
+    if head[128:132] == b"DICM":
+        return "a DICOM file"
+    for magic, kind in _MAGIC:
+        if head.startswith(magic):
+            return kind
+    text = head.lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html")) or b"<html" in text[:200]:
+        return "an HTML page (a download that failed?)"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file"
+
+
+def gather_slides(paths: list[str] | tuple[str, ...]) -> tuple[list[str], list[tuple[str, str]]]:
+    """(slide files, problems): the files given, plus slide files (by suffix) under the folders given,
+    sorted; problems are (path, one line): a path that does not exist, a folder without slides, a folder
+    named like a slide file (its contents are searched too)."""
     out: list[str] = []
+    problems: list[tuple[str, str]] = []
     for p in paths:
         q = Path(p)
         if q.is_dir():
-            out.extend(str(f) for f in sorted(q.rglob("*")) if f.is_file() and f.suffix.lower() in SLIDE_SUFFIXES)
+            found = []
+            for f in sorted(q.rglob("*")):
+                if f.suffix.lower() in SLIDE_SUFFIXES:
+                    if f.is_file():
+                        found.append(str(f))
+                    elif f.is_dir() and f.suffix.lower() != ".mrxs":
+                        problems.append((str(f), f"{f}: a folder named like a slide file, not a slide"))
+            if not found:
+                what = "a folder named like a slide file" if q.suffix.lower() in SLIDE_SUFFIXES else "a folder"
+                problems.append((str(q), f"{q}: {what}, with no slide files ({', '.join(SLIDE_SUFFIXES)}) in it"))
+            out.extend(found)
+        elif not q.exists():
+            problems.append((str(q), f"{q}: no such file or folder"))
         else:
             out.append(str(q))
-    return out
+    return out, problems
+
+
+def find_slides(paths: list[str] | tuple[str, ...]) -> list[str]:
+    """The slide files of :func:`gather_slides`."""
+    return gather_slides(paths)[0]

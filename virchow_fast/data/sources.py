@@ -1,86 +1,95 @@
-"""Tile getters for the DALI feed: slides (through reader processes) and shards.
+"""Tile getters (:mod:`.getter`) over slides (through reader processes) and over shards.
 
-A getter maps (step, global indices) to ``[(context, magnification)]``. The tile of index ``i`` is
-drawn with ``default_rng([seed, i])``; when its read fails (one line naming the file, counted) the
-same generator draws a replacement, so a run with the same failures is the same run. The getter
-for slides submits the next step's reads before returning this one's, so reads overlap the graph;
-the pool reads a step's tiles of one slide, level and size with one cuCIM batch read (workers.py).
+The slide getter submits the next step's reads before returning this one's, so reads overlap the
+graph; the pool reads a step's tiles of one slide, level and size with one cuCIM batch read
+(workers.py). The shard getter reads members by offset and checks each against the CRC-32 the
+writer recorded (a scrambled member can decode to plausible garbage; its checksum cannot lie).
 """
 from __future__ import annotations
 
-import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from .getter import DrawnTiles
+from .records import DataError, ReadFailure
 from .sampling import MagSampler, TileTable
-from .workers import ReadFailure, ReadPool
-
-MAX_RETRIES = 16
+from .workers import ReadPool
 
 
-class SlideTiles:
-    def __init__(self, table: TileTable, sampler: MagSampler, pool: ReadPool, seed: int, world: int = 1, log=None):
-        self.table, self.sampler, self.pool, self.seed, self.world = table, sampler, pool, seed, world
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self._pending: dict[int, tuple] = {}
-        self.failures = 0
+class SlideTiles(DrawnTiles):
+    prefetch = True
 
-    def _submit(self, step: int, idx: list[int]) -> None:
-        rngs = [np.random.default_rng([self.seed, i]) for i in idx]
-        draws = [self.sampler.draw(r) for r in rngs]
-        ids = self.pool.submit([self.table.task(row) for _, row in draws])
-        self._pending[step] = (rngs, draws, ids)
+    def __init__(self, table: TileTable, sampler: MagSampler, pool: ReadPool, seed: int, world: int = 1,
+                 log=None, counters=None):
+        super().__init__(sampler, seed, world, counters or pool.counters, log)
+        self.table, self.pool = table, pool
 
-    def __call__(self, step: int, idx: list[int]) -> list[tuple[np.ndarray, float]]:
-        if step not in self._pending:
-            self._submit(step, idx)
-        rngs, draws, ids = self._pending.pop(step)
-        # next step on this rank: index (s + 1) * world * B + ... = this index + world * B
-        self._submit(step + 1, [i + self.world * len(idx) for i in idx])
-        results = self.pool.collect(ids)
-        out = []
-        for rng, (mag, _), res in zip(rngs, draws, results):
-            tries = 0
-            while isinstance(res, ReadFailure):
-                self.failures += 1
-                tries += 1
-                if tries > MAX_RETRIES:
-                    raise RuntimeError(f"data: {MAX_RETRIES} reads in a row failed; last: {res.message}")
-                mag, row = self.sampler.draw(rng)
-                res = self.pool.map([self.table.task(row)])[0]
-            out.append((res, mag))
-        return out
+    def _send(self, rows: list[int]):
+        return self.pool.submit([self.table.task(r) for r in rows])
+
+    def _collect(self, handle) -> list:
+        return self.pool.collect(handle)
+
+    def unit_of(self, row: int) -> int:
+        return int(self.table.slide[row])
+
+    def unit_name(self, unit: int) -> str:
+        return self.table.slides[unit]
+
+    def unit_size(self, unit: int) -> int:
+        return int(np.count_nonzero(self.table.slide == unit))
 
     def close(self) -> None:
+        super().close()
         self.pool.close()
+
+
+class InProcessSlideTiles(SlideTiles):
+    """Slide reads in this process (the torch path's DataLoader workers are the processes)."""
+
+    prefetch = False
+
+    def __init__(self, table: TileTable, sampler: MagSampler, seed: int, log=None, counters=None):
+        super().__init__(table, sampler, ReadPool(0, counters=counters), seed, 1, log, counters)
 
 
 # -- shards ------------------------------------------------------------------------------------
 
 class ShardTable:
-    """Samples of written shards: tar file, JPEG offset/size, magnification (from catalogue.npz)."""
+    """Samples of written shards: tar file, JPEG offset/size/CRC-32, magnification (from catalogue.npz)."""
 
     def __init__(self, shard_dir: str | Path):
         d = Path(shard_dir)
         cat = d / "catalogue.npz"
         if not cat.is_file():
-            raise FileNotFoundError(f"{d}: no catalogue.npz (write shards with `virchow-fast tiles --shards`)")
-        with np.load(cat) as z:
-            self.shards = [str(d / s) for s in z["shards"]]
-            self.shard, self.offset, self.size = z["shard"], z["offset"], z["size"]
-            self.mag = z["mag"]
-            self.key = z["key"]
+            raise DataError(f"{d}: no catalogue.npz (write shards with `virchow-fast tiles --shards`)")
+        try:
+            with np.load(cat) as z:
+                self.shards = [str(d / s) for s in z["shards"]]
+                self.shard, self.offset, self.size = z["shard"], z["offset"], z["size"]
+                self.mag, self.key = z["mag"], z["key"]
+                self.crc = z["crc"] if "crc" in z.files else None  # shards written before checksums: decode check only
+        except Exception as exc:  # noqa: BLE001 (any unreadable catalogue is one line)
+            raise DataError(f"{cat}: unreadable shard catalogue ({type(exc).__name__}: {exc})".splitlines()[0]) from None
         self.by_mag = {float(m): np.flatnonzero(self.mag == m) for m in np.unique(self.mag)}
         self.context = 0
+        self.where = str(d)
 
     def __len__(self) -> int:
         return int(self.offset.shape[0])
 
     def read_bytes(self, row: int) -> bytes:
+        """The member's bytes; raises ValueError when they are short or fail their checksum."""
         with open(self.shards[self.shard[row]], "rb") as f:
             f.seek(int(self.offset[row]))
-            return f.read(int(self.size[row]))
+            data = f.read(int(self.size[row]))
+        if len(data) != int(self.size[row]):
+            raise ValueError(f"{len(data)} of {int(self.size[row])} bytes (truncated shard)")
+        if self.crc is not None and zlib.crc32(data) != int(self.crc[row]):
+            raise ValueError("CRC-32 differs from the one written (the member changed since)")
+        return data
 
 
 def decode_jpeg(data: bytes) -> np.ndarray:
@@ -95,41 +104,64 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return img
 
 
-class ShardTiles:
-    """Tile getter over shards: reads a member by offset; bad members are counted and replaced.
+class ShardTiles(DrawnTiles):
+    """Tile getter over shards: reads a member by offset; bad members are counted, remembered and replaced.
 
     ``encoded=False`` (CPU): decoded here, so a corrupt member never reaches DALI. ``encoded=True``
-    (GPU, ``mixed`` decode): the bytes go to DALI after the marker check; shards are fully decoded
-    once when written (shards.py), so a bad member there means the file changed since.
+    (GPU, ``mixed`` decode): the bytes go to DALI after the length, CRC and marker checks.
     """
 
-    def __init__(self, table: ShardTable, sampler: MagSampler, seed: int, encoded: bool = False, log=None):
-        self.table, self.sampler, self.seed, self.encoded = table, sampler, seed, encoded
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
-        self.failures = 0
+    def __init__(self, table: ShardTable, sampler: MagSampler, seed: int, encoded: bool = False, log=None,
+                 counters=None):
+        super().__init__(sampler, seed, 1, counters, log)
+        self.table, self.encoded = table, encoded
 
-    def _one(self, row: int):
+    def _one(self, row: int) -> np.ndarray:
         data = self.table.read_bytes(row)
         if self.encoded:
-            decode_check = data[:2] == b"\xff\xd8" and data.rstrip(b"\x00")[-2:] == b"\xff\xd9"
-            if not decode_check:
+            if data[:2] != b"\xff\xd8" or data.rstrip(b"\x00")[-2:] != b"\xff\xd9":
                 raise ValueError("not a complete JPEG (SOI/EOI markers)")
             return np.frombuffer(data, np.uint8)
         return decode_jpeg(data)
 
-    def __call__(self, step: int, idx: list[int]) -> list[tuple[np.ndarray, float]]:
+    def _send(self, rows: list[int]):
         out = []
-        for i in idx:
-            rng = np.random.default_rng([self.seed, i])
-            for _ in range(MAX_RETRIES):
-                mag, row = self.sampler.draw(rng)
-                try:
-                    out.append((self._one(row), mag))
-                    break
-                except Exception as exc:  # noqa: BLE001
-                    self.failures += 1
-                    member = f"{self.table.key[row]}.jpg"
-                    self.log(f"data: skipped shard member {self.table.shards[self.table.shard[row]]}:{member}: {exc}")
-            else:
-                raise RuntimeError(f"data: {MAX_RETRIES} shard members in a row failed")
+        for row in rows:
+            where = f"{self.table.shards[self.table.shard[row]]}:{self.table.key[row]}.jpg"
+            try:
+                out.append(self._one(row))
+            except FileNotFoundError:
+                out.append(ReadFailure(f"{where}: the shard file is gone", whole_slide=True))
+            except Exception as exc:  # noqa: BLE001 (any bad member is skipped with one line)
+                out.append(ReadFailure(f"{where}: {exc}".splitlines()[0]))
         return out
+
+    def _collect(self, handle) -> list:
+        return handle
+
+    def unit_of(self, row: int) -> int:
+        return int(self.table.shard[row])
+
+    def unit_name(self, unit: int) -> str:
+        return self.table.shards[unit]
+
+    def unit_size(self, unit: int) -> int:
+        return int(np.count_nonzero(self.table.shard == unit))
+
+    def remember(self, row: int, failure: ReadFailure) -> None:
+        if failure.whole_slide:
+            super().remember(row, failure)
+            return
+        self.counters.add("tiles_failed")
+        if row not in self.bad_rows:  # shard skips keep their own wording: one line naming shard and member
+            self.log(f"data: skipped shard member {failure.message}")
+        self.bad_rows.add(row)
+
+
+def torch_source(getter: DrawnTiles):
+    """The torch reference path's tile source ``(index, rng) -> (context, mag)`` over a getter."""
+
+    def source(index: int, rng: np.random.Generator):
+        return getter.from_rngs([rng])[0]
+
+    return source

@@ -1,8 +1,10 @@
 """Index many slides in parallel processes; a crash or a bad file costs one slide, never the run.
 
 Each slide is indexed in its own child process (a segfaulting reader takes only that child
-down), up to ``workers`` at a time, with a progress bar. Finished slides (a current index in the
-output folder) are skipped; unreadable ones are reported with one line naming the file.
+down), up to ``workers`` at a time, with a progress bar. Finished slides (an index in the output
+folder current for the file and the settings) are skipped; an index built from an older file or
+with other settings is rebuilt (it is derived data: the slide is the source); unreadable slides,
+missing paths and folders without slides are reported with one line naming them.
 """
 from __future__ import annotations
 
@@ -12,8 +14,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from .index import IndexSettings, is_done, write_index
-from .slides import SlideError, find_slides
+from .index import IndexSettings, index_file, index_state, write_index
+from .slides import SlideError, gather_slides
 
 SLIDE_TIMEOUT_S = 1800.0
 
@@ -24,6 +26,12 @@ class TilingReport:
     skipped: list[str] = field(default_factory=list)  # already indexed
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
     empty: list[str] = field(default_factory=list)  # indexed, but no tile kept (tiny slide, no tissue)
+    rebuilt: list[tuple[str, str]] = field(default_factory=list)  # (path, why): also in done or failed
+    missing: list[tuple[str, str]] = field(default_factory=list)  # named paths that gave no slide: (path, line)
+
+    def index_files(self, out_dir: str | Path) -> list[Path]:
+        """The current index files of this run's slides (indexed now or before), in slide order."""
+        return [index_file(p, out_dir) for p in self.done + self.skipped]
 
 
 def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
@@ -45,15 +53,22 @@ def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
 
 
 def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings, workers: int = 2,
-                 progress: bool = True, log=None, start_method: str = "spawn") -> TilingReport:
-    """Index every slide in ``paths`` (files or folders) into ``out_dir``."""
+                 progress: bool = True, log=None, start_method: str = "spawn", exact: bool = True) -> TilingReport:
+    """Index every slide in ``paths`` (files or folders) into ``out_dir``.
+
+    ``exact=False`` (training): an index holding more magnifications than ``settings`` asks for is current.
+    """
     report = TilingReport()
-    todo = []
-    for p in find_slides(paths):
-        if Path(p).is_file() and is_done(p, out_dir):
+    files, report.missing = gather_slides(paths)
+    todo, stale = [], {}
+    for p in files:
+        state = index_state(p, out_dir, settings, exact) if Path(p).is_file() else "missing"
+        if state == "current":
             report.skipped.append(p)
         else:
             todo.append(p)
+            if state != "missing":
+                stale[p] = state
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     bar = None
     if progress and todo:
@@ -67,6 +82,8 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
     queue = list(todo)
 
     def finish(path: str, status: str, msg: str) -> None:
+        if path in stale:
+            report.rebuilt.append((path, stale[path]))
         if status == "ok":
             report.done.append(path)
         elif status == "empty":

@@ -6,8 +6,9 @@ dies, the first task it had not answered is the one that killed it: that task fa
 process crashed"), the worker is respawned, and its other tasks go to the new worker. Nothing here
 imports torch, so a worker starts in about a second.
 
-A task is ``(path, x, y, level, read_px, out_px, mpp)``; the answer is an RGB uint8 context
-[out_px, out_px, 3] or a :class:`ReadFailure` with one line naming the file.
+A task is a :class:`.records.ReadTask`; the answer is an RGB uint8 context [out_px, out_px, 3] or
+a :class:`.records.ReadFailure` with one line naming the file (``whole_slide`` when the slide itself
+cannot be opened). Failures are not logged here: the tile getter (getter.py) decides what to say.
 
 Batches: :meth:`ReadPool.submit` groups its tasks by (slide, level, read size, output size) and
 sends each group (split among the workers, at most ``MAX_BATCH``) as one message; the worker reads
@@ -25,20 +26,15 @@ import os
 import signal
 import sys
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from multiprocessing.connection import wait
 
 import numpy as np
 
+from .records import ReadFailure, ReadTask, SkipCounters
+
 TASK_TIMEOUT_S = 120.0
 MAX_BATCH = 32  # regions per worker message
 MAX_OPEN_SLIDES = 64
-
-
-@dataclass
-class ReadFailure:
-    message: str  # one line naming the file
-    crashed: bool = False
 
 
 class SlideCache:
@@ -62,13 +58,17 @@ class SlideCache:
             s.close()
 
 
-def read_task(cache: SlideCache, task: tuple) -> np.ndarray | ReadFailure:
+def read_task(cache: SlideCache, task: ReadTask) -> np.ndarray | ReadFailure:
     """One context read with the sanity check; any failure becomes a ReadFailure (never raises)."""
     from .slides import SlideError, resize, sane_region
 
     path, x, y, level, read_px, out_px, mpp = task
     try:
         slide = cache.get(path, mpp)
+    except Exception as exc:  # noqa: BLE001 (deleted, replaced or truncated since indexing: every tile fails)
+        msg = str(exc) if isinstance(exc, SlideError) else f"{path}: {type(exc).__name__}: {exc}"
+        return ReadFailure(msg.splitlines()[0], whole_slide=True)
+    try:
         region = slide.read(int(x), int(y), int(level), int(read_px), int(read_px))
         why = sane_region(region, (int(read_px), int(read_px)))
         if why:
@@ -82,31 +82,31 @@ def read_task(cache: SlideCache, task: tuple) -> np.ndarray | ReadFailure:
         return ReadFailure(f"{path}: read failed at ({x}, {y}) level {level}: {type(exc).__name__}: {exc}".splitlines()[0])
 
 
-def group_key(task: tuple) -> tuple:
+def group_key(task: ReadTask) -> tuple:
     """Tasks with the same key can share one batch read: slide, level, read size, output size, mpp."""
-    return (task[0], task[3], task[4], task[5], task[6])
+    return (task.path, task.level, task.read_px, task.out_px, task.mpp)
 
 
-def _decoder_failure(log, task: tuple) -> ReadFailure | None:
+def _decoder_failure(log, task: ReadTask) -> ReadFailure | None:
     """A failure when the decoder printed an error since the last look (the text is consumed)."""
     text = log.new_text() if log else ""
     if text and ("ERROR" in text or "Corrupt" in text):
         line = " ".join(t.strip() for t in text.strip().splitlines()[-2:])
-        return ReadFailure(f"{task[0]}: decoder error at ({task[1]}, {task[2]}) level {task[3]}: {line[:200]}")
+        return ReadFailure(f"{task.path}: decoder error at ({task.x}, {task.y}) level {task.level}: {line[:200]}")
     return None
 
 
-def read_checked(cache: SlideCache, task: tuple, log=None) -> np.ndarray | ReadFailure:
+def read_checked(cache: SlideCache, task: ReadTask, log=None) -> np.ndarray | ReadFailure:
     """:func:`read_task`, then the decoder log: a read the decoder complained about is a failure."""
     result = read_task(cache, task)
     fail = _decoder_failure(log, task)
     if fail and not isinstance(result, ReadFailure):
-        cache.drop(task[0])
+        cache.drop(task.path)
         result = fail
     return result
 
 
-def _read_batch(cache: SlideCache, tasks: list[tuple], log, note) -> list | None:
+def _read_batch(cache: SlideCache, tasks: list[ReadTask], log, note) -> list | None:
     """The group's contexts from one cuCIM batch read, or None (not cuCIM, or any sign of failure)."""
     from .slides import resize, sane_region
 
@@ -119,7 +119,7 @@ def _read_batch(cache: SlideCache, tasks: list[tuple], log, note) -> list | None
         return None
     note("batch")
     try:
-        regions = slide.read_batch([(int(t[1]), int(t[2])) for t in tasks], int(level), int(read_px), int(read_px))
+        regions = slide.read_batch([(int(t.x), int(t.y)) for t in tasks], int(level), int(read_px), int(read_px))
     except Exception:  # noqa: BLE001
         regions = None
     bad = _decoder_failure(log, tasks[0]) is not None or regions is None \
@@ -130,7 +130,7 @@ def _read_batch(cache: SlideCache, tasks: list[tuple], log, note) -> list | None
     return [r if read_px == out_px else resize(r, int(out_px)) for r in regions]
 
 
-def read_group(cache: SlideCache, tasks: list[tuple], log=None, note=lambda event: None):
+def read_group(cache: SlideCache, tasks: list[ReadTask], log=None, note=lambda event: None):
     """Answers to tasks of one :func:`group_key`, in order (a generator: each answer as soon as it is known).
 
     Two or more regions of a cuCIM slide: one batch read; if it fails, ``note("single")`` and per-region
@@ -202,7 +202,7 @@ class _Worker:
         self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
         self.proc.start()
         child.close()
-        self.pending: deque[tuple[int, tuple, int]] = deque()  # (task id, task, message id), in answer order
+        self.pending: deque[tuple[int, ReadTask, int]] = deque()  # (task id, task, message id), in answer order
         self.in_batch = False  # the worker said it started a batch read and has not answered since
 
 
@@ -210,10 +210,11 @@ class ReadPool:
     """``n`` reader processes; ``submit`` tasks, ``collect`` answers in order. ``n=0`` reads in-process
     (no crash protection: for tests and trusted files only)."""
 
-    def __init__(self, n: int = 1, start_method: str = "spawn", log=None):
+    def __init__(self, n: int = 1, start_method: str = "spawn", log=None, counters: SkipCounters | None = None):
         self.n = n
-        self.crashed = 0
+        self.crashed = 0  # reader processes that died (each counted when it dies)
         self.failed = 0
+        self.counters = counters or SkipCounters()
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self._ids = itertools.count()
         self._done: dict[int, object] = {}
@@ -223,8 +224,9 @@ class ReadPool:
         self._cache = SlideCache() if n == 0 else None
         self._msgs = itertools.count()
 
-    def submit(self, tasks: list[tuple]) -> list[int]:
+    def submit(self, tasks: list[ReadTask]) -> list[int]:
         """Task ids, in order; the tasks go out grouped (:func:`group_key`), each group split among the workers."""
+        tasks = [ReadTask(*t) for t in tasks]
         ids = [next(self._ids) for _ in tasks]
         groups: dict[tuple, list] = {}
         for tid, task in zip(ids, tasks):
@@ -239,7 +241,7 @@ class ReadPool:
                 self._send(min(self._workers, key=lambda w: len(w.pending)), items[k:k + size])
         return ids
 
-    def _send(self, w: _Worker, items: list[tuple[int, tuple]]) -> None:
+    def _send(self, w: _Worker, items: list[tuple[int, ReadTask]]) -> None:
         mid = next(self._msgs)
         w.pending.extend((tid, task, mid) for tid, task in items)
         try:
@@ -252,14 +254,10 @@ class ReadPool:
         while not want <= self._done.keys():
             self._poll()
         out = [self._done.pop(t) for t in ids]
-        for r in out:
-            if isinstance(r, ReadFailure):
-                self.failed += 1
-                self.crashed += int(r.crashed)
-                self.log(f"data: skipped tile: {r.message}")
+        self.failed += sum(isinstance(r, ReadFailure) for r in out)
         return out
 
-    def map(self, tasks: list[tuple]) -> list[np.ndarray | ReadFailure]:
+    def map(self, tasks: list[ReadTask]) -> list[np.ndarray | ReadFailure]:
         return self.collect(self.submit(tasks))
 
     def _poll(self) -> None:
@@ -291,12 +289,12 @@ class ReadPool:
         head = w.pending[0][2]
         if w.in_batch:  # inside a batch read: the culprit is unknown; its group goes out one region per message
             n = sum(1 for p in w.pending if p[2] == head)
-            note = f" in a batch read of {n} regions of {w.pending[0][1][0]} (read again one by one)"
+            note = f" in a batch read of {n} regions of {w.pending[0][1].path} (read again one by one)"
         else:
             tid, task, _ = w.pending.popleft()
-            self._done[tid] = ReadFailure(f"{task[0]}: {why} reading ({task[1]}, {task[2]}) level {task[3]}",
+            self._done[tid] = ReadFailure(f"{task.path}: {why} reading ({task.x}, {task.y}) level {task.level}",
                                           crashed=True)
-            note = f" ({self.crashed + 1} crashes so far)"
+            note = ""
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(5)
@@ -311,7 +309,9 @@ class ReadPool:
             msgs.setdefault(key, []).append((tid2, task2))
         for items in msgs.values():
             self._send(nw, items)
-        self.log(f"data: {why}{note}; reader process respawned")
+        self.crashed += 1
+        self.counters.add("reader_crashes")
+        self.log(f"data: {why}{note} ({self.crashed} crashes so far); reader process respawned")
 
     def close(self) -> None:
         for w in self._workers:

@@ -181,6 +181,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
             record = {"step": step, **terms, "grad_norm": grad_norm, **s, **throughput(step_s),
                       "data_s": t1 - t0, "compute_s": t2 - t1, "peak_mem_gib": peak_memory_gib(info.device),
                       "skipped": not finite, "nonfinite_total": bad_total}
+            if getattr(loader, "skips", None) is not None:  # skipped data so far (this rank's, cumulative)
+                record.update({f"data_{k}": v for k, v in loader.skips.as_dict().items()})
             if monitor is not None and monitor.due(step):
                 record.update(monitor(teacher, step))
                 t_read = time.perf_counter()  # the evaluation is not the next step's time
@@ -203,4 +205,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
         if bar is not None:
             bar.close()
         metrics.close()
+        summary = loader.skips.summary() if getattr(loader, "skips", None) is not None else ""
+        if summary:
+            print(summary + (f" (rank {info.rank})" if info.world_size > 1 else ""), file=sys.stderr, flush=True)
     return run_dir
