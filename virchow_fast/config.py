@@ -85,7 +85,8 @@ class MaskConfig:
     mask_probability: float = _doc("fraction of images whose global crops get iBOT masks", 0.5)
     ratio_min: float = _doc("smallest mask ratio", 0.1)
     ratio_max: float = _doc("largest mask ratio", 0.5)
-    min_block_patches: int = _doc("smallest masked block, in patches", 4)
+    min_block_patches: int = _doc("smallest block area drawn, in patches; smaller blocks only to reach a "
+                                  "mask's target when fewer patches remain (as DINOv2)", 4)
     aspect_min: float = _doc("block aspect ratio range lower end (upper is 1/this)", 0.3)
 
 

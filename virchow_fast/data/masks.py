@@ -2,8 +2,9 @@
 
 Of the n_global * B global crops, ``round(mask_probability * n)`` get a mask; their target ratios
 are spread over [ratio_min, ratio_max] (one draw in each of the equal sub-intervals), the others
-get none, and the order is shuffled. A mask is a union of rectangular blocks of at least
-``min_block_patches`` patches with aspect ratio in [aspect_min, 1 / aspect_min].
+get none, and the order is shuffled. A mask is a union of rectangular blocks with aspect ratio in
+[aspect_min, 1 / aspect_min], each of about ``min_block_patches`` patches or more, except where
+fewer remain to reach the target (:func:`block_mask`).
 """
 from __future__ import annotations
 
@@ -14,24 +15,27 @@ import numpy as np
 
 def block_mask(rng: np.random.Generator, grid: int, n_target: int, min_block: int = 4,
                aspect_min: float = 0.3) -> np.ndarray:
-    """A [grid, grid] bool mask with about ``n_target`` patches set, built from blocks."""
+    """A [grid, grid] bool mask of at most ``n_target`` patches, a union of rectangular blocks.
+
+    DINOv2's MaskingGenerator rule: blocks are added while patches remain to be masked. A block's
+    area is drawn uniformly between ``min_block`` and the number still to mask (so below
+    ``min_block`` once fewer remain: masks of 1-3 patches exist, and small grids fill their
+    target), its aspect ratio log-uniformly in [aspect_min, 1 / aspect_min]; its sides, rounded,
+    must be shorter than the grid, and it must add between 1 and the remaining count of new
+    patches. Each block gets 10 tries; a block that none of them places ends the mask.
+    """
     mask = np.zeros((grid, grid), dtype=bool)
-    max_block = max(min_block, n_target)
     log_aspect = (math.log(aspect_min), -math.log(aspect_min))
     count = 0
-    stalls = 0
-    while count < n_target and stalls < 20:
+    while count < n_target:
         budget = n_target - count
-        hi = min(max_block, budget)
-        if hi < min_block:
-            break
         added = 0
         for _ in range(10):
-            area = rng.uniform(min_block, hi)
+            area = min_block + (budget - min_block) * rng.random()  # either order of the bounds
             aspect = math.exp(rng.uniform(*log_aspect))
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            if h < 1 or w < 1 or h * w < min_block or h > grid or w > grid:
+            if h >= grid or w >= grid:
                 continue
             top = int(rng.integers(0, grid - h + 1))
             left = int(rng.integers(0, grid - w + 1))
@@ -41,8 +45,9 @@ def block_mask(rng: np.random.Generator, grid: int, n_target: int, min_block: in
                 region[...] = True
                 added = new
                 break
+        if added == 0:
+            break
         count += added
-        stalls = stalls + 1 if added == 0 else 0
     return mask
 
 
