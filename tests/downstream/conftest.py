@@ -74,17 +74,8 @@ def write_image_folder(root, n_per_class: int, classes=("0_stroma", "1_tumour", 
     return root
 
 
-def save_model(path, model, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def save_model(path, model):
     """Weights + config.json as an export writes them, for a bare VisionTransformer."""
-    import json
+    from virchow_fast.downstream.export import write_model
 
-    from safetensors.torch import save_file
-
-    from virchow_fast.model.timm_compat import export_timm_state_dict, json_kwargs
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(export_timm_state_dict(model), str(path))
-    meta = {"architecture": "vit_huge_patch14_224", "model_args": json_kwargs(model.cfg),
-            "pretrained_cfg": {"mean": list(mean), "std": list(std)}}
-    path.with_name("config.json").write_text(json.dumps(meta))
-    return path
+    return write_model(path, model)

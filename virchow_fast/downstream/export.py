@@ -67,6 +67,21 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, which:
     return out, cfg_path
 
 
+def write_model(path: str | Path, model, mean=None, std=None) -> Path:
+    """A bare VisionTransformer as an export is written (weights + config.json beside); returns ``path``."""
+    from safetensors.torch import save_file
+
+    from ..model.timm_compat import export_timm_state_dict
+    from .weights import IMAGENET_MEAN, IMAGENET_STD, Weights
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(export_timm_state_dict(model), str(path))
+    w = Weights({}, model.cfg, list(mean or IMAGENET_MEAN), list(std or IMAGENET_STD), "in memory")
+    path.with_name("config.json").write_text(json.dumps(config_json(w, "backbone"), indent=2) + "\n")
+    return path
+
+
 def timm_model(weights: str | Path):
     """A timm model loaded strictly from an exported (or Virchow 2) folder's weights + config.json."""
     import timm
