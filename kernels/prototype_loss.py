@@ -122,7 +122,7 @@ def _row_expect_kernel(z_ptr,      # [R, D] features
                        R, C, D, E, stride_z, stride_w, stride_v, scale, cols_per_split,
                        HAS_BETA: tl.constexpr, ONLINE: tl.constexpr, BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       BLOCK_E1: tl.constexpr, SPLIT_E: tl.constexpr, PRECISION: tl.constexpr):
     """p = exp(x + alpha) with a known row bias, or ONLINE (flash-attention style): p = exp(x - max)
     with the accumulator rescaled as the max grows, and (max, sum) written for the host to normalise:
     softmax @ V and its logsumexp in one pass over K."""
@@ -135,9 +135,13 @@ def _row_expect_kernel(z_ptr,      # [R, D] features
         alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     l = tl.zeros((BLOCK_R,), tl.float32)
+    # E in two power-of-two column chunks (384 = 256 + 128): no accumulator padded to 512
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
+    e1 = BLOCK_E + tl.arange(0, BLOCK_E1)
+    e1_ok = e1 < E
     acc = tl.zeros((BLOCK_R, BLOCK_E), tl.float32)
+    acc1 = tl.zeros((BLOCK_R, BLOCK_E1), tl.float32)
     c_lo = split * cols_per_split
     c_hi = tl.minimum(c_lo + cols_per_split, C)
     for c0 in range(c_lo, c_hi, BLOCK_C):
@@ -154,13 +158,21 @@ def _row_expect_kernel(z_ptr,      # [R, D] features
             p = tl.exp(x - m_new[:, None])
             l = l * corr + tl.sum(p, axis=1)
             acc = acc * corr[:, None]
+            acc1 = acc1 * corr[:, None]
             m = m_new
         else:
             p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
         v = tl.load(v_ptr + cols[:, None] * stride_v + e[None, :], mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-    out = out_ptr + split * R * E + rows[:, None] * E + e[None, :]
-    tl.store(out, acc, mask=row_ok[:, None] & e_ok[None, :])
+        p = p.to(v.dtype)
+        acc = tl.dot(p, v, acc, input_precision=PRECISION)
+        if SPLIT_E:
+            v1 = tl.load(v_ptr + cols[:, None] * stride_v + e1[None, :], mask=col_ok[:, None] & e1_ok[None, :],
+                         other=0.0)
+            acc1 = tl.dot(p, v1, acc1, input_precision=PRECISION)
+    out = out_ptr + split * R * E + rows[:, None] * E
+    tl.store(out + e[None, :], acc, mask=row_ok[:, None] & e_ok[None, :])
+    if SPLIT_E:
+        tl.store(out + e1[None, :], acc1, mask=row_ok[:, None] & e1_ok[None, :])
     if ONLINE:
         tl.store(m_ptr + split * R + rows, m, mask=row_ok)
         tl.store(l_ptr + split * R + rows, l, mask=row_ok)
@@ -177,30 +189,40 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
                        HAS_BETA: tl.constexpr, HAS_V: tl.constexpr, ACCUMULATE: tl.constexpr,
                        BLOCK_R: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       BLOCK_E1: tl.constexpr, SPLIT_E: tl.constexpr, PRECISION: tl.constexpr):
     pid_c = tl.program_id(0)
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < C
     beta = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_BETA:
         beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0)
-    e = tl.arange(0, BLOCK_E)
+    e = tl.arange(0, BLOCK_E)  # E in two power-of-two chunks, as in _row_expect_kernel
     e_ok = e < E
+    e1 = BLOCK_E + tl.arange(0, BLOCK_E1)
+    e1_ok = e1 < E
     acc_v = tl.zeros((BLOCK_C, BLOCK_E), tl.float32)
+    acc_v1 = tl.zeros((BLOCK_C, BLOCK_E1), tl.float32)
     acc_s = tl.zeros((BLOCK_C,), tl.float32)
     for r0 in range(0, R, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         row_ok = rows < R
         alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
-                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale
-        p = tl.exp(x + alpha[:, None] + beta[None, :])
-        p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+        # the transposed tile [BLOCK_C, BLOCK_R] = w[cols] z[rows]^T: prototypes are the MMA's M side
+        # (64 rows: wgmma) and p^T feeds the value dot without a transpose
+        x = _logit_tile(w_ptr, z_ptr, cols, rows, col_ok, row_ok, D, stride_w, stride_z,
+                        BLOCK_C, BLOCK_R, BLOCK_D, PRECISION) * scale
+        pt = tl.exp(x + beta[:, None] + alpha[None, :])
+        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
         if HAS_V:
             v = tl.load(v_ptr + rows[:, None] * stride_v + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            acc_v = tl.dot(tl.trans(p).to(v.dtype), v, acc_v, input_precision=PRECISION)
+            pt = pt.to(v.dtype)
+            acc_v = tl.dot(pt, v, acc_v, input_precision=PRECISION)
+            if SPLIT_E:
+                v1 = tl.load(v_ptr + rows[:, None] * stride_v + e1[None, :], mask=row_ok[:, None] & e1_ok[None, :],
+                             other=0.0)
+                acc_v1 = tl.dot(pt, v1, acc_v1, input_precision=PRECISION)
         else:
-            acc_s += tl.sum(p, axis=0)
+            acc_s += tl.sum(pt, axis=1)
     if HAS_V:
         out = out_ptr + cols[:, None] * E + e[None, :]
         out_ok = col_ok[:, None] & e_ok[None, :]
@@ -208,6 +230,13 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
         if ACCUMULATE:
             acc_v += tl.load(out, mask=out_ok, other=0.0)
         tl.store(out, acc_v, mask=out_ok)
+        if SPLIT_E:
+            out1 = out_ptr + cols[:, None] * E + e1[None, :]
+            out1_ok = col_ok[:, None] & e1_ok[None, :]
+            acc_v1 = acc_v1 * coef
+            if ACCUMULATE:
+                acc_v1 += tl.load(out1, mask=out1_ok, other=0.0)
+            tl.store(out1, acc_v1, mask=out1_ok)
     else:
         acc_s = acc_s * coef
         if ACCUMULATE:
@@ -219,24 +248,32 @@ def _col_reduce_kernel(z_ptr,      # [R, D] features
 # launchers
 # ---------------------------------------------------------------------------------------------
 
-def _config(kind: str, d: int, e: int = 16):
-    """(BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_E, num_warps, num_stages) of one kernel kind.
+def _e_blocks(e: int) -> tuple[int, int]:
+    """E as two power-of-two chunks (the largest power of two <= E, then the rest padded): 384 ->
+    (256, 128), 256 -> (256, 0); one chunk padded to 512 would waste a quarter of the value MMAs."""
+    first = max(16, 1 << (max(int(e), 1).bit_length() - 1))
+    rest = int(e) - first
+    return first, (max(16, triton.next_power_of_2(rest)) if rest > 0 else 0)
 
-    Chosen so that ptxas (sm_90a, Triton 3.6) spills nothing for fp32 and bf16 operands
-    (test_kernels_compile_for_sm90a_without_spills checks it); 4 warps or 3 stages spilled.
+
+def _config(kind: str, d: int, e: int = 16):
+    """(BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_E, BLOCK_E1, num_warps, num_stages) of one kernel kind.
+
+    Every tile that feeds a tl.dot has 64 rows (the smallest wgmma M on sm_90a; 32-row tiles fall
+    back to mma.sync), 8 warps, 2 stages: ptxas (sm_90a, Triton 3.6) spills nothing for fp32 and
+    bf16 operands at E = 256 and 384 (tests/kernels/test_sm90_compile.py checks every launch).
+    The value passes take 32 prototypes per step when E > 256 so their shared memory fits.
     Not timed on a GPU yet (none lent so far): autotuning is the next step once one is.
     """
-    block_e = max(16, triton.next_power_of_2(e))
+    block_e, block_e1 = _e_blocks(e)
     if _interpreting():  # the interpreter pays per op, not per element: big tiles
-        return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, 4, 1
+        return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, block_e1, 4, 1
     block_d = max(16, min(64, triton.next_power_of_2(d)))
-    if kind == "row_expect":  # fp32 accumulator [BLOCK_R, BLOCK_E]
-        block = 64 if block_e <= 256 else 32
-        return block, block, block_d, block_e, 8, 2
-    if kind == "col_values":  # fp32 accumulator [BLOCK_C, BLOCK_E]
-        block_r, block_c = (64, 32) if block_e <= 256 else (32, 16)
-        return block_r, block_c, block_d, block_e, 8, 2
-    return 64, 64, block_d, block_e, 8, 2  # row_lse, col_sum
+    if kind == "row_expect":  # fp32 accumulators [BLOCK_R, E]
+        return 64, (64 if block_e + block_e1 <= 256 else 32), block_d, block_e, block_e1, 8, 2
+    if kind == "col_values":  # fp32 accumulators [BLOCK_C, E]
+        return (64 if block_e + block_e1 <= 256 else 32), 64, block_d, block_e, block_e1, 8, 2
+    return 64, 64, block_d, block_e, block_e1, 8, 2  # row_lse, col_sum
 
 
 _MAX_PARTIAL = 1 << 23  # fp32 elements of split-K partials (32 MiB)
@@ -270,7 +307,7 @@ def row_lse(z, w, scale: float, beta=None):
     (R, D), C = z.shape, w.shape[0]
     if R == 0:  # no rows (e.g. no masked token on this rank)
         return torch.empty(0, device=z.device, dtype=torch.float32)
-    br, bc, bd, _, warps, stages = _config("row_lse", D)
+    br, bc, bd, _, _, warps, stages = _config("row_lse", D)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, 2, C, bc)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
     l = torch.empty_like(m)
@@ -289,7 +326,7 @@ def _row_expect(z, w, scale: float, beta, alpha, v):
     if R == 0:  # no rows (e.g. no masked token on this rank)
         f32 = dict(device=z.device, dtype=torch.float32)
         return torch.empty(1, 0, E, **f32), torch.empty(1, 0, **f32), torch.empty(1, 0, **f32)
-    br, bc, bd, be, warps, stages = _config("row_expect", D, E)
+    br, bc, bd, be, be1, warps, stages = _config("row_expect", D, E)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32) if online else out
@@ -298,6 +335,7 @@ def _row_expect(z, w, scale: float, beta, alpha, v):
         z, w, beta if beta is not None else out, alpha.contiguous() if not online else out, v, out, m, l,
         R, C, D, E, z.stride(0), w.stride(0), v.stride(0), scale, per,
         HAS_BETA=beta is not None, ONLINE=online, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be,
+        BLOCK_E1=max(16, be1), SPLIT_E=be1 > 0,
         PRECISION=_PRECISION, num_warps=warps, num_stages=stages)
     return out, m, l
 
@@ -327,7 +365,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
     E = v.shape[1] if v is not None else 1
-    br, bc, bd, be, warps, stages = _config("col_values" if v is not None else "col_sum", D, E)
+    br, bc, bd, be, be1, warps, stages = _config("col_values" if v is not None else "col_sum", D, E)
     accumulate = out is not None
     if out is None:
         out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
@@ -337,7 +375,8 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, coef,
         HAS_BETA=beta is not None, HAS_V=has_v, ACCUMULATE=accumulate, BLOCK_R=br, BLOCK_C=bc,
-        BLOCK_D=bd, BLOCK_E=be, PRECISION=_PRECISION, num_warps=warps, num_stages=stages)
+        BLOCK_D=bd, BLOCK_E=be, BLOCK_E1=max(16, be1), SPLIT_E=be1 > 0, PRECISION=_PRECISION, num_warps=warps,
+        num_stages=stages)
     return out
 
 

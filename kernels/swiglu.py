@@ -5,6 +5,11 @@ Spec: :func:`virchow_fast.ops.reference.swiglu` (timm SwiGLUPacked). Traffic per
 (2H): 5 H e. Nothing but x is saved; SiLU is recomputed in the backward (free next to the
 memory traffic). All arithmetic is fp32 after the loads.
 
+H is a compile-time constant and the outputs (and dy) are dense rows of H / 2H: the compiler then
+knows that every row start is a multiple of 8 elements (H = 3416 and 5464 are multiples of 8 but
+not of 16, so a runtime H or row stride would be assumed unaligned) and moves 128 bits per access
+(tests/kernels/test_sm90_compile.py asserts it at the model widths).
+
 Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
@@ -15,7 +20,6 @@ import triton.language as tl
 
 from ._common import check_float, last_dim_contiguous, next_pow2
 
-
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
@@ -23,9 +27,9 @@ from ._common import check_float, last_dim_contiguous, next_pow2
 @triton.jit
 def _swiglu_fwd_kernel(
     X,  # [R, 2H]: gate = X[:, :H], value = X[:, H:], row stride stride_x
-    Y,  # [R, H] (out), row stride stride_y
-    stride_x, stride_y, H,
-    BLOCK: tl.constexpr,
+    Y,  # [R, H] (out), dense rows
+    stride_x,
+    H: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -33,29 +37,29 @@ def _swiglu_fwd_kernel(
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(X + row * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * v
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + row * H + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY,  # [R, H], row stride stride_dy
+    DY,  # [R, H], dense rows
     X,  # [R, 2H] forward input, row stride stride_x
-    DX,  # [R, 2H] (out), row stride stride_dx
-    stride_dy, stride_x, stride_dx, H,
-    BLOCK: tl.constexpr,
+    DX,  # [R, 2H] (out), dense rows
+    stride_x,
+    H: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(X + row * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + row * H + cols, mask=mask, other=0.0).to(tl.float32)
     sig = tl.sigmoid(g)
     silu = g * sig
     dg = dy * v * sig * (1.0 + g * (1.0 - sig))
     dv = dy * silu
-    tl.store(DX + row * stride_dx + cols, dg.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + row * stride_dx + H + cols, dv.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + row * (2 * H) + cols, dg.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + row * (2 * H) + H + cols, dv.to(DX.dtype.element_ty), mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -74,21 +78,19 @@ def _forward(x: torch.Tensor) -> torch.Tensor:
     if R == 0 or H == 0:
         return y
     block = _block(H)
-    _swiglu_fwd_kernel[(R, triton.cdiv(H, block))](x, y, x.stride(0), y.stride(0), H,
-                                                   BLOCK=block, num_warps=4)
+    _swiglu_fwd_kernel[(R, triton.cdiv(H, block))](x, y, x.stride(0), H=H, BLOCK=block, num_warps=4)
     return y
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dy: [R, H], x: [R, 2H] -> dx: [R, 2H] in x's dtype."""
-    dy, x = last_dim_contiguous(dy), last_dim_contiguous(x)
+    dy, x = dy.contiguous(), last_dim_contiguous(x)
     R, H = x.shape[0], x.shape[1] // 2
     dx = torch.empty((R, 2 * H), dtype=x.dtype, device=x.device)
     if R == 0 or H == 0:
         return dx
     block = _block(H)
-    _swiglu_bwd_kernel[(R, triton.cdiv(H, block))](dy, x, dx, dy.stride(0), x.stride(0), dx.stride(0), H,
-                                                   BLOCK=block, num_warps=4)
+    _swiglu_bwd_kernel[(R, triton.cdiv(H, block))](dy, x, dx, x.stride(0), H=H, BLOCK=block, num_warps=4)
     return dx
 
 
