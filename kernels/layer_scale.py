@@ -1,68 +1,94 @@
-"""Residual add fused with LayerScale: z = x + gamma * y, forward and backward.
+"""Residual add fused with LayerScale and per-crop stochastic depth: z = x + keep[seg] * gamma * y.
 
 Spec: :func:`virchow_fast.ops.reference.residual_layer_scale`. Every block ends its two branches
-with it. Traffic per [R, C] (e bytes): eagerly ``y * gamma`` then ``x + t`` reads and writes 5 R C e
-in the forward; its backward writes dz * gamma and dz * y and reduces the latter (5 R C e). Fused:
-forward reads x, y, writes z (3 R C e); backward reads dz, y, writes dy (3 R C e) and keeps the
-dgamma partial sums in registers, one fp32 [C] row per program (bounded, no atomics); dx is dz
-itself (no copy unless the dtype differs). torch.compile fuses the same; this is for the eager path.
+with it. Stochastic depth drops a branch per crop (packed segment): ``keep`` [S] holds each crop's
+factor (0 or 1 / (1 - p)) and ``seg_ids`` [R] each row's crop, so a drop-path rate of 0.4 keeps
+the add fused (one scalar load per row) instead of falling back to ``x + ls(y) * keep[seg]``.
+Traffic per [R, C] (e bytes): eagerly ``y * gamma``, ``* keep``, then ``x + t`` reads and writes
+7 R C e in the forward and more in the backward. Fused: forward reads x, y, writes z (3 R C e);
+backward reads dz, y, writes dy (3 R C e) and keeps the dgamma partial sums in registers, one fp32
+[C] row per program (bounded, no atomics); dx is dz itself (no copy unless the dtype differs).
+
+C is a compile-time constant and rows are dense (row stride C), so the compiler knows every row
+start's alignment and moves 128 bits per access for any C that is a multiple of 8 elements.
 
 Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, last_dim_contiguous, next_pow2, num_programs
-
+from ._common import check_float, next_pow2, num_programs
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _row_scale(G, KEEP, SEG, row, cols, mask, HAS_GAMMA: tl.constexpr, HAS_KEEP: tl.constexpr):
+    """[BLOCK_C] fp32 factor of row ``row``: gamma (or 1) times the row's crop keep factor."""
+    s = tl.full(cols.shape, 1.0, tl.float32)
+    if HAS_GAMMA:
+        s = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_KEEP:
+        s = s * tl.load(KEEP + tl.load(SEG + row)).to(tl.float32)
+    return s
+
+
+@triton.jit
 def _rls_fwd_kernel(
-    X,  # [R, C] residual stream, row stride stride_x
-    Y,  # [R, C] branch output, row stride stride_y
-    G,  # [C] LayerScale gamma
-    Z,  # [R, C] (out), contiguous
-    stride_x, stride_y, C,
-    BLOCK_C: tl.constexpr,
+    X,  # [R, C] residual stream
+    Y,  # [R, C] branch output
+    G,  # [C] LayerScale gamma (unused without HAS_GAMMA)
+    KEEP,  # [S] per-crop keep factor (unused without HAS_KEEP)
+    SEG,  # [R] crop of each row (unused without HAS_KEEP)
+    Z,  # [R, C] (out)
+    C: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    y = tl.load(Y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(Z + row * C + cols, (x + g * y).to(Z.dtype.element_ty), mask=mask)
+    x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    s = _row_scale(G, KEEP, SEG, row, cols, mask, HAS_GAMMA, HAS_KEEP)
+    tl.store(Z + row * C + cols, (x + s * y).to(Z.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _rls_bwd_kernel(
-    DZ,  # [R, C], row stride stride_dz
-    Y,  # [R, C] forward branch input, row stride stride_y
-    G,  # [C]
-    DY,  # [R, C] (out), contiguous
-    DG_partial,  # [P, C] fp32 (out), one row per program along the rows
-    stride_dz, stride_y, R, C, rows_per_program,
-    BLOCK_C: tl.constexpr,
+    DZ,  # [R, C]
+    Y,  # [R, C] forward branch input
+    G,  # [C] (unused without HAS_GAMMA)
+    KEEP,  # [S] (unused without HAS_KEEP)
+    SEG,  # [R] (unused without HAS_KEEP)
+    DY,  # [R, C] (out)
+    DG_partial,  # [P, C] fp32 (out), one row per program along the rows (unused without HAS_GAMMA)
+    R, rows_per_program,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
     dg = tl.zeros([BLOCK_C], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, R)
     for r in range(row_start, row_end):
-        dz = tl.load(DZ + r * stride_dz + cols, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(Y + r * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        dz = tl.load(DZ + r * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            dz = dz * tl.load(KEEP + tl.load(SEG + r)).to(tl.float32)
         tl.store(DY + r * C + cols, (dz * g).to(DY.dtype.element_ty), mask=mask)
-        dg += dz * y
-    tl.store(DG_partial + pid * C + cols, dg, mask=mask)
+        if HAS_GAMMA:
+            y = tl.load(Y + r * C + cols, mask=mask, other=0.0).to(tl.float32)
+            dg += dz * y
+    if HAS_GAMMA:
+        tl.store(DG_partial + pid * C + cols, dg, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -73,32 +99,47 @@ def _block(c: int) -> int:
     return min(next_pow2(c), 2048)
 
 
-def _forward(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    """x, y: [R, C]; gamma: [C] -> z: [R, C] in the promoted dtype of (x, y, gamma)."""
-    x, y = last_dim_contiguous(x), last_dim_contiguous(y)
+def _out_dtype(x, y, gamma, keep) -> torch.dtype:
+    dt = torch.promote_types(x.dtype, y.dtype)
+    for t in (gamma, keep):
+        dt = dt if t is None else torch.promote_types(dt, t.dtype)
+    return dt
+
+
+def _dummy(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like
+
+
+def _forward(x, y, gamma, keep, seg_ids) -> torch.Tensor:
+    """x, y: [R, C]; gamma: [C] or None; keep: [S] or None; seg_ids: [R] -> z: [R, C] in the
+    promoted dtype of the inputs."""
+    x, y = x.contiguous(), y.contiguous()
     R, C = x.shape
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gamma.dtype)
-    z = torch.empty((R, C), dtype=out_dtype, device=x.device)
+    z = torch.empty((R, C), dtype=_out_dtype(x, y, gamma, keep), device=x.device)
     if R == 0 or C == 0:
         return z
     block = _block(C)
-    _rls_fwd_kernel[(R, triton.cdiv(C, block))](x, y, gamma, z, x.stride(0), y.stride(0), C,
-                                                BLOCK_C=block, num_warps=4)
+    _rls_fwd_kernel[(R, triton.cdiv(C, block))](
+        x, y, _dummy(gamma, x), _dummy(keep, x), _dummy(seg_ids, x), z,
+        C=C, BLOCK_C=block, HAS_GAMMA=gamma is not None, HAS_KEEP=keep is not None, num_warps=4)
     return z
 
 
-def _backward(dz: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor):
-    """-> dy [R, C] (y.dtype), dgamma [C] fp32."""
-    dz, y = last_dim_contiguous(dz), last_dim_contiguous(y)
+def _backward(dz, y, gamma, keep, seg_ids):
+    """-> dy [R, C] (y.dtype), dgamma [C] fp32 (zeros without gamma)."""
+    dz, y = dz.contiguous(), y.contiguous()
     R, C = y.shape
     dy = torch.empty((R, C), dtype=y.dtype, device=y.device)
     p = num_programs(y.device, R)
     partial = torch.empty((p, C), dtype=torch.float32, device=y.device)
+    if R == 0 or C == 0 or gamma is None:
+        partial.zero_()
     if R == 0 or C == 0:
-        return dy, partial.zero_().sum(0)
+        return dy, partial.sum(0)
     block = _block(C)
-    _rls_bwd_kernel[(p, triton.cdiv(C, block))](dz, y, gamma, dy, partial, dz.stride(0), y.stride(0), R, C,
-                                                triton.cdiv(R, p), BLOCK_C=block, num_warps=4)
+    _rls_bwd_kernel[(p, triton.cdiv(C, block))](
+        dz, y, _dummy(gamma, y), _dummy(keep, y), _dummy(seg_ids, y), dy, partial, R, triton.cdiv(R, p),
+        C=C, BLOCK_C=block, HAS_GAMMA=gamma is not None, HAS_KEEP=keep is not None, num_warps=4)
     return dy, partial.sum(0)
 
 
@@ -107,35 +148,37 @@ def _backward(dz: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor):
 # ------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("virchow_fast_triton::residual_layer_scale_fwd", mutates_args=())
-def _rls_fwd(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-    return _forward(x, y, gamma)
+def _rls_fwd(x: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+             seg_ids: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(x, y, gamma, keep, seg_ids)
 
 
 @_rls_fwd.register_fake
-def _(x, y, gamma):
-    return x.new_empty(x.shape, dtype=torch.promote_types(torch.promote_types(x.dtype, y.dtype), gamma.dtype))
+def _(x, y, gamma, keep, seg_ids):
+    return x.new_empty(x.shape, dtype=_out_dtype(x, y, gamma, keep))
 
 
 @torch.library.custom_op("virchow_fast_triton::residual_layer_scale_bwd", mutates_args=())
-def _rls_bwd(dz: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dz, y, gamma)
+def _rls_bwd(dz: torch.Tensor, y: torch.Tensor, gamma: Optional[torch.Tensor], keep: Optional[torch.Tensor],
+             seg_ids: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dz, y, gamma, keep, seg_ids)
 
 
 @_rls_bwd.register_fake
-def _(dz, y, gamma):
+def _(dz, y, gamma, keep, seg_ids):
     return y.new_empty(y.shape), y.new_empty(y.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, y, gamma = inputs
-    ctx.save_for_backward(y, gamma)
+    x, y, gamma, keep, seg_ids = inputs
+    ctx.save_for_backward(y, gamma, keep, seg_ids)
     ctx.x_dtype = x.dtype
 
 
 def _autograd_backward(ctx, dz):
-    y, gamma = ctx.saved_tensors
-    dy, dgamma = _rls_bwd(dz, y, gamma)
-    return dz.to(ctx.x_dtype), dy, dgamma.to(gamma.dtype)
+    y, gamma, keep, seg_ids = ctx.saved_tensors
+    dy, dgamma = _rls_bwd(dz, y, gamma, keep, seg_ids)
+    return dz.to(ctx.x_dtype), dy, None if gamma is None else dgamma.to(gamma.dtype), None, None
 
 
 _rls_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -145,17 +188,25 @@ _rls_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # Public function
 # ------------------------------------------------------------------------------------------------
 
-def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None) -> torch.Tensor:
-    """x + gamma * y (same contract as the reference).
+def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None,
+                         keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """x + keep[seg_ids] * gamma * y (same contract as the reference).
 
-    x, y: [..., C] of one shape (fp32 / fp16 / bf16, may differ); gamma: [C] or None (plain add).
-    Returns z: [..., C] in the promoted dtype of the inputs, as torch's own arithmetic would.
+    x, y: [..., C] of one shape (fp32 / fp16 / bf16, may differ); gamma: [C] or None (no LayerScale);
+    keep: [S] per-crop stochastic-depth factor or None; seg_ids: [R] int crop of each of the
+    R = x.numel() / C rows (needed with keep). Returns z: [..., C] in the promoted dtype of the
+    inputs, as torch's own arithmetic would.
     """
-    if gamma is None:
+    if gamma is None and keep is None:
         return x + y
     check_float("residual_layer_scale x", x)
     check_float("residual_layer_scale y", y)
-    if x.shape != y.shape or gamma.shape != x.shape[-1:]:
-        raise ValueError(f"residual_layer_scale: x {tuple(x.shape)}, y {tuple(y.shape)}, gamma {tuple(gamma.shape)}")
     C = x.shape[-1]
-    return _rls_fwd(x.reshape(-1, C), y.reshape(-1, C), gamma).view(x.shape)
+    if x.shape != y.shape or (gamma is not None and gamma.shape != x.shape[-1:]):
+        raise ValueError(f"residual_layer_scale: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+                         f"gamma {None if gamma is None else tuple(gamma.shape)}")
+    if keep is not None and (seg_ids is None or seg_ids.shape != (x.numel() // max(C, 1),) or keep.dim() != 1):
+        raise ValueError(f"residual_layer_scale: keep {tuple(keep.shape)} needs seg_ids [{x.numel() // max(C, 1)}], "
+                         f"got {None if seg_ids is None else tuple(seg_ids.shape)}")
+    seg_ids = seg_ids if keep is not None else None
+    return _rls_fwd(x.reshape(-1, C), y.reshape(-1, C), gamma, keep, seg_ids).view(x.shape)

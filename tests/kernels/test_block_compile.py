@@ -40,7 +40,10 @@ def test_opcheck_custom_ops(device):
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, None, 1e-6))
     torch.library.opcheck(sw_k._swiglu_fwd, (torch.randn(5, 18, device=device, requires_grad=True),))
     y = torch.randn(7, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, None, None))
+    keep, seg = torch.tensor([0.0, 2.5], device=device), torch.tensor([0, 1, 1, 0, 1, 0, 0], device=device)
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, keep, seg))
 
 
 def _block_case(device):
@@ -95,4 +98,4 @@ def test_compiled_graph_calls_the_kernels(device, restore_ops):
     ops.configure(TRITON)
     torch.compile(block, fullgraph=True, backend=capture)(x, *args)
     for name in ("attention_fwd", "layer_norm_fwd", "swiglu_fwd"):
-        assert any(f"virchow_fast.{name}" in s for s in seen), f"{name} not in the graph: {seen}"
+        assert any(f"virchow_fast_triton.{name}" in s for s in seen), f"{name} not in the graph: {seen}"

@@ -49,8 +49,93 @@ def test_same_dtype_and_no_gamma(device, close):
     close(rls.residual_layer_scale(x, y, None), x + y, (0, 0), "z")
 
 
+def _keep_case(shape, dtype, device, seed, gamma_on=True):
+    torch.manual_seed(seed)
+    C, R = shape[-1], int(torch.tensor(shape[:-1]).prod())
+    x = torch.randn(shape, device=device, dtype=dtype)
+    y = torch.randn(shape, device=device, dtype=dtype)
+    gamma = (torch.rand(C, device=device) + 0.5).requires_grad_() if gamma_on else None
+    keep = ((torch.rand(4, device=device) >= 0.4).to(dtype) / 0.6)  # drop path 0.4, as the shipped configs
+    keep[0], keep[1] = 0.0, 1 / 0.6  # at least one dropped and one kept crop
+    seg = torch.sort(torch.randint(0, 4, (R,), device=device)).values
+    return x, y, gamma, keep, seg
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("gamma_on", [True, False], ids=["gamma", "no_gamma"])
+@pytest.mark.parametrize("shape", [(37, 1664), (2, 5, 100)], ids=lambda s: "x".join(map(str, s)))
+def test_drop_path_keep_factor(shape, dtype, gamma_on, device, close):
+    """Per-crop keep factor (0 or 1 / (1 - p)) fused: z, dx, dy, dgamma against the reference,
+    dropped crops get exactly x and zero dy."""
+    x, y, gamma, keep, seg = _keep_case(shape, dtype, device, 3, gamma_on)
+    xk, yk = x.clone().requires_grad_(), y.clone().requires_grad_()
+    z = rls.residual_layer_scale(xk, yk, gamma, keep, seg)
+    dz = torch.randn_like(z)
+    params = [xk, yk] + ([gamma] if gamma_on else [])
+    grads = torch.autograd.grad(z, params, dz)
+    xr, yr = x.float().requires_grad_(), y.float().requires_grad_()
+    zr = reference.residual_layer_scale(xr, yr, gamma, keep.float(), seg)
+    ref_grads = torch.autograd.grad(zr, [xr, yr] + ([gamma] if gamma_on else []), dz.float())
+    tol = TOL[dtype]
+    close(z, zr, tol["z"], "z")
+    for name, g, gr in zip(("dx", "dy", "dgamma")[:len(grads)], grads, ref_grads, strict=True):
+        close(g, gr, tol["grad"], name)
+    dropped = (keep[seg] == 0).view(shape[:-1])
+    assert dropped.any() and (~dropped).any()
+    assert torch.equal(z[dropped], x[dropped].to(z.dtype)) and not grads[1][dropped].any()
+
+
+def test_drop_path_bad_seg_ids(device):
+    x = torch.randn(6, 8, device=device)
+    with pytest.raises(ValueError, match="seg_ids"):
+        rls.residual_layer_scale(x, x, None, torch.ones(2, device=device), torch.zeros(5, dtype=torch.long))
+
+
 @pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", [(30528, 1280), (31808, 1664)], ids=lambda s: "x".join(map(str, s)))
 def test_residual_layer_scale_gpu(shape, dtype, close):
     _check(shape, dtype, torch.float32, torch.device("cuda"), close)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_block_drop_path_keeps_rng_stream_and_outputs(backend, monkeypatch):
+    """A training Block with drop path 0.4 through the fused op draws the same random numbers as
+    the unfused ``x + ls(y) * keep[seg]`` it replaces (same drop decisions, same stream after it)
+    and gives its outputs and gradients: bit-exact on the torch backend, at fp32 kernel tolerance
+    on triton."""
+    from virchow_fast.config import ModelConfig
+    from virchow_fast.model.vit import Block
+
+    monkeypatch.setenv("VIRCHOW_FAST_RESIDUAL_LAYER_SCALE", backend)
+    torch.manual_seed(0)
+    block = Block(ModelConfig(embed_dim=32, num_heads=2, mlp_hidden=24, layerscale_init=0.5), drop_path=0.4).train()
+    lengths = torch.tensor([9, 4, 9, 4, 4, 9, 4, 4])
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    x = torch.randn(int(lengths.sum()), 32)
+
+    def old_block(x):  # the unfused residual of the previous implementation, draws in the same order
+        n, p = len(lengths), block.drop_path
+        h = block.attn(block.norm1(x), cu, 9)
+        k1 = (torch.rand(n) >= p).to(x.dtype) / (1 - p)
+        x = x + block.ls1(h) * k1[seg].unsqueeze(-1)
+        h = block.mlp(block.norm2(x))
+        k2 = (torch.rand(n) >= p).to(x.dtype) / (1 - p)
+        return x + block.ls2(h) * k2[seg].unsqueeze(-1), (k1, k2)
+
+    results = []
+    for fn in (lambda x: (block(x, cu, 9, seg), None), old_block):
+        torch.manual_seed(123)
+        xi = x.clone().requires_grad_()
+        out, keeps = fn(xi)
+        grads = torch.autograd.grad(out.square().sum(), [xi, block.ls1.gamma, block.ls2.gamma, block.mlp.fc1.weight])
+        results.append((out, grads, torch.rand(4), keeps))
+    (out, grads, after, _), (out_r, grads_r, after_r, (k1, k2)) = results
+    assert torch.equal(after, after_r)  # same number of draws: the stream after the block is unchanged
+    assert (k1 == 0).any() and (k2 == 0).any() and (k1 > 0).any()  # some crops dropped, some kept
+    tol = dict(atol=0, rtol=0) if backend == "torch" else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, out_r, **tol)
+    for g, gr in zip(grads, grads_r, strict=True):
+        torch.testing.assert_close(g, gr, **tol)

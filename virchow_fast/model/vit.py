@@ -78,26 +78,24 @@ class Block(nn.Module):
         self.drop_path = drop_path
 
     def _keep(self, seg_ids: torch.Tensor, n_segments: int, x: torch.Tensor) -> torch.Tensor | None:
-        """Per-crop stochastic depth as a per-token scale [T, 1], or None when inactive."""
+        """Per-crop stochastic depth: each crop's keep factor [S] (0 or 1 / (1 - p)), or None when inactive."""
         if not self.training or self.drop_path == 0.0:
             return None
-        keep = (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
-        return keep[seg_ids].unsqueeze(-1)
+        return (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
 
     @staticmethod
-    def _residual(x: torch.Tensor, y: torch.Tensor, ls: nn.Module, scale: torch.Tensor | None) -> torch.Tensor:
-        """x + ls(y) [* per-crop keep scale]; without drop path one fused op (ops.residual_layer_scale)."""
+    def _residual(x: torch.Tensor, y: torch.Tensor, ls: nn.Module, keep: torch.Tensor | None,
+                  seg_ids: torch.Tensor) -> torch.Tensor:
+        """x + keep[seg_ids] * ls(y): LayerScale and drop path fused into one op (ops.residual_layer_scale)."""
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
-        if scale is None:
-            return ops.residual_layer_scale(x, y, gamma)
-        return x + ls(y) * scale
+        return ops.residual_layer_scale(x, y, gamma, keep, seg_ids if keep is not None else None)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
         n_seg = cu_seqlens.numel() - 1
         x = self._residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen, host_offsets), self.ls1,
-                           self._keep(seg_ids, n_seg, x))
-        return self._residual(x, self.mlp(self.norm2(x)), self.ls2, self._keep(seg_ids, n_seg, x))
+                           self._keep(seg_ids, n_seg, x), seg_ids)
+        return self._residual(x, self.mlp(self.norm2(x)), self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
 
 
 class VisionTransformer(nn.Module):

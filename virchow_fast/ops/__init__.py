@@ -157,9 +157,10 @@ def swiglu(x):
     return _dispatch("swiglu", x.device)(x)
 
 
-def residual_layer_scale(x, y, gamma):
-    """x + gamma * y, the residual add fused with LayerScale; see :func:`reference.residual_layer_scale`."""
-    return _dispatch("residual_layer_scale", x.device)(x, y, gamma)
+def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None):
+    """x + keep[seg_ids] * gamma * y: the residual add fused with LayerScale and per-crop stochastic
+    depth; see :func:`reference.residual_layer_scale`."""
+    return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids)
 
 
 def prototype_loss(*args, **kwargs):
