@@ -30,6 +30,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -134,6 +135,7 @@ def main() -> None:
         p.add_argument("--model", default=None, help="vit_h14 | vit_g14 | tiny (default vit_h14; tiny on CPU)")
         p.add_argument("--batch", type=int, default=None, help="tiles per GPU (default: the config's)")
         p.add_argument("--ac", default=None, help="off | full | every_k2 (default: the config's)")
+        p.add_argument("--ops", default=None, help="force every op to one backend (torch | triton); default auto")
 
     args, device = setup("bench_profile", __doc__, extra=extra)
     import torch
@@ -141,27 +143,44 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile, record_function
 
     model = "tiny" if args.smoke else (args.model or "vit_h14")
-    cfg = trainer_config(model, device.type, args.batch, args.ac, num_workers=0 if args.smoke else None)
-    ac = cfg.parallel.activation_checkpointing
-    print(f"== {model}: batch {cfg.data.batch_size}, activation checkpointing {ac}", flush=True)
-    tr = Trainer(cfg)
+
+    def profiled_step(ops: str | None):
+        cfg = trainer_config(model, device.type, args.batch, args.ac, ops, num_workers=0 if args.smoke else None)
+        print(f"== {model}: batch {cfg.data.batch_size}, activation checkpointing "
+              f"{cfg.parallel.activation_checkpointing}, ops {ops or 'auto'}", flush=True)
+        tr = Trainer(cfg)
+        try:
+            batch = tr.batch_in_memory()
+            warmup = args.warmup if "--warmup" in sys.argv else 2
+            for i in range(warmup):
+                tr.step(batch, i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=activities) as prof:
+                t0 = time.perf_counter()
+                with record_function("bench_profile_step"):
+                    tr.step(batch, warmup)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                wall_us = (time.perf_counter() - t0) * 1e6
+        finally:
+            tr.close()
+        return cfg, prof, wall_us
+
+    ops = args.ops
     try:
-        batch = tr.batch_in_memory()
-        warmup = args.warmup if "--warmup" in sys.argv else 2
-        for i in range(warmup):
-            tr.step(batch, i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=activities) as prof:
-            t0 = time.perf_counter()
-            with record_function("bench_profile_step"):
-                tr.step(batch, warmup)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-            wall_host_us = (time.perf_counter() - t0) * 1e6
-    finally:
-        tr.close()
+        cfg, prof, wall_host_us = profiled_step(ops)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception:  # noqa: BLE001 (a kernel failing on its first GPU: profile the reference path instead)
+        if ops is not None:
+            raise
+        traceback.print_exc()
+        ops = "torch"
+        print("retrying with every op on torch (the reference backends)", flush=True)
+        cfg, prof, wall_host_us = profiled_step(ops)
+    ac = cfg.parallel.activation_checkpointing
 
     if device.type == "cuda":
         with tempfile.TemporaryDirectory() as tmp:
@@ -182,9 +201,11 @@ def main() -> None:
     if args.smoke:
         print("\nCPU SMOKE RUN: tiny config, CPU op times; the numbers say only that the script works.")
     write_json("bench_profile", {"smoke": args.smoke, "model": model, "batch": cfg.data.batch_size, "ac": ac,
+                                 "ops": ops or "auto",
                                  "step_ms": wall / 1e3, "rows": rows, "top": top}, args.out, device)
     parts = ", ".join(f"{r['category'].split(' (')[0]} {r['%step']:.0f}%" for r in rows if r["%step"] >= 0.5)
-    print(f"SUMMARY profile {model} b{cfg.data.batch_size} ac={ac}{' (CPU smoke)' if args.smoke else ''}: "
+    print(f"SUMMARY profile {model} b{cfg.data.batch_size} ac={ac}{'' if ops is None else ' ops=' + ops}"
+          f"{' (CPU smoke)' if args.smoke else ''}: "
           f"{wall / 1e3:.0f} ms: {parts or 'no events'}", flush=True)
     if not rows:
         sys.exit(1)
