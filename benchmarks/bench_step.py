@@ -88,10 +88,10 @@ def trainer_step(cfg, info, student, teacher, optimizer, loss_fn):
     except ImportError:
         print("train.step.train_step not found: timing a mirror of the loop's step body", flush=True)
         return _mirror_step(cfg, info, student, teacher, optimizer, loss_fn, sched)
-    trainee = Trainee(cfg, info, student, teacher, optimizer, loss_fn)
+    trainee = Trainee(cfg=cfg, info=info, student=student, teacher=teacher, optimizer=optimizer, loss_fn=loss_fn)
 
     def step(batch, i: int, prefetch=None) -> dict:
-        res = train_step(trainee, batch, i, sched, False, prefetch)
+        res = train_step(trainee, batch, i, sched, stop_pending=False, prefetch=prefetch)
         return {**res.terms, "grad_norm": res.grad_norm}
 
     return step
