@@ -120,19 +120,39 @@ def index_slide(path: str, settings: IndexSettings) -> tuple[dict, np.ndarray, n
         return out, thumb, np.float64(scale)
 
 
+THUMB_SIDE = (512, 1024)  # the thumbnail's longer side is brought into this range (px)
+MAG_COLOURS = {40.0: (0, 160, 0), 20.0: (0, 0, 220), 10.0: (230, 120, 0), 5.0: (200, 0, 0)}
+
+
 def draw_thumbnail(thumb: np.ndarray, cols: dict, scale: float, context: int, slide_mpp: float,
                    mag_mpp: dict[float, float]) -> "Image.Image":  # noqa: F821
-    """The low-res level with each kept tile outlined, one colour per magnification."""
+    """The low-res level, 512-1024 px on its longer side, each kept tile outlined in its
+    magnification's colour, and a legend below: colour, magnification, um/px and tile count."""
     from PIL import Image, ImageDraw
 
-    colours = {40.0: (0, 160, 0), 20.0: (0, 0, 220), 10.0: (230, 120, 0), 5.0: (200, 0, 0)}
+    h, w = thumb.shape[:2]
+    zoom = min(max(1.0, THUMB_SIDE[0] / max(h, w)), THUMB_SIDE[1] / max(h, w))
     img = Image.fromarray(thumb)
+    if zoom != 1.0:
+        img = img.resize((max(1, round(w * zoom)), max(1, round(h * zoom))), Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(img)
-    for mag, x, y in zip(cols["mag"], cols["x"], cols["y"]):
-        side = context * mag_mpp.get(float(mag), slide_mpp) / slide_mpp / scale
-        x0, y0 = x / scale, y / scale
-        draw.rectangle([x0, y0, x0 + side, y0 + side], outline=colours.get(float(mag), (0, 0, 0)), width=2)
-    return img
+    mags = sorted({float(m) for m in cols["mag"]} | set(mag_mpp), reverse=True)
+    for mag in sorted(mags):  # coarse (large) tiles first, fine ones drawn over them
+        side = context * mag_mpp.get(mag, slide_mpp) / slide_mpp / scale * zoom
+        width = 2 if side >= 8 else 1
+        for x, y in zip(cols["x"][cols["mag"] == mag], cols["y"][cols["mag"] == mag]):
+            x0, y0 = x / scale * zoom, y / scale * zoom
+            draw.rectangle([x0, y0, x0 + side, y0 + side], outline=MAG_COLOURS.get(mag, (0, 0, 0)), width=width)
+    row = 18
+    canvas = Image.new("RGB", (max(img.width, 260), img.height + row * len(mags) + 6), (255, 255, 255))
+    canvas.paste(img, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, mag in enumerate(mags):
+        y = img.height + 4 + i * row
+        n = int(np.count_nonzero(cols["mag"] == mag))
+        draw.rectangle([6, y + 2, 20, y + 14], outline=MAG_COLOURS.get(mag, (0, 0, 0)), width=3)
+        draw.text((28, y + 2), f"{mag:g}x ({mag_mpp.get(mag, slide_mpp):g} um/px): {n} tiles", fill=(0, 0, 0))
+    return canvas
 
 
 def write_index(path: str, out_dir: str | Path, settings: IndexSettings) -> Path:

@@ -32,7 +32,7 @@ from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import build_optimizer
-from .parallelize import parallelize, use_fsdp
+from .parallelize import parallelize, resolve_activation_checkpointing, use_fsdp
 from .resume import checkpoint_files, resume_run
 from .rundir import prepare_run_dir
 from .schedules import build_schedules
@@ -92,7 +92,7 @@ def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimi
         if info.is_main:
             print(summary, flush=True)
     teacher = make_teacher(student)
-    student, teacher = parallelize(student, teacher, cfg.parallel, info)
+    student, teacher = parallelize(student, teacher, resolve_activation_checkpointing(cfg, info), info)
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
