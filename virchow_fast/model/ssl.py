@@ -13,11 +13,14 @@ import torch.nn as nn
 
 from ..config import HeadConfig, ModelConfig
 from .heads import DINOHead
+from .init import init_parameters
 from .vit import VisionTransformer
 
 
 class SSLNetwork(nn.Module):
-    def __init__(self, model_cfg: ModelConfig, head_cfg: HeadConfig):
+    def __init__(self, model_cfg: ModelConfig, head_cfg: HeadConfig, seed: int | None = None):
+        """``seed``: initialise every parameter from its own generator seeded by (seed, name)
+        (model/init.py), the same values whole or sharded."""
         super().__init__()
         self.backbone = VisionTransformer(model_cfg)
         dim = model_cfg.embed_dim
@@ -28,6 +31,8 @@ class SSLNetwork(nn.Module):
                                       head_cfg.ibot_bottleneck_dim, head_cfg.num_layers)
         else:
             self.ibot_head = None
+        if seed is not None:
+            init_parameters(self, seed)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None, mask_inputs: bool = True,

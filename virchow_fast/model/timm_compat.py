@@ -101,11 +101,13 @@ def fit_state_dict(model: VisionTransformer, state: dict[str, torch.Tensor],
 def load_timm_state_dict(model: VisionTransformer, state: dict[str, torch.Tensor],
                          source: str = "timm state dict") -> list[str]:
     """Load a timm state dict into ``model`` strictly (see :func:`fit_state_dict`); returns the notes."""
+    from .init import copy_full_into
+
     fitted, notes = fit_state_dict(model, state, source)
     with torch.no_grad():
         mine = model.state_dict()
         for key, value in fitted.items():
-            mine[key].copy_(value)
+            copy_full_into(mine[key], value)  # a sharded model (FSDP2) keeps only its own shard
     return notes
 
 

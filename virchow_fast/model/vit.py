@@ -30,6 +30,7 @@ class LayerNorm(nn.LayerNorm):
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
+        self.init = init
         self.gamma = nn.Parameter(torch.full((dim,), init))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
