@@ -109,35 +109,39 @@ def feed_outputs(contexts: list | None, params: list[np.ndarray], mags: list | N
     return out
 
 
+def _on(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A small host tensor on ``dev`` without waiting: a copy from pageable memory would sync the stream."""
+    if dev.type != "cuda" or t.device == dev:
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 def finish(crops_hwc: list[torch.Tensor], flags: torch.Tensor, crops: CropConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """DALI's per-crop HWC outputs [B, S, S, 3] -> (globals [n_global * B, 3, G, G], locals), crop-major.
 
     flags [B, n_crops, 2]: transpose, solarise. Clamping in the normalised domain equals clamping
     the 0-255 values (normalisation is increasing per channel); solarise there is
-    ``x -> (1 - 2 mean) / std - x`` where the raw value is >= 0.5.
+    ``x -> (1 - 2 mean) / std - x`` where the raw value is >= 0.5. On a GPU nothing here waits for
+    the device (per-tile choices are selects, not index lists): it runs while a step computes.
     """
     dev = crops_hwc[0].device
     b = crops_hwc[0].shape[0]
-    mean = torch.tensor(crops.mean, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(crops.std, device=dev).view(1, 3, 1, 1)
+    mean = _on(torch.tensor(crops.mean), dev).view(1, 3, 1, 1)
+    std = _on(torch.tensor(crops.std), dev).view(1, 3, 1, 1)
     lo, hi = -mean / std, (1 - mean) / std
-    flags = flags.to(dev)
+    flags = _on(flags, dev) > 0.5
     g = torch.empty(crops.n_global * b, 3, crops.global_size, crops.global_size, device=dev)
-    l = torch.empty(crops.n_local * b, 3, crops.local_size, crops.local_size, device=dev)
+    loc = torch.empty(crops.n_local * b, 3, crops.local_size, crops.local_size, device=dev)
     for c, x in enumerate(crops_hwc):
-        dst = g[c * b:(c + 1) * b] if c < crops.n_global else l[(c - crops.n_global) * b:(c - crops.n_global + 1) * b]
+        dst = g[c * b:(c + 1) * b] if c < crops.n_global else loc[(c - crops.n_global) * b:(c - crops.n_global + 1) * b]
         y = x.permute(0, 3, 1, 2)
-        dst.copy_(y)  # the one full copy: HWC -> CHW straight into the crop-major batch
-        t = torch.nonzero(flags[:, c, 0] > 0.5).flatten()
-        if t.numel():
-            dst[t] = y[t].transpose(2, 3)
+        # the one full copy: HWC -> CHW straight into the crop-major batch, transposed per tile (square crops)
+        dst.copy_(torch.where(flags[:, c, 0].view(b, 1, 1, 1), y.transpose(2, 3), y))
         torch.clamp(dst, lo, hi, out=dst)
         if c == 1 and crops.solarize > 0:
-            s = torch.nonzero(flags[:, c, 1] > 0.5).flatten()
-            if s.numel():
-                sub = dst[s]
-                dst[s] = torch.where(sub >= (0.5 - mean) / std, (1 - 2 * mean) / std - sub, sub)
-    return g, l
+            solar = flags[:, c, 1].view(b, 1, 1, 1) & (dst >= (0.5 - mean) / std)
+            torch.where(solar, (1 - 2 * mean) / std - dst, dst, out=dst)
+    return g, loc
 
 
 class TileFeed:
@@ -211,10 +215,10 @@ class DaliLoader:
             out = next(self._it)[0]
         c = self.cfg.crops
         step = int(out["steps"].reshape(-1)[0])
-        g, l = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
+        g, loc = finish([out[f"c{i}"] for i in range(c.n_global + c.n_local)], out["flags"], c)
         masks = batch_masks(self.cfg, self.patch, self.seed, step, self.rank, self.world)
         self.next_step = step + 1
-        return Batch(g, l, torch.from_numpy(masks), out["mags"].reshape(-1).float().cpu(), step)
+        return Batch(g, loc, torch.from_numpy(masks), out["mags"].reshape(-1).float().cpu(), step)
 
     def state_dict(self) -> dict:
         import base64
