@@ -26,7 +26,6 @@ Order: launch plan and cost -> launchers -> custom ops (autograd) -> public func
 """
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
@@ -63,7 +62,6 @@ FP32_CANDIDATE = (32, 32, 4, 1)
 INTERPRET_CANDIDATE = (32, 32, 4, 1)
 DELTA_BLOCK_M = 64
 _chosen: dict[tuple, tuple[int, ...]] = {}
-_forced: dict[str, tuple[int, ...]] = {}
 
 
 # Per-thread fp32 accumulator registers above which ptxas spills at sm_90's 255 (compiled for hd 80,
@@ -95,16 +93,6 @@ def candidates(kind: str, dtype: torch.dtype, head_dim: int = 128) -> list[tuple
         return [FP32_CANDIDATE]
     esize = torch.empty((), dtype=dtype).element_size()
     return [c for c in CANDIDATES[kind] if _fits(kind, c, head_dim, esize)] or CANDIDATES[kind][:1]
-
-
-@contextlib.contextmanager
-def use_config(kind: str, config: tuple[int, int, int, int]):
-    """Launch kernel ``kind`` with ``config`` inside the block (compile checks of every candidate)."""
-    _forced[kind] = tuple(config)
-    try:
-        yield
-    finally:
-        _forced.pop(kind, None)
 
 
 def head_chunks(head_dim: int) -> tuple[int, int, int]:
@@ -196,7 +184,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
     cands = candidates(kind, dtype, consts["HEAD_DIM"])
     key = (kind, consts["D0"], consts["D1"], consts["D2"], consts["ALIGN"], dtype, next_pow2(max_seqlen),
            str(device))
-    choice = _forced.get(kind) or _chosen.get(key)
+    choice = _chosen.get(key)
     if choice is None:
         choice = cands[0]
         if len(cands) > 1 and not interpreting() and os.environ.get("VIRCHOW_FAST_ATTN_TUNE", "1") != "0":
