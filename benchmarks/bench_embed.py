@@ -41,9 +41,8 @@ def _model_file(name: str, cache: Path) -> Path:
     import torch
 
     from virchow_fast.config import load_config
-    from virchow_fast.model.vit import VisionTransformer
-
     from virchow_fast.downstream.export import write_model
+    from virchow_fast.model.vit import VisionTransformer
 
     spec = MODELS[name]
     cfg = load_config(ROOT / spec) if isinstance(spec, str) else load_config(ROOT / "configs" / "debug.yaml", spec)

@@ -84,7 +84,7 @@ def test_tile_folder_bad_tiles_and_bad_slides_are_skipped_and_counted(model_file
     assert any("truncated.svs" in line and "\n" not in line for line in lines)
     with h5py.File(out / "slideA_tiles.h5") as f:
         names = [n.decode() for n in f["names"][:]]
-        coords = dict(zip(names, map(tuple, f["coords"][:])))
+        coords = dict(zip(names, map(tuple, f["coords"][:]), strict=True))
         assert coords == {"nocoords.jpg": (-1, -1), "slideA_0_0.png": (0, 0), "slideA_224_0.png": (224, 0),
                           "slideA_448_224.png": (448, 224)}
         assert f["features"].shape == (4, 96)

@@ -66,7 +66,7 @@ def test_pcam_and_csv_sets_and_the_cli(tiles, models, tmp_path):
 
     train, val = _pcam(tmp_path, "train", 30, 0), _pcam(tmp_path, "valid", 16, 500)
     csv = tmp_path / "test.csv"
-    rows = sorted((tiles["test"] / "0_stroma").glob("*.png"))[:8] + sorted((tiles["test"] / "1_tumour").glob("*.png"))[:8]
+    rows = [p for c in ("0_stroma", "1_tumour") for p in sorted((tiles["test"] / c).glob("*.png"))[:8]]
     csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name[0]}\n" for p in rows))
     assert open_labelled(csv, ["0", "1"]).labels.tolist() == [0] * 8 + [1] * 8
     out = tmp_path / "pcam.json"

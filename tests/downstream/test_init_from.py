@@ -38,7 +38,7 @@ def test_build_starts_student_and_teacher_from_the_file(tmp_path, kind, suffix):
         for key, value in src.items():
             assert torch.equal(got[key], value), key
     # the heads are the seed's random init, equal in both
-    for a, b in zip(student.dino_head.parameters(), teacher.dino_head.parameters()):
+    for a, b in zip(student.dino_head.parameters(), teacher.dino_head.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

@@ -14,7 +14,8 @@ def _hand(x: torch.Tensor, kappa: float, self_term: bool) -> float:
     n = len(z)
     total = 0.0
     for i in range(n):
-        s = sum(math.exp(kappa * sum(a * b for a, b in zip(z[i], z[j]))) for j in range(n) if self_term or j != i)
+        dots = [sum(a * b for a, b in zip(z[i], z[j], strict=True)) for j in range(n)]
+        s = sum(math.exp(kappa * dots[j]) for j in range(n) if self_term or j != i)
         total += math.log(s)
     return total / n
 

@@ -77,7 +77,7 @@ def evaluate(model, train, val, test, out, seeds, k, embedding, batch_size, devi
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
 @click.option("--model", "model", required=True, type=click.Path(), help="weights file or run directory")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder for one <slide>.h5 each")
-@click.option("--mag", type=float, default=20.0, show_default=True, help="magnification of the tiles (40x = 0.25 um/px)")
+@click.option("--mag", type=float, default=20.0, show_default=True, help="tile magnification (40x = 0.25 um/px)")
 @click.option("--tile", type=int, default=224, show_default=True, help="tile side in px at --mag")
 @click.option("--embedding", type=click.Choice(["cls+mean", "cls"]), default="cls+mean", show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True)

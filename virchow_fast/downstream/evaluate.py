@@ -84,7 +84,8 @@ def evaluate(model_path: str, train: str, val: str, test: str | None = None, out
                          patience=patience, val_every=val_every, device=str(dev)) for s in range(seeds)]
     results[f"linear probe ({seeds} seeds)"] = _summary(runs)
     result = {
-        "model": str(model_path), "weights": w.source, "embedding": mode, "embedding_dim": int(feats["train"][0].shape[1]),
+        "model": str(model_path), "weights": w.source, "embedding": mode,
+        "embedding_dim": int(feats["train"][0].shape[1]),
         "classes": classes, "reported_on": target,
         "tiles": {n: int(len(f[1])) for n, f in feats.items()}, "skipped_tiles": skipped,
         "rankme_train": rankme(feats["train"][0]), "embed_seconds": embed_s,

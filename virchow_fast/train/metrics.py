@@ -66,7 +66,8 @@ class Throughput:
         self.tiles = cfg.data.batch_size * world_size
         self.world = world_size
         self.model_flops, self.hw_flops = flops_per_tile_step(cfg)
-        peak = cfg.train.peak_tflops if cfg.train.peak_tflops > 0 else detect_peak_tflops(device, cfg.parallel.mixed_precision)
+        peak = cfg.train.peak_tflops if cfg.train.peak_tflops > 0 else \
+            detect_peak_tflops(device, cfg.parallel.mixed_precision)
         self.peak = peak * 1e12 if peak else None
 
     def __call__(self, seconds: float) -> dict:
