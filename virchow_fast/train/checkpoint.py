@@ -127,15 +127,19 @@ def _nonfinite_weights(*modules) -> bool:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, optimizer, losses: dict,
-                    data_state: dict, keep: int, extras: dict[str, Callable[[Path], None]] | None = None) -> Path:
+                    data_state: dict, keep: int, extras: dict[str, Callable[[Path], None]] | None = None,
+                    prune: bool = True) -> Path:
     """Write the checkpoint of ``step`` (the next step to run) atomically; keep the newest ``keep`` up to it.
 
+    ``prune=False`` leaves the older ones for the caller (the loop prunes once a finite step has run
+    from the new one, train/keeper.py).
     ``extras``: file name -> writer(path), files rank 0 adds before the checkpoint is sealed. Raises
     :class:`NonFiniteCheckpointError`, on every rank, instead of saving non-finite weights.
     """
     if _nonfinite_weights(student, teacher):
-        raise NonFiniteCheckpointError(f"step {step}: the weights hold NaN or infinity; checkpoint not written "
-                                       f"(the earlier ones in {checkpoint_dir(run_dir)} are kept)")
+        raise NonFiniteCheckpointError(f"step {step}: the weights hold NaN or infinity after the last update (lr "
+                                       f"too high?); checkpoint not written, the earlier ones in "
+                                       f"{checkpoint_dir(run_dir)} are kept: lower optim.base_lr and --resume")
     root = checkpoint_dir(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
@@ -165,8 +169,8 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, student, teacher, opt
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step]  # never one from beyond this step
-        for old in older[:max(len(older) - (keep - 1), 0)]:
+        older = [p for p in list_checkpoints(run_dir) if step_of(p) < step] if prune else []
+        for old in older[:max(len(older) - (keep - 1), 0)]:  # never one from beyond this step
             shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return final

@@ -30,6 +30,8 @@ from ..downstream.pretrained import init_student
 from ..model.ssl import SSLNetwork, make_teacher
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
+from .errors import NonFiniteLossError, NonFiniteWeightsError
+from .keeper import CheckpointKeeper
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
 from .optim import build_optimizer
 from .parallelize import parallelize, resolve_activation_checkpointing, use_fsdp
@@ -42,10 +44,6 @@ from .step import TERMS, SSLLoss, Trainee, clip_grad_norm, train_step  # noqa: F
 log = logging.getLogger("virchow_fast.train")
 
 __all__ = ["run", "NonFiniteLossError", "MetricsWriter"]
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -132,9 +130,12 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     bar = _progress(total_steps, start_step, info.is_main)
     throughput = Throughput(cfg, info.world_size, info.device)
 
+    keeper = CheckpointKeeper(run_dir, cfg.train.keep_checkpoints, info.is_main)  # prunes once a step confirms
+
     def checkpoint(step: int, data_state: dict) -> None:
         path = save_checkpoint(run_dir, step, student, teacher, optimizer, losses_dict, data_state,
-                               cfg.train.keep_checkpoints, extras=checkpoint_files(cfg, derived, sched))
+                               cfg.train.keep_checkpoints, extras=checkpoint_files(cfg, derived, sched), prune=False)
+        keeper.saved(path)
         if info.is_main:
             print(f"checkpoint written: {path}", flush=True)
 
@@ -169,6 +170,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                 break
             if finite:
                 bad_in_a_row = 0
+                keeper.confirm()
             else:
                 bad_in_a_row += 1
                 bad_total += 1
@@ -197,10 +199,17 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
             if bad_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step} "
                                          f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
-                                         "lower the lr or check the data")
+                                         "lower the lr or check the data" + keeper.diverged())
             if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == total_steps:
                 checkpoint(step + 1, stager.state_dict())
                 t_read = time.perf_counter()  # the save is not the next step's time
+        if bad_in_a_row:  # the last steps were all skipped: what was saved since the last finite one is suspect
+            said = keeper.diverged()
+            if info.is_main:
+                print(f"the run ended in {bad_in_a_row} non-finite steps{said}", flush=True)
+        keeper.confirm()
+    except NonFiniteWeightsError as exc:
+        raise NonFiniteWeightsError(str(exc) + keeper.diverged()) from None
     finally:
         if bar is not None:
             bar.close()

@@ -20,6 +20,8 @@ from ..config import Config, LossConfig
 from ..data import Batch
 from ..downstream.pretrained import ema_step
 from ..losses import DINOLoss, IBOTLoss, kde_loss, koleo_loss
+from .errors import NonFiniteWeightsError
+from .integrity import nonfinite_count
 from .optim import apply_schedules
 
 TERMS = ("loss", "dino", "ibot", "reg")
@@ -85,6 +87,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     loss_fn: SSLLoss
     params: list = field(default_factory=list)  # the student's trainable parameters (default: all of them)
+    weights_bad: object = None  # NaN/inf tensors after the last update (device scalar), read with the next stats
 
     def __post_init__(self) -> None:
         if not self.params:
@@ -100,8 +103,10 @@ class StepResult:
     schedule: dict  # the step's schedule values (Schedules.at)
 
 
-def read_stats(out: dict, grad_norm: torch.Tensor, stop_pending: bool, info) -> tuple[dict, float, bool]:
-    """The step's one host read: loss terms (mean over ranks), gradient norm and the stop flag (any rank).
+def read_stats(out: dict, grad_norm: torch.Tensor, stop_pending: bool, info,
+               weights_bad: torch.Tensor | None = None) -> tuple[dict, float, bool, float]:
+    """The step's one host read: loss terms (mean over ranks), gradient norm, the stop flag (any rank) and
+    the number of non-finite weight tensors the previous update left (``weights_bad``, any rank).
 
     One vector, one all-reduce, one device-to-host copy. The norm is global already, so only rank 0
     adds it (a non-finite norm stays non-finite: 0 * inf is nan); the flag is filled in on the
@@ -109,11 +114,12 @@ def read_stats(out: dict, grad_norm: torch.Tensor, stop_pending: bool, info) -> 
     """
     vals = [out[k].detach().float().reshape(()) for k in TERMS]
     vals.append(grad_norm.detach().float().reshape(()) * (1.0 if info.rank == 0 else 0.0))
+    vals.append(vals[0].new_zeros(()) if weights_bad is None else weights_bad.to(vals[0].device))  # summed: any rank
     stats = torch.cat([torch.stack(vals), vals[0].new_full((1,), 1.0 if stop_pending else 0.0)])
     info.all_reduce(stats)
     host = stats.tolist()  # the synchronisation point
     terms = {k: v / info.world_size for k, v in zip(TERMS, host, strict=False)}
-    return terms, host[len(TERMS)], host[len(TERMS) + 1] > 0
+    return terms, host[len(TERMS)], host[len(TERMS) + 2] > 0, host[len(TERMS) + 1]
 
 
 def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool = False,
@@ -135,11 +141,15 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool = 
     grad_norm = clip_grad_norm(t.params, cfg.optim.clip_grad)
     if prefetch is not None:
         prefetch()
-    terms, norm, stop = read_stats(out, grad_norm, stop_pending, info)
+    terms, norm, stop, weights_bad = read_stats(out, grad_norm, stop_pending, info, t.weights_bad)
+    if weights_bad > 0:  # the previous update diverged: nothing from here on is worth keeping
+        raise NonFiniteWeightsError(f"step {step}: the weights are non-finite after the update of step {step - 1} "
+                                    "(lr too high?); stopped without saving them: lower optim.base_lr and --resume")
     finite = all(math.isfinite(v) for v in terms.values()) and math.isfinite(norm)
     if finite and not stop:
         t.optimizer.step()
         ema_step(t.teacher, t.student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
+        t.weights_bad = nonfinite_count(t.params)  # queued on the device, read with the next step's statistics
     else:
         with torch.no_grad():
             for b, saved in zip(t.loss_fn.buffers(), centers, strict=True):
