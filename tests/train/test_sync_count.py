@@ -184,17 +184,21 @@ class _PausedLoader:
         return getattr(self._loader, name)
 
 
-def count_step_syncs(counter, monkeypatch, out_dir, watched_step: int = 2) -> list[str]:
+def _debug_config(out_dir, steps: int, extra=(), device: str = "cpu"):
+    return load_config("configs/debug.yaml", [
+        "data.source=synthetic", "data.num_workers=0", "optim.fused=on", f"train.device={device}", "train.threads=1",
+        "train.epochs=1", f"train.steps_per_epoch={steps}", "train.checkpoint_every=1000",
+        f"train.output_dir={out_dir}", *extra])
+
+
+def count_step_syncs(counter, monkeypatch, out_dir, watched_step: int = 2, extra=()) -> list[str]:
     """Run the debug config for ``watched_step + 1`` steps; the events of iteration ``watched_step``."""
     from functools import partial
 
     from virchow_fast.train import loop
     from virchow_fast.train.metrics import MetricsWriter
 
-    cfg = load_config("configs/debug.yaml", [
-        "data.source=synthetic", "data.num_workers=0", "optim.fused=on", "train.device=cpu", "train.threads=1",
-        "train.epochs=1", f"train.steps_per_epoch={watched_step + 1}", "train.checkpoint_every=1000",
-        f"train.output_dir={out_dir}"])
+    cfg = _debug_config(out_dir, watched_step + 1, extra)
     build_loader = loop.build_loader
     monkeypatch.setattr(loop, "build_loader", lambda *a, **k: _PausedLoader(build_loader(*a, **k), counter))
     if hasattr(loop, "BatchStager"):  # pin as on a GPU (the stand-in pin_memory above)
@@ -213,9 +217,43 @@ def count_step_syncs(counter, monkeypatch, out_dir, watched_step: int = 2) -> li
     return counter.events
 
 
-def test_one_training_step_synchronises_once(counter, monkeypatch, tmp_path):
-    events = count_step_syncs(counter, monkeypatch, tmp_path / "run")
+@pytest.mark.parametrize("extra", [
+    (),
+    pytest.param(("parallel.fsdp=on", "parallel.mixed_precision=bf16", "loss.centering=softmax"),
+                 marks=pytest.mark.slow, id="fsdp-bf16-softmax"),  # one GPU with bf16 runs FSDP2 on one rank
+])
+def test_one_training_step_synchronises_once(counter, monkeypatch, tmp_path, extra):
+    events = count_step_syncs(counter, monkeypatch, tmp_path / "run", extra=extra)
     assert events == ["device-to-host read (tolist)"], events
+
+
+@pytest.mark.gpu
+def test_one_training_step_synchronises_once_on_the_gpu(monkeypatch, tmp_path):
+    """The same on a GPU, counted by CUDA's own sync debug mode (a warning per synchronising call)."""
+    import warnings
+
+    from virchow_fast.train import loop
+    from virchow_fast.train.metrics import MetricsWriter
+
+    cfg = _debug_config(tmp_path / "run", 3, device="cuda")
+    write, caught = MetricsWriter.write, []
+
+    def watched_write(self, record):  # iteration 2: from the write of step 1 to its own
+        torch.cuda.set_sync_debug_mode(0)
+        write(self, record)
+        if record["step"] == 1:
+            torch.cuda.synchronize()  # start from an idle device, outside the watched span
+            torch.cuda.set_sync_debug_mode(1)
+
+    monkeypatch.setattr(MetricsWriter, "write", watched_write)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.run(cfg)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert len(syncs) == 1, syncs
 
 
 def test_counter_sees_each_kind_of_sync(counter):
