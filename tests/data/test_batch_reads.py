@@ -32,12 +32,12 @@ def test_batch_equals_single_reads_at_each_level(slides):
         pos = _positions(s, level, 224, 12, level)
         batch = s.read_batch(pos, level, 224, 224)
         assert len(batch) == len(pos)
-        for (x, y), got in zip(pos, batch):
+        for (x, y), got in zip(pos, batch, strict=False):
             np.testing.assert_array_equal(got, s.read(x, y, level, 224, 224))
         assert (batch[-1][:, 112:] == 255).all()  # the edge policy holds in a batch
     o = Slide(slides["aperio"], backend="openslide")  # per region there, same answers
     pos = _positions(o, 1, 100, 3, 9)
-    for (x, y), got in zip(pos, o.read_batch(pos, 1, 100, 100)):
+    for (x, y), got in zip(pos, o.read_batch(pos, 1, 100, 100), strict=False):
         np.testing.assert_array_equal(got, o.read(x, y, 1, 100, 100))
 
 
@@ -60,7 +60,7 @@ def test_pool_groups_tasks_into_batches(slides, monkeypatch):
     got = ReadPool(0).map(tasks)
     assert sorted(calls) == [(0, 6), (1, 6), (2, 6)]
     cache = SlideCache()
-    for task, g in zip(tasks, got):
+    for task, g in zip(tasks, got, strict=False):
         assert g.shape == (392, 392, 3)
         np.testing.assert_array_equal(g, read_task(cache, task))
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from virchow_fast.config import DataConfig
-from virchow_fast.data import build_loader, sampling as S
+from virchow_fast.data import build_loader
+from virchow_fast.data import sampling as S
 from virchow_fast.data.index import IndexSettings, write_index
 
 pytest.importorskip("nvidia.dali")
@@ -54,13 +55,14 @@ def test_seeded_deterministic_and_resumable(index_dir):
     cfg = _cfg(index_dir)
     a = _take(build_loader(cfg, 14, seed=5), 3)
     b = _take(build_loader(cfg, 14, seed=5), 2)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.local_crops, y.local_crops)
         assert torch.equal(x.masks, y.masks) and torch.equal(x.mags, y.mags)
     loader = build_loader(cfg, 14, seed=5)
     loader.load_state_dict({"next_step": 2})
     c = next(loader)
-    assert c.step == 2 and torch.equal(c.global_crops, a[2].global_crops) and torch.equal(c.local_crops, a[2].local_crops)
+    assert c.step == 2 and torch.equal(c.global_crops, a[2].global_crops)
+    assert torch.equal(c.local_crops, a[2].local_crops)
     assert loader.state_dict() == {"next_step": 3}
     other = next(build_loader(cfg, 14, seed=6))
     assert not torch.equal(other.global_crops, a[0].global_crops)
@@ -75,7 +77,7 @@ def test_crops_inside_context_and_exact():
     crops = CropConfig()
     rng = np.random.default_rng(0)
     for _ in range(300):
-        for p, size in zip(S.tile_params(rng, crops), [224] * 2 + [98] * 8):
+        for p, size in zip(S.tile_params(rng, crops), [224] * 2 + [98] * 8, strict=False):
             assert 0 <= p[S.P_Y0] < p[S.P_Y1] <= 392 and 0 <= p[S.P_X0] < p[S.P_X1] <= 392
             h, w = p[S.P_Y1] - p[S.P_Y0], p[S.P_X1] - p[S.P_X0]
             assert 0.9 * size * size * 0.97 <= h * w <= 1.1 * size * size * 1.03  # sides are rounded
@@ -92,7 +94,7 @@ def test_crops_inside_context_and_exact():
     crops.solarize = 0.0  # the colour matrix is the identity: exact pixels through the whole graph
     feed = lambda: feed_outputs([ctx], [params], [np.float32(20.0)], [np.int64(0)], crops)  # noqa: E731
     out = build_pipeline(feed, crops, 1, "cpu").run()
-    g, l = finish([torch.from_numpy(np.asarray(out[i].as_tensor()).copy()) for i in range(10)],
+    g, loc = finish([torch.from_numpy(np.asarray(out[i].as_tensor()).copy()) for i in range(10)],
                   torch.from_numpy(np.asarray(out[10].as_tensor()).copy()), crops)
     mean = torch.tensor(crops.mean).view(3, 1, 1)
     std = torch.tensor(crops.std).view(3, 1, 1)
@@ -100,10 +102,10 @@ def test_crops_inside_context_and_exact():
     torch.testing.assert_close(g[0], norm(ctx[10:234, 20:244]), atol=1e-4, rtol=0)
     torch.testing.assert_close(g[1], norm(ctx[100:324, 150:374][:, ::-1]), atol=1e-4, rtol=0)
     box = ctx[40:138, 30:128]
-    torch.testing.assert_close(l[0], norm(box[::-1]), atol=1e-4, rtol=0)  # vflip
-    torch.testing.assert_close(l[1], norm(box.transpose(1, 0, 2)), atol=1e-4, rtol=0)
-    torch.testing.assert_close(l[2], norm(box[::-1, ::-1].transpose(1, 0, 2)), atol=1e-4, rtol=0)
-    torch.testing.assert_close(l[3], norm(box), atol=1e-4, rtol=0)
+    torch.testing.assert_close(loc[0], norm(box[::-1]), atol=1e-4, rtol=0)  # vflip
+    torch.testing.assert_close(loc[1], norm(box.transpose(1, 0, 2)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(loc[2], norm(box[::-1, ::-1].transpose(1, 0, 2)), atol=1e-4, rtol=0)
+    torch.testing.assert_close(loc[3], norm(box), atol=1e-4, rtol=0)
 
 
 def test_magnification_proportions():
@@ -114,7 +116,7 @@ def test_magnification_proportions():
     table.by_mag = {m: np.flatnonzero(table.mag == m) for m in (40.0, 20.0, 10.0, 5.0)}
     sampler = S.MagSampler(table, DataConfig())
     draws = [sampler.draw(np.random.default_rng([0, i]))[0] for i in range(8000)]
-    for mag, w in zip((40.0, 20.0, 10.0, 5.0), (0.2, 0.4, 0.2, 0.2)):
+    for mag, w in zip((40.0, 20.0, 10.0, 5.0), (0.2, 0.4, 0.2, 0.2), strict=False):
         assert abs(draws.count(mag) / len(draws) - w) < 0.02
     only = S.TileTable(**{**table.__dict__, "by_mag": {20.0: table.by_mag[20.0], 10.0: table.by_mag[10.0]}})
     draws = [S.MagSampler(only, DataConfig()).draw(np.random.default_rng([0, i]))[0] for i in range(3000)]
@@ -146,9 +148,9 @@ def test_unreadable_region_mid_epoch(slides, index_dir, tmp_path, capfd):
     got = tiles(0, [0, 1, 2, 3]) + tiles(1, [4, 5, 6, 7])
     assert all(c.shape == (392, 392, 3) for c, _ in got)
     assert tiles.failures >= 1 and tiles.pool.failed == tiles.failures
-    lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("data: skipped tile")]
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("data: skipped tile")]
     # one line per bad tile (a tile drawn twice in one step is read twice: not yet known to be bad)
-    assert len(lines) == len(tiles.bad_rows) <= tiles.failures and all(str(copy) in l for l in lines)
+    assert len(lines) == len(tiles.bad_rows) <= tiles.failures and all(str(copy) in line for line in lines)
     tiles.close()
     assert n > 0
 

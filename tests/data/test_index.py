@@ -75,10 +75,10 @@ def test_tiles_command_bad_inputs_and_rerun(slides, tmp_path):
     out = res.output
     assert "tiles: 3 indexed, 0 already done, 2 without tiles, 3 unreadable" in out
     for name in ("truncated.svs", "notaslide.svs", "empty.svs"):
-        lines = [l for l in out.splitlines() if "skipped" in l and name in l]
+        lines = [line for line in out.splitlines() if "skipped" in line and name in line]
         assert len(lines) == 1, out
     for name in ("tiny.tiff", "blank.tiff"):
-        assert len([l for l in out.splitlines() if "no tiles kept" in l and name in l]) == 1, out
+        assert len([line for line in out.splitlines() if "no tiles kept" in line and name in line]) == 1, out
     res = CliRunner().invoke(main, args)
     assert "0 indexed, 3 already done" in res.output
 

@@ -30,7 +30,7 @@ def test_round_trip_through_dali_webdataset_reader(shard_dir, slides):
 
     tars = sorted(str(p) for p in shard_dir.glob("*.tar"))
     idxs = [t.replace(".tar", ".idx") for t in tars]
-    for t, i in zip(tars, idxs):
+    for t, i in zip(tars, idxs, strict=False):
         validate_shard(t, i)
 
     @pipeline_def(batch_size=4, num_threads=1, device_id=None)
@@ -62,15 +62,15 @@ def test_corrupt_member_is_counted_and_replaced(shard_dir, tmp_path, capfd):
     for m in jpgs:  # every JPEG of the first shard: its header overwritten after the SOI marker
         raw[m.offset_data + 2: m.offset_data + 200] = b"\x00" * 198
     tar_path.write_bytes(bytes(raw))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):
         validate_shard(tar_path, bad / "shard-000000.idx")
     cfg = DataConfig(source="shards", paths=[str(bad)], batch_size=4, device="cpu", pipeline="dali")
     loader = build_loader(cfg, 14, seed=0)
     batches = [next(loader) for _ in range(6)]  # 24 draws over ~20 samples: the bad one is met
     assert all(torch.isfinite(b.global_crops).all() for b in batches)
-    lines = [l for l in capfd.readouterr().err.splitlines() if l.startswith("data: skipped shard member")]
+    lines = [line for line in capfd.readouterr().err.splitlines() if line.startswith("data: skipped shard member")]
     names = {m.name for m in jpgs}
-    assert lines and all("shard-000000.tar:" in l and l.split(":")[2] in names for l in lines), lines
+    assert lines and all("shard-000000.tar:" in line and line.split(":")[2] in names for line in lines), lines
 
 
 def test_shards_source_seeded(shard_dir):
@@ -92,7 +92,7 @@ def test_webdataset_reader_source_resumes_from_dali_checkpoint(shard_dir):
     b = build_loader(cfg, 14, seed=2)
     b.load_state_dict(state)
     again = [next(b) for _ in range(6)]
-    for x, y in zip(later, again):
+    for x, y in zip(later, again, strict=False):
         assert x.step == y.step
         assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.mags, y.mags)
 
@@ -177,7 +177,8 @@ def test_scrambled_member_is_caught_by_checksum(shard_dir, tmp_path):
     assert len(got) == 300 and tiles.counters["tiles_failed"] == 1 and m.name in lines[0]
     assert tiles.counters["tiles_known_bad"] >= 1
     with pytest.raises(ValueError, match="CRC"):
-        validate_shard(tar_path, bad / "shard-000000.idx", dict(zip(map(str, table.key), map(int, table.crc))))
+        crc = dict(zip(map(str, table.key), map(int, table.crc), strict=True))
+        validate_shard(tar_path, bad / "shard-000000.idx", crc)
 
 
 def test_writer_refuses_a_scrambled_encoding(slides, tmp_path, monkeypatch):

@@ -110,7 +110,7 @@ class DrawnTiles:
     def _finish(self, pending: tuple) -> list[tuple[np.ndarray, float]]:
         rngs, draws, handle = pending
         out = []
-        for rng, (mag, row), res in zip(rngs, draws, self._collect(handle)):
+        for rng, (mag, row), res in zip(rngs, draws, self._collect(handle), strict=False):
             tries = 0
             while isinstance(res, ReadFailure):
                 self.remember(row, res)

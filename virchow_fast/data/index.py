@@ -46,8 +46,8 @@ class IndexSettings:
         out = []
         if int(z["context"]) != self.context:
             out.append(f"context {int(z['context'])} -> {self.context}")
-        have = dict(zip((float(m) for m in z["settings_mags"]), (float(m) for m in z["settings_mag_mpp"])))
-        want = dict(zip((float(m) for m in self.mags), (float(m) for m in self.mag_mpp)))
+        have = {float(m): float(v) for m, v in zip(z["settings_mags"], z["settings_mag_mpp"], strict=True)}
+        want = {float(m): float(v) for m, v in zip(self.mags, self.mag_mpp, strict=True)}
         same = all(m in have and abs(have[m] - v) <= 1e-6 * v for m, v in want.items())
         if not same or (exact and set(have) != set(want)):
             out.append(f"mags/mpp {_fmt(have)} -> {_fmt(want)}")
@@ -84,7 +84,7 @@ def index_slide(path: str, settings: IndexSettings) -> tuple[dict, np.ndarray, n
         mask = tissue_mask(thumb, slide.level_mpp(tlevel))
         width, height = slide.dimensions
         cols: dict[str, list] = {k: [] for k in ("mag", "level", "x", "y", "read", "tissue")}
-        for mag, target in zip(settings.mags, settings.mag_mpp):
+        for mag, target in zip(settings.mags, settings.mag_mpp, strict=False):
             choice = slide.choose_level(target)
             if choice is None:
                 continue
@@ -107,7 +107,8 @@ def index_slide(path: str, settings: IndexSettings) -> tuple[dict, np.ndarray, n
             cols["y"].append(np.floor(ys[keep]).astype(np.int64))
             cols["read"].append(np.full(n, read_px, np.int32))
             cols["tissue"].append(frac[keep])
-        dtypes = {"mag": np.float32, "level": np.int16, "x": np.int64, "y": np.int64, "read": np.int32, "tissue": np.float32}
+        dtypes = {"mag": np.float32, "level": np.int16, "x": np.int64, "y": np.int64, "read": np.int32,
+                  "tissue": np.float32}
         out = {k: (np.concatenate(v).astype(dtypes[k]) if v else np.zeros(0, dtypes[k])) for k, v in cols.items()}
         st = os.stat(path)
         out.update(slide=np.array(os.path.abspath(path)), slide_mpp=np.float64(slide.mpp), width=np.int64(width),
@@ -162,7 +163,7 @@ def write_index(path: str, out_dir: str | Path, settings: IndexSettings) -> Path
     name = index_name(path)
     cols, thumb, scale = index_slide(path, settings)
     png = draw_thumbnail(thumb, cols, float(scale), settings.context, float(cols["slide_mpp"]),
-                         dict(zip(settings.mags, settings.mag_mpp)))
+                         dict(zip(settings.mags, settings.mag_mpp, strict=False)))
     png.save(out_dir / f"{name}.png")
     target = out_dir / f"{name}.npz"
     tmp = out_dir / f"{name}.tmp.npz"

@@ -50,7 +50,7 @@ class SkipCounters:
         return int(self._a[COUNTERS.index(name)])
 
     def as_dict(self) -> dict[str, int]:
-        return {k: int(v) for k, v in zip(COUNTERS, self._a[:])}
+        return {k: int(v) for k, v in zip(COUNTERS, self._a[:], strict=False)}
 
     def summary(self) -> str:
         """One line for the end of a run; empty when nothing was skipped."""

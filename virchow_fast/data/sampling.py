@@ -101,7 +101,7 @@ class MagSampler:
 
     def __init__(self, table: TileTable, cfg: DataConfig):
         mags, weights = [], []
-        for m, w in zip(cfg.mags, cfg.mag_weights):
+        for m, w in zip(cfg.mags, cfg.mag_weights, strict=False):
             if w > 0 and float(m) in table.by_mag and len(table.by_mag[float(m)]):
                 mags.append(float(m))
                 weights.append(w)

@@ -90,7 +90,7 @@ class ShardWriter:
         tmp = self.dir / (name + ".tmp")
         idx = self.dir / name.replace(".tar", ".idx")
         idx.write_text(f"v1.2 {len(self._idx_lines)}\n" + "\n".join(self._idx_lines) + "\n")
-        validate_shard(tmp, idx, dict(zip(self.rows["key"], self.rows["crc"])))
+        validate_shard(tmp, idx, dict(zip(self.rows["key"], self.rows["crc"], strict=False)))
         os.replace(tmp, self.dir / name)
         self._tar = None
 
@@ -172,7 +172,7 @@ def checked_indexes(tars: list[str], out_dir: str | Path, catalogue: str | Path 
         try:
             with np.load(catalogue) as z:
                 if "crc" in z.files:
-                    crc = dict(zip((str(k) for k in z["key"]), (int(c) for c in z["crc"])))
+                    crc = dict(zip((str(k) for k in z["key"]), (int(c) for c in z["crc"]), strict=False))
         except Exception as exc:  # noqa: BLE001
             log(f"data: {catalogue}: unreadable ({type(exc).__name__}); shards checked by decoding")
     keep_tars, keep_idx, dropped = [], [], 0
@@ -238,8 +238,9 @@ def write_shards(index_dir: str | Path, out_dir: str | Path, workers: int = 2, s
             for start in range(0, n, 64):
                 sl = slice(start, min(n, start + 64))
                 tasks = [(slide, int(x), int(y), int(lv), int(r), context, float(part["slide_mpp"]))
-                         for x, y, lv, r in zip(part["x"][sl], part["y"][sl], part["level"][sl], part["read"][sl])]
-                for k, (task, res) in enumerate(zip(tasks, pool.map(tasks))):
+                         for x, y, lv, r in zip(part["x"][sl], part["y"][sl], part["level"][sl], part["read"][sl],
+                                                strict=True)]
+                for k, (task, res) in enumerate(zip(tasks, pool.map(tasks), strict=False)):
                     if isinstance(res, ReadFailure):
                         log(f"shards: skipped tile: {res.message}")
                         skipped += 1

@@ -102,7 +102,8 @@ class Slide:
         if w <= 0 or h <= 0 or max(w, h) > MAX_SIDE:
             raise SlideError(f"{self.path}: refusing absurd size {w} x {h} (max side {MAX_SIDE})")
         if size / (float(w) * h) < MIN_BYTES_PER_PIXEL:
-            raise SlideError(f"{self.path}: {w} x {h} px in {size} bytes: header and data disagree (truncated or bogus)")
+            raise SlideError(f"{self.path}: {w} x {h} px in {size} bytes: header and data disagree "
+                             "(truncated or bogus)")
         found = self._find_mpp()
         self.mpp = found or (float(mpp) if mpp else None)  # a given mpp fills in, never overrides metadata
         self.mpp_given = not found
@@ -249,7 +250,8 @@ class Slide:
                 arr = np.concatenate(arrs) if len(arrs) > 1 else arrs[0]
             except Exception as exc:  # noqa: BLE001
                 msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-                raise SlideError(f"{self.path}: batch read of {len(locs)} regions failed at level {level}: {msg}") from None
+                raise SlideError(f"{self.path}: batch read of {len(locs)} regions failed at level {level}: "
+                                 f"{msg}") from None
             if arr.shape[0] != len(locs):
                 raise SlideError(f"{self.path}: cuCIM returned {arr.shape[0]} regions for {len(locs)}")
             for k, i in enumerate(batch):
@@ -271,7 +273,8 @@ class Slide:
         # OpenSlide returns premultiplied-then-unpremultiplied RGBA; composite on white
         return ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
-    def read_context(self, x: int, y: int, target_mpp: float, size: int, choice: tuple[int, float] | None = None) -> np.ndarray:
+    def read_context(self, x: int, y: int, target_mpp: float, size: int,
+                     choice: tuple[int, float] | None = None) -> np.ndarray:
         """A ``size`` px square at ``target_mpp`` whose top-left is level-0 (x, y)."""
         choice = choice or self.choose_level(target_mpp)
         if choice is None:

@@ -72,7 +72,8 @@ class ShardTable:
                 self.mag, self.key = z["mag"], z["key"]
                 self.crc = z["crc"] if "crc" in z.files else None  # shards written before checksums: decode check only
         except Exception as exc:  # noqa: BLE001 (any unreadable catalogue is one line)
-            raise DataError(f"{cat}: unreadable shard catalogue ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+            msg = f"{cat}: unreadable shard catalogue ({type(exc).__name__}: {exc})"
+            raise DataError(msg.splitlines()[0]) from None
         self.by_mag = {float(m): np.flatnonzero(self.mag == m) for m in np.unique(self.mag)}
         self.context = 0
         self.where = str(d)

@@ -35,7 +35,7 @@ def he_image(rng: np.random.Generator, size: int, magnification: float = 20.0,
     cy, cx = rng.uniform(0, size, n_nuclei), rng.uniform(0, size, n_nuclei)
     stretch = rng.uniform(0.6, 1.0, n_nuclei)
     nuclei = np.zeros((size, size), dtype=np.float32)
-    for y, x, r, s in zip(cy, cx, radius, stretch):
+    for y, x, r, s in zip(cy, cx, radius, stretch, strict=False):
         r_box = int(r + 2)
         y0, y1 = max(int(y) - r_box, 0), min(int(y) + r_box + 1, size)
         x0, x1 = max(int(x) - r_box, 0), min(int(x) + r_box + 1, size)

@@ -94,7 +94,8 @@ def write_slide(path: str | Path, level0: np.ndarray, mpp: float | None, tile: i
     path.parent.mkdir(parents=True, exist_ok=True)
     height, width = level0.shape[:2]
     if aperio:
-        desc = f"Aperio Image Library v10.0.51\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q={quality}"
+        desc = (f"Aperio Image Library v10.0.51\r\n{width}x{height} [0,0 {width}x{height}] ({tile}x{tile}) "
+                f"JPEG/RGB Q={quality}")
         desc += f"|AppMag = {round(10.0 / mpp) if mpp else 20}"
         if mpp:
             desc += f"|MPP = {mpp:.4f}"
@@ -111,7 +112,8 @@ def write_slide(path: str | Path, level0: np.ndarray, mpp: float | None, tile: i
                 # tiffslide) reads page 1 of an Aperio file as that thumbnail, never as a level.
                 thumb = levels[-1]
                 tw.write(thumb, compression="jpeg", compressionargs={"level": quality}, photometric="rgb",
-                         subfiletype=1, rowsperstrip=16, description=desc.split("|")[0] + " -> thumbnail", metadata=None)
+                         subfiletype=1, rowsperstrip=16, description=desc.split("|")[0] + " -> thumbnail",
+                         metadata=None)
             kw = {}
             if mpp:
                 res = 1e4 / (mpp * level0.shape[1] / lev.shape[1])

@@ -79,7 +79,8 @@ def read_task(cache: SlideCache, task: ReadTask) -> np.ndarray | ReadFailure:
         return ReadFailure(str(exc))
     except Exception as exc:  # noqa: BLE001 (any reader error is a failed read, not a dead run)
         cache.drop(path)
-        return ReadFailure(f"{path}: read failed at ({x}, {y}) level {level}: {type(exc).__name__}: {exc}".splitlines()[0])
+        msg = f"{path}: read failed at ({x}, {y}) level {level}: {type(exc).__name__}: {exc}"
+        return ReadFailure(msg.splitlines()[0])
 
 
 def group_key(task: ReadTask) -> tuple:
@@ -192,7 +193,8 @@ def _serve(conn) -> None:
         if msg is None:
             return
         tids, tasks = msg
-        for tid, result in zip(tids, read_group(cache, tasks, log, note=lambda event: conn.send((event, None)))):
+        answers = read_group(cache, tasks, log, note=lambda event: conn.send((event, None)))
+        for tid, result in zip(tids, answers, strict=False):
             conn.send((tid, result))
 
 
@@ -229,11 +231,11 @@ class ReadPool:
         tasks = [ReadTask(*t) for t in tasks]
         ids = [next(self._ids) for _ in tasks]
         groups: dict[tuple, list] = {}
-        for tid, task in zip(ids, tasks):
+        for tid, task in zip(ids, tasks, strict=False):
             groups.setdefault(group_key(task), []).append((tid, task))
         for items in groups.values():
             if self.n == 0:
-                for (tid, _), res in zip(items, read_group(self._cache, [t for _, t in items])):
+                for (tid, _), res in zip(items, read_group(self._cache, [t for _, t in items]), strict=False):
                     self._done[tid] = res
                 continue
             size = min(MAX_BATCH, -(-len(items) // self.n))
