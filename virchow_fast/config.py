@@ -127,9 +127,10 @@ class LossConfig:
     regularizer: str = _doc("cls regulariser: kde | koleo | none", "kde")
     regularizer_weight: float = _doc("weight of the regulariser (KDE 0.05, KoLeo 0.1)", 0.05)
     kde_kappa: float = _doc("KDE concentration kappa", 5.0)
-    kde_self_term: bool = _doc("KDE keeps the j = i term: false = ours, sum over j != i (Virchow 2's formula); true = "
-                               "the public code's density, equal to minus its loss (it minimises -log density: "
-                               "pulls features together); its gradient is smaller by (e^kappa + S) / S", False)
+    kde_self_term: bool = _doc("KDE sum includes j = i: false = ours (j != i); true = the one public "
+                               "implementation's density, exactly minus its loss (that code minimises -log density, "
+                               "which pulls features together: we keep our sign); the self term shrinks the "
+                               "gradient by (e^kappa + S_i) / S_i, S_i = sum over j != i", False)
 
 
 @dataclass
