@@ -42,57 +42,38 @@ LOG2E = 1.4426950408889634
 # Launch plan and cost (pure Python: the cost model imports these without a GPU)
 # ------------------------------------------------------------------------------------------------
 
-# Launch candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); the first of each list is
-# the default. Rows of a program (queries for fwd / dq, keys for dkdv) come in 64-row blocks: the
-# smallest wgmma tile (one warp group), which fits a 54- or 58-token local crop in one block. The
-# inner loop (keys for fwd / dq, queries for dkdv) defaults to 32-wide blocks, so a 261- or
-# 265-token global crop costs 9 x 32 = 288 inner columns, not 5 x 64 = 320 (a 54-token crop: 64
-# either way). fp32 (tests, not training) gets small unpipelined tiles so its shared memory stays
-# well inside the limit. On a GPU the launcher times the candidates once per (kernel, head-dim
-# chunks, dtype, max_seqlen bucket, device) and keeps the fastest; VIRCHOW_FAST_ATTN_TUNE=0 always
-# takes the default.
+# Launch candidates per kernel: ((BLOCK_M, BLOCK_N, num_warps, num_stages), widest padded head dim);
+# the first of each list is the default. Rows of a program (queries for fwd / dq, keys for dkdv)
+# come in 64-row blocks: the smallest wgmma tile (one warp group), which fits a 54- or 58-token
+# local crop in one block. The inner loop (keys for fwd / dq, queries for dkdv) defaults to 32-wide
+# blocks, so a 261- or 265-token global crop costs 9 x 32 = 288 inner columns, not 5 x 64 = 320 (a
+# 54-token crop: 64 either way). The widest padded head dim (sum of ``head_chunks``) is the largest
+# at which the candidate compiled for sm_90a without register spills (bf16, triton 3.6; compiled at
+# 80, 112, 128, 192 and 256, all within 197 KB of shared memory): wider heads skip it. On a GPU the
+# launcher times the candidates once per (kernel, head-dim chunks, dtype, max_seqlen bucket,
+# device) and keeps the fastest; VIRCHOW_FAST_ATTN_TUNE=0 always takes the default.
 CANDIDATES = {
-    "fwd": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
-    "dkdv": [(32, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
-    "dq": [(64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 8, 2)],
+    "fwd": [((64, 32, 4, 2), 192), ((64, 64, 4, 2), 192), ((64, 64, 8, 2), 256)],
+    "dkdv": [((32, 64, 4, 2), 128), ((64, 64, 8, 2), 128), ((32, 64, 8, 2), 256)],
+    "dq": [((64, 32, 4, 2), 256), ((64, 64, 4, 2), 128), ((64, 64, 8, 2), 256)],
 }
-FP32_CANDIDATE = (32, 32, 4, 1)
-# The interpreter runs one configuration; small blocks make the tests' short segments cover
+# fp32 (tests, not training): one small unpipelined tile, on CUDA cores (it spills; not a training
+# dtype). The interpreter runs one configuration; small blocks make the tests' short segments cover
 # several full blocks and a padded last block.
+FP32_CANDIDATE = (32, 32, 4, 1)
 INTERPRET_CANDIDATE = (32, 32, 4, 1)
 DELTA_BLOCK_M = 64
 _chosen: dict[tuple, tuple[int, ...]] = {}
 
 
-# Per-thread fp32 accumulator registers above which ptxas spills at sm_90's 255 (compiled for hd 80,
-# 104, 128, 256: 112 fits next to the dot operands and softmax tiles, 128 spills), and the shared
-# memory one CTA may use (227 KiB, less a margin for the row statistics).
-_ACC_REGS_MAX = 112
-_SMEM_MAX = 225 * 1024
-
-
-def _fits(kind: str, c: tuple[int, ...], head_dim: int, esize: int) -> bool:
-    """Estimate: accumulators in registers and pipelined tiles in shared memory stay within sm_90."""
-    bm, bn, warps, stages = c
-    rows, inner = (bn, bm) if kind == "dkdv" else (bm, bn)
-    dp, n_acc = sum(head_chunks(head_dim)), 2 if kind == "dkdv" else 1  # dK and dV
-    resident = 1 if kind == "fwd" else 2  # Q; K, V (dkdv) or Q, dO (dq)
-    smem = esize * dp * (2 * inner * max(stages, 1) + resident * rows)  # two streamed operands per stage
-    return n_acc * rows * dp <= _ACC_REGS_MAX * 32 * warps and smem <= _SMEM_MAX
-
-
 def candidates(kind: str, dtype: torch.dtype, head_dim: int = 128) -> list[tuple[int, int, int, int]]:
-    """Launch candidates of kernel ``kind`` ("fwd", "dkdv", "dq") for ``dtype`` inputs of ``head_dim``.
-
-    Those of :data:`CANDIDATES` that fit sm_90's registers and shared memory at this head dim (all of
-    them up to 104; wider heads lose the 4-warp and 3-stage ones), else the default (dK / dV at head
-    dims above 224 spills: smaller tiles fall back to mma.sync and spill more). fp32 (tests): one
-    small unpipelined tile, on CUDA cores.
-    """
+    """Launch candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) of kernel ``kind`` ("fwd",
+    "dkdv", "dq") for ``dtype`` inputs of ``head_dim``: those of :data:`CANDIDATES` whose widest head
+    dim covers it (every one up to 128)."""
     if dtype == torch.float32:
         return [FP32_CANDIDATE]
-    esize = torch.empty((), dtype=dtype).element_size()
-    return [c for c in CANDIDATES[kind] if _fits(kind, c, head_dim, esize)] or CANDIDATES[kind][:1]
+    dp = sum(head_chunks(head_dim))
+    return [c for c, widest in CANDIDATES[kind] if dp <= widest]
 
 
 def head_chunks(head_dim: int) -> tuple[int, int, int]:

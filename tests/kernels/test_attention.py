@@ -153,9 +153,9 @@ def test_plan_no_padding_issues_exactly_the_useful_flops(D):
 
 def test_plan_bytes_and_config_override():
     T, H, D = 261 + 54, 16, 104
-    p = attn.launch_plan([261, 54], H, D, configs={"fwd": attn.CANDIDATES["fwd"][1]})
+    p = attn.launch_plan([261, 54], H, D, configs={"fwd": attn.CANDIDATES["fwd"][1][0]})
     assert p["kernels"]["fwd"]["bytes"] == 4 * T * H * D * 2 + 4 * T * H  # q, k, v, o in bf16 + fp32 lse
-    assert p["kernels"]["fwd"]["config"]["BLOCK_N"] == attn.CANDIDATES["fwd"][1][1]
+    assert p["kernels"]["fwd"]["config"]["BLOCK_N"] == attn.CANDIDATES["fwd"][1][0][1]
     assert attn.launch_plan([261, 54], H, D, torch.float32)["kernels"]["fwd"]["config"]["BLOCK_M"] == 32
 
 
