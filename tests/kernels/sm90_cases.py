@@ -100,10 +100,13 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         y = S.swiglu(x)
         y.backward(torch.empty_like(y))
 
-    def residual():
-        x, y, g = _grad(T, C, dtype=bf16), _grad(T, C, dtype=bf16), _grad(C, dtype=bf16)
-        z = R.residual_layer_scale(x, y, g)
-        z.backward(torch.empty_like(z))
+    def residual():  # teacher (no drop path) and student (per-crop keep factor, drop path 0.4)
+        lengths = torch.tensor(s.segments)
+        seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), lengths)
+        for keep in (None, torch.empty(len(s.segments), dtype=bf16)):
+            x, y, g = _grad(T, C, dtype=bf16), _grad(T, C, dtype=bf16), _grad(C, dtype=bf16)
+            z = R.residual_layer_scale(x, y, g, keep, seg_ids)
+            z.backward(torch.empty_like(z))
 
     return [
         Case(f"attention-{s.model}", "attention", f"[{T}, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
