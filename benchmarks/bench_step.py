@@ -47,7 +47,6 @@ TINY = ["model.embed_dim=48", "model.depth=2", "model.num_heads=2", "model.mlp_h
         "heads.dino_prototypes=256", "heads.ibot_prototypes=256", "heads.hidden_dim=64", "heads.bottleneck_dim=32",
         "heads.ibot_bottleneck_dim=32", "data.crops.global_size=42", "data.crops.local_size=14",
         "data.crops.context_size=48", "data.masks.min_block_patches=1", "train.threads=1"]
-TERMS = ("loss", "dino", "ibot", "reg")
 
 
 def trainer_config(model: str, device_type: str, batch: int | None = None, ac: str | None = None,
@@ -74,54 +73,20 @@ def trainer_config(model: str, device_type: str, batch: int | None = None, ac: s
 def trainer_step(cfg, info, student, teacher, optimizer, loss_fn):
     """``step(batch, step_index, prefetch=None) -> dict`` of floats: the trainer's own step on a device batch.
 
-    That is ``train.step.train_step`` (the loop's whole per-step body: schedules, losses, backward,
-    clipping, the one statistics read, optimizer step and EMA). Trees without it get a mirror of
-    the loop's body, and say so.
+    That is ``train.step.train_step``, the loop's whole per-step body (schedules, losses, backward,
+    clipping, the one statistics read, optimizer step and EMA), with the loop's schedules.
     """
     from virchow_fast.config import derive
     from virchow_fast.train.schedules import build_schedules
+    from virchow_fast.train.step import Trainee, train_step
 
     derived = derive(cfg, info.world_size)
     sched = build_schedules(cfg, derived["peak_lr"], derived["total_steps"])
-    try:
-        from virchow_fast.train.step import Trainee, train_step
-    except ImportError:
-        print("train.step.train_step not found: timing a mirror of the loop's step body", flush=True)
-        return _mirror_step(cfg, info, student, teacher, optimizer, loss_fn, sched)
     trainee = Trainee(cfg=cfg, info=info, student=student, teacher=teacher, optimizer=optimizer, loss_fn=loss_fn)
 
     def step(batch, i: int, prefetch=None) -> dict:
         res = train_step(trainee, batch, i, sched, stop_pending=False, prefetch=prefetch)
         return {**res.terms, "grad_norm": res.grad_norm}
-
-    return step
-
-
-def _mirror_step(cfg, info, student, teacher, optimizer, loss_fn, sched):
-    import torch
-
-    from virchow_fast.model.ssl import ema_update
-    from virchow_fast.train import loop
-    from virchow_fast.train.optim import apply_schedules
-
-    params = [p for p in student.parameters() if p.requires_grad]
-
-    def step(batch, i: int, prefetch=None) -> dict:
-        s = sched.at(i)
-        apply_schedules(optimizer, s["lr"], s["weight_decay"], s["last_layer_lr"])
-        out = loss_fn(student, teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
-        out["loss"].backward()
-        grad_norm = loop.clip_grad_norm(params, cfg.optim.clip_grad)
-        if prefetch is not None:
-            prefetch()
-        stats = torch.stack([out[k].detach().float().reshape(()) for k in TERMS] + [grad_norm.float().reshape(())])
-        info.all_reduce(stats)
-        stats = stats.cpu()
-        if bool(torch.isfinite(stats).all()):
-            optimizer.step()
-            ema_update(teacher, student, s["momentum"])
-        optimizer.zero_grad(set_to_none=True)
-        return {k: float(v) for k, v in zip(TERMS + ("grad_norm",), stats, strict=True)}
 
     return step
 
@@ -217,12 +182,10 @@ def run_loader(tr: Trainer, iters: int, warmup: int) -> dict:
 
     if tr.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(tr.device)
+    from virchow_fast.train.staging import BatchStager
+
     loader = tr.loader()
-    try:
-        from virchow_fast.train.staging import BatchStager
-    except ImportError:
-        BatchStager = None
-    stager = BatchStager(loader, tr.device) if BatchStager is not None else None
+    stager = BatchStager(loader, tr.device)
     fetch_s = [0.0]
 
     def timed(fn):
@@ -233,8 +196,7 @@ def run_loader(tr: Trainer, iters: int, warmup: int) -> dict:
             return out
         return run
 
-    get = timed(stager.next) if stager is not None else timed(lambda: next(loader).to(tr.device))  # noqa: F821
-    prefetch = timed(stager.prefetch) if stager is not None else None
+    get, prefetch = timed(stager.next), timed(stager.prefetch)
     walls, waits = [], []
     _sync(tr.device)
     t_prev = time.perf_counter()
