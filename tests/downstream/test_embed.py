@@ -110,3 +110,15 @@ def test_cli(model_file, tmp_path):
     res = CliRunner().invoke(main, ["embed", str(cmu), "--model", str(tmp_path / "nope.safetensors"),
                                     "--out", str(tmp_path)])
     assert res.exit_code != 0 and "nope.safetensors: no such file or run directory" in res.output
+
+
+@pytest.mark.gpu
+def test_bf16_on_cuda_close_to_fp32_cpu(model_file, tmp_path):
+    cmu = _cmu()
+    embed([str(cmu)], str(model_file), str(tmp_path / "cpu"), device="cpu", progress=False)
+    embed([str(cmu)], str(model_file), str(tmp_path / "gpu"), device="cuda", progress=False)
+    name = "cmu_small_region.h5"
+    with h5py.File(tmp_path / "cpu" / name) as a, h5py.File(tmp_path / "gpu" / name) as b:
+        assert (a["coords"][:] == b["coords"][:]).all()
+        x, y = torch.from_numpy(a["features"][:]), torch.from_numpy(b["features"][:])
+        assert ((x - y).norm() / x.norm()).item() < 2e-2  # bf16 matmuls: 2^-8 rounding through 2 blocks
