@@ -1,8 +1,8 @@
 """The trainer's own step on one GPU: tiles/s, MFU and peak memory, exactly as `virchow-fast train` runs it.
 
 The model, optimizer and losses come from the trainer's ``build()`` and each step is the trainer's
-own step (see ``trainer_step``): so a one-GPU run here takes whatever path the trainer takes (today
-no FSDP on one process; the precision handling of ``train/parallelize.py``), with the shipped
+own step (see ``trainer_step``): so a one-GPU run here takes whatever path the trainer takes
+(``train/parallelize.py`` decides sharding and precision for one process), with the shipped
 config (configs/vit_h14_virchow2.yaml, configs/vit_g14_virchow2g.yaml) and only these overrides:
 batch size, activation checkpointing, ``data.source=synthetic`` (no slides on a benchmark box).
 
