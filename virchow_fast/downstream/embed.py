@@ -160,7 +160,8 @@ class Embedder:
         from ..data.index import IndexSettings, index_slide
         from ..data.slides import Slide, SlideError, sane_region
 
-        settings = IndexSettings((self.mag,), (self.target_mpp,), self.tile, self.min_tissue, self.mpp)
+        settings = IndexSettings(mags=(self.mag,), mag_mpp=(self.target_mpp,), context=self.tile,
+                                 min_tissue=self.min_tissue, mpp=self.mpp)
         cols, _, _ = index_slide(job.path, settings)
         xs, ys = cols["x"], cols["y"]
         if len(xs) == 0:
