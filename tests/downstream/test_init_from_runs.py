@@ -50,7 +50,7 @@ def test_run_from_file_keeps_exact_weights_while_frozen(tmp_path, nproc):
     save_file(weights, str(path))
     out = tmp_path / "run"
     res = launch(nproc, out, [f"model.init_from={path}", "train.freeze_backbone_steps=2", "data.source=synthetic"])
-    assert f"init_from: {path}" in res.stdout
+    assert f"init_from: {path}" in res.stdout + res.stderr
     ckpts = out / "checkpoints"
     for which in ("teacher", "student"):
         frozen = read_checkpoint_backbone(ckpts / "step_00000002", which)

@@ -75,7 +75,7 @@ def test_eval_every_under_two_process_fsdp(tiles, tmp_path):
     out = tmp_path / "run"
     res = launch(2, out, ["eval.every=2", f"eval.train={tiles}", "eval.k=5", "data.source=synthetic",
                           "model.num_registers=2"])
-    assert "eval step 4: kNN accuracy" in res.stdout
+    assert "eval step 4: kNN accuracy" in res.stdout + res.stderr
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "eval_rankme" in r]
     assert [r["step"] for r in evals] == [1, 3]
