@@ -14,7 +14,7 @@ from virchow_fast.config import load_config  # noqa: E402
 from virchow_fast.model.timm_compat import export_timm_state_dict, load_timm_state_dict, timm_kwargs  # noqa: E402
 from virchow_fast.model.vit import VisionTransformer  # noqa: E402
 
-CFG = dataclasses.replace(load_config("configs/vit_h14_virchow2.yaml").model, depth=2, drop_path=0.0)
+CFG = dataclasses.replace(load_config("vit_h14_virchow2").model, depth=2, drop_path=0.0)
 
 
 def _rel_err(a, b):
@@ -34,7 +34,7 @@ def pair():
 
 
 def test_timm_kwargs_are_virchow2s():
-    kw = timm_kwargs(load_config("configs/vit_h14_virchow2.yaml").model)
+    kw = timm_kwargs(load_config("vit_h14_virchow2").model)
     assert kw["mlp_ratio"] == pytest.approx(5.3375) and kw["reg_tokens"] == 4 and kw["init_values"] == 1e-5
     assert int(kw["embed_dim"] * kw["mlp_ratio"]) == 6832
 
