@@ -102,12 +102,18 @@ def test_tiny_config_equals_hand_count():
 
 
 def test_attention_issued_flops_from_tiles():
-    """ViT-H's 261-token crops at head dim 80 in 64 x 64 tiles and a 128-wide head-dim block: 2.4x."""
+    """ViT-H's 261-token crops at head dim 80: rows and inner columns padded to whole tiles of the
+    kernel's default launch, the head dim to its chunks (64 + 16 since the split; 128 before)."""
+    from virchow_fast.kernels import attention as kernel
+
     useful, issued = attention_launch_flops([261], 1, 80, torch.bfloat16, backward=False)
     assert useful == 4 * 261 * 261 * 80
-    tiles = math.ceil(261 / 64) ** 2
-    assert issued == tiles * 2 * 2 * 64 * 64 * 128
-    assert issued / useful == pytest.approx(2.405, abs=1e-3)
+    bm, bn = kernel.candidates("fwd", torch.bfloat16, 80)[0][:2]
+    padded_d = sum(kernel.head_chunks(80))
+    assert issued == (math.ceil(261 / bm) * bm) * (math.ceil(261 / bn) * bn) * 2 * 2 * padded_d
+    useful_b, issued_b = attention_launch_flops([261, 54], 2, 80, torch.bfloat16, backward=True)
+    assert useful_b == 2 * 2 * 4 * (261 ** 2 + 54 ** 2) * 80
+    assert issued_b > useful_b * 7 / 4  # the backward recomputes QK^T twice and dO V^T once
 
 
 def test_split_segments():

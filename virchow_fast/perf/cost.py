@@ -7,7 +7,8 @@ fractions of measured rates (defaults: one H200):
   dense bf16 rate measured on an H200, on their FLOPs;
 - our Triton MMA kernels (attention, the fused head-loss passes) at 50 % of 790 TFLOP/s on the
   FLOPs they issue (tile and head-dim padding included);
-- everything else at 80 % of 4.3 TB/s, the measured copy rate, on the bytes it reads and writes.
+- everything else at 80 % of 4.3 TB/s, the measured copy rate, on the bytes it reads and writes;
+- matmuls on fp32 operands at half their rate (TF32 tensor cores).
 
 Ops run one after another (no overlap) and launch overhead is not counted. MFU is the model's
 FLOPs (``model/info.py``: student 3x forward, teacher 1x, no recompute) over the predicted time,
@@ -44,10 +45,11 @@ NETWORKS = (("NVLink", 450e9), ("InfiniBand", 50e9))
 def op_time(r: OpRecord, device: Device) -> float:
     """Seconds of one op on ``device`` (0 for a collective: priced by :func:`collective_times`)."""
     mem = r.bytes / device.bandwidth
+    slow = 0.5 if r.fp32 else 1.0  # fp32 operands run TF32 tensor cores, half the bf16 rate
     if r.kind == GEMM:
-        return max(r.issued_flops / device.gemm_flops, mem)
+        return max(r.issued_flops / (slow * device.gemm_flops), mem)
     if r.kind == KERNEL_MMA:
-        return max(r.issued_flops / device.kernel_flops, mem)
+        return max(r.issued_flops / (slow * device.kernel_flops), mem)
     if r.kind == MEMORY:
         return mem
     return 0.0

@@ -60,6 +60,7 @@ class OpRecord:
     issued_flops: float = 0.0  # as the kernel issues them (tile and head-dim padding)
     bytes: float = 0.0  # read + written (COMM: payload)
     phase: str = "forward"
+    fp32: bool = False  # an MMA op on fp32 operands (TF32 tensor cores: half the bf16 rate)
 
 
 def span_bytes(t: torch.Tensor) -> int:
@@ -86,29 +87,21 @@ def attention_launch_flops(lengths: list[int], heads: int, head_dim: int, dtype:
                            backward: bool) -> tuple[float, float]:
     """(useful, issued) FLOPs of our packed attention over segments ``lengths``.
 
-    Useful: forward 4 L^2 D per head (QK^T and PV), backward twice that. Issued: the kernels'
-    launch (kernels/attention.py: its ``issued_flops`` when it has one, else its default tiles):
-    each active (BLOCK_M x BLOCK_N) tile step does its dots on the padded head-dim block; forward
-    2 dots, backward 4 (dK/dV kernel: QK^T, dO V^T, dV, dK) + 3 (dQ kernel: QK^T, dO V^T, dQ).
+    Useful: forward 4 L^2 D per head (QK^T and PV), backward twice that. Issued: what the kernels'
+    default launch computes on padded tiles and head-dim chunks (kernels/attention.py's
+    ``launch_plan``, or its 64 x 64 tiles on a power-of-two head-dim block where that is missing).
     """
     useful = sum(4.0 * L * L * head_dim * heads for L in lengths) * (2.0 if backward else 1.0)
     try:
         from ..kernels import attention as _attn
-    except ImportError:  # no triton: price the default tiles
+    except ImportError:  # no triton
         _attn = None
-    fn = getattr(_attn, "issued_flops", None)
-    if fn is not None:
-        return useful, float(fn(lengths, heads, head_dim, dtype, backward))
-    cands = getattr(_attn, "CANDIDATES", {"fwd": [(64, 64, 4, 2)], "dkdv": [(64, 64, 8, 2)], "dq": [(64, 64, 8, 2)]})
-    if dtype == torch.float32:
-        cands = {k: [getattr(_attn, "FP32_CANDIDATE", (32, 32, 4, 1))] for k in cands}
+    plan = getattr(_attn, "launch_plan", None)
+    if plan is not None:
+        return useful, float(plan(list(lengths), heads, head_dim, dtype)["bwd" if backward else "fwd"]["flops_issued"])
     block_d = _pow2(max(head_dim, 16))
-    kinds = (("dkdv", 4), ("dq", 3)) if backward else (("fwd", 2),)
-    issued = 0.0
-    for kind, dots in kinds:
-        bm, bn = cands[kind][0][:2]
-        issued += sum(_cdiv(L, bm) * _cdiv(L, bn) * dots * 2.0 * bm * bn * block_d for L in lengths) * heads
-    return useful, issued
+    dots = 7 if backward else 2  # backward: dK/dV kernel QK^T, dO V^T, dV, dK; dQ kernel QK^T, dO V^T, dQ
+    return useful, sum(_cdiv(L, 64) ** 2 * dots * 2.0 * 64 * 64 * block_d for L in lengths) * heads
 
 
 def split_segments(total: int, n_seg: int, max_len: int, known: list[int]) -> list[int]:
@@ -160,6 +153,9 @@ class CostCounter(TorchDispatchMode):
         self.segment_lengths = list(segment_lengths)
         self.phase = "forward"
         self.records: list[OpRecord] = []
+        # selective checkpointing keeps these ops' outputs outside autograd's saved tensors: counted here
+        self.keeps_output = None
+        self.kept_bytes = 0
         # id(fake tensor) -> (fake, real value): host-made index tensors (segment offsets, masks)
         self._const: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for fake, real in (constants or {}).items():
@@ -250,6 +246,7 @@ class CostCounter(TorchDispatchMode):
         flops = issued = 0.0
         kind = MEMORY
         packet = func._overloadpacket
+        operands = _tensors(args)[:2]
         if packet in flop_registry:
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
@@ -263,8 +260,14 @@ class CostCounter(TorchDispatchMode):
         elif ".head_row" in name or ".head_col" in name:
             flops = issued = _head_pass_flops(name, args)
             kind = KERNEL_MMA
-        self.records.append(OpRecord(name, self._category(name, flops, self._module()), kind, flops, issued,
-                                     float(self._bytes(func, name, args, kwargs, out)), self.phase))
+            operands = _tensors(args[1:] if name.endswith("_add_") else args)[:2]  # z, w (not the out= buffer)
+        module = self._module()
+        fp32 = kind != MEMORY and any(t.dtype == torch.float32 for t in operands)
+        self.records.append(OpRecord(name, self._category(name, flops, module), kind, flops, issued,
+                                     float(self._bytes(func, name, args, kwargs, out)), self.phase, fp32))
+        if (self.keeps_output is not None and self.phase == "forward" and torch.is_grad_enabled()
+                and ".blocks." in module and self.keeps_output(func)):
+            self.kept_bytes += sum(span_bytes(t) for t in _tensors(out))
 
     @staticmethod
     def _bytes(func, name: str, args, kwargs, out) -> int:

@@ -14,6 +14,8 @@ sets it:
 - the iBOT masks are real (the loader's own mask generator), so boolean indexing gets its real size.
 
 Also counted: the bytes autograd saves for backward in the forward (the activations), per policy.
+A warm-up forward and optimizer step run first, uncounted, so one-time work (FSDP's lazy
+initialisation, AdamW's state allocation) stays out of the step.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ class StepTrace:
     activation_bytes: int  # saved for backward by the student forward (unique storages)
     param_counts: dict = field(default_factory=dict)  # student, teacher, trainable, root, largest_unit
     ac_mode: str = "off"
+    fsdp: bool = False  # parameters sharded and gathered as bf16 / fp32 compute copies
+    bf16: bool = False
 
 
 @contextlib.contextmanager
@@ -122,6 +126,7 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
     from ..train.distributed import DistInfo
     from ..train.loop import build, clip_grad_norm
     from ..train.optim import apply_schedules
+    from ..train.parallelize import keeps_output, use_fsdp
 
     cfg = trace_config(cfg, tiles, ac, world_size)
     b, c, mk = cfg.data.batch_size, cfg.data.crops, cfg.data.masks
@@ -155,6 +160,20 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
         counter = CostCounter(mode, tracker, lengths, {fake[k]: v for k, v in real.items()})
         student.train()
         teacher.eval()
+        with counter:  # warm-up, not counted: FSDP's lazy init (first forward), AdamW's state (first step)
+            with torch.no_grad():
+                loss_fn(student, teacher, batch, 0.07, info.reducer, world_size)
+            for m in [*student.modules(), *teacher.modules()]:  # as after a backward: every unit resharded
+                if hasattr(m, "reshard") and hasattr(m, "unshard"):
+                    m.reshard()
+            if not forward_only:
+                for p in params:
+                    p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        counter.records.clear()
+        if cfg.parallel.activation_checkpointing == "selective":
+            counter.keeps_output = keeps_output
         with tracker, counter:
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
                 out = loss_fn(student, teacher, batch, 0.07, info.reducer, world_size)
@@ -167,4 +186,6 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
                 counter.phase = "ema"
                 ema_update(teacher, student, 0.999)
                 optimizer.zero_grad(set_to_none=True)
-    return StepTrace(counter.records, b, world_size, saved.total, counts, cfg.parallel.activation_checkpointing)
+    return StepTrace(counter.records, b, world_size, saved.total + counter.kept_bytes, counts,
+                     cfg.parallel.activation_checkpointing, use_fsdp(cfg.parallel, info),
+                     cfg.parallel.mixed_precision == "bf16")

@@ -158,6 +158,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
             if not (stop.pending and batch is not None):  # else: this step will be discarded anyway
                 batch = stager.next()
             t1 = time.perf_counter()
+            stager.prefetch_s = 0.0
             res = train_step(trainee, batch, step, sched, stop.pending, prefetch if step + 1 < total_steps else None,
                              sync=cfg.train.sync_timing)
             terms, grad_norm, finite, s = res.terms, res.grad_norm, res.finite, res.schedule
@@ -181,7 +182,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
             # two statistics reads (each waits for everything queued before it)
             step_s, t_read = t2 - t_read, t2
             record = {"step": step, **terms, "grad_norm": grad_norm, **s, **throughput(step_s),
-                      "data_s": t1 - t0, "compute_s": t2 - t1, "peak_mem_gib": peak_memory_gib(info.device),
+                      "data_s": stager.fetch_s, "compute_s": t2 - t1 - stager.prefetch_s,
+                      "peak_mem_gib": peak_memory_gib(info.device),
                       "skipped": not finite, "nonfinite_total": bad_total}
             if getattr(loader, "skips", None) is not None:  # skipped data so far (this rank's, cumulative)
                 record.update({f"data_{k}": v for k, v in loader.skips.as_dict().items()})

@@ -9,7 +9,7 @@ group, how the student and the teacher run:
   it; the RNG state is replayed on recompute, so drop path is exact;
 - optional ``torch.compile`` of each block (``Module.compile``: in place, names unchanged);
 - FSDP2 ``fully_shard`` per block, then at the root, with ``MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32, output_dtype=fp32)`` under ``mixed_precision: bf16``: the sharded parameters
+  reduce_dtype=fp32)`` under ``mixed_precision: bf16`` (bf16 outputs, the losses' inputs): the sharded parameters
   (the optimizer's master weights) stay fp32, compute runs on bf16 copies gathered per block and
   gradients are reduce-scattered in fp32. The heads stay in the root's group (the prototypes are
   read through ``normalized_prototypes`` inside the root's forward, see model/ssl.py).
@@ -59,22 +59,43 @@ def _one_rank_mesh(info: DistInfo):
 
 
 def checkpointed_blocks(cfg: ParallelConfig, depth: int) -> list[int]:
-    """Indices of the blocks whose activations are recomputed in backward."""
-    if cfg.activation_checkpointing == "full":
+    """Indices of the blocks whose activations are recomputed in backward (all of them under selective)."""
+    if cfg.activation_checkpointing in ("full", "selective"):
         return list(range(depth))
     if cfg.activation_checkpointing == "every_k":
         return [i for i in range(depth) if i % cfg.ac_every == 0]
     return []
 
 
-def _apply_ac(block: nn.Module) -> None:
+# Selective checkpointing keeps what is expensive to recompute: the matmul outputs (qkv, proj, fc1,
+# fc2) and the attention's output and log-sum-exp. The cheap memory-bound ops between them
+# (LayerNorm, SwiGLU, residual + LayerScale, drop path) are recomputed in backward.
+_KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+         torch.ops.aten.convolution.default}
+
+
+def keeps_output(op) -> bool:
+    """Whether selective checkpointing saves this op's output (else it is recomputed in backward)."""
+    return op in _KEEP or "attention" in str(op)
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if keeps_output(op) else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _apply_ac(block: nn.Module, selective: bool = False) -> None:
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
     forward = block.forward  # the bound class method
+    extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
 
     @functools.wraps(forward)
     def checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():  # the teacher, evaluation: nothing to save
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, preserve_rng_state=True, **extra, **kwargs)
 
     block.forward = checkpointed
 
@@ -96,22 +117,80 @@ def _shard(net: nn.Module, info: DistInfo, bf16: bool, teacher: bool) -> None:
 
     block_mp = root_mp = MixedPrecisionPolicy()
     if bf16:
-        # blocks pass bf16 activations to each other; only the root's outputs (the losses' inputs) are fp32
-        block_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                       output_dtype=torch.float32)
-    for block in net.backbone.blocks:
-        fully_shard(block, mesh=info.mesh, mp_policy=block_mp)
+        # everything passes bf16 activations, the root's outputs (the losses' inputs) too: the head loss
+        # runs bf16 dots with fp32 accumulation (model/heads.py), the regulariser upcasts its own input
+        block_mp = root_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    blocks = list(net.backbone.blocks)
+    for i, block in enumerate(blocks):
+        # The student's last block is the first one backward needs: keeping it gathered after the
+        # forward saves one all-gather per step for one block's bf16 parameters of memory. The
+        # teacher has no backward and must reshard (its EMA updates the local shards).
+        # On a one-rank shard group (one GPU) resharding frees nothing: no block regathers for backward.
+        keep = not teacher and (i == len(blocks) - 1 or info.mesh.size(info.mesh.ndim - 1) == 1)
+        fully_shard(block, mesh=info.mesh, mp_policy=block_mp, reshard_after_forward=not keep)
     # Root: the student keeps its root parameters gathered between forward and backward (FSDP's
     # default); the teacher has no backward, so it must reshard right after its forward, or the
     # EMA would update a gathered copy that is then thrown away.
     fully_shard(net, mesh=info.mesh, mp_policy=root_mp, reshard_after_forward=True if teacher else None)
+    prefetch(blocks, backward=not teacher)
+
+
+def prefetch(blocks: list[nn.Module], backward: bool) -> None:
+    """Explicit FSDP2 prefetch, one block ahead: block i's forward issues block i+1's all-gather (and
+    backward block i's issues block i-1's), so each gather runs under the previous block's compute.
+    The teacher's no-grad forward gets the same forward schedule; it has no backward."""
+    for i, block in enumerate(blocks):
+        if i + 1 < len(blocks):
+            block.set_modules_to_forward_prefetch([blocks[i + 1]])
+        if backward and i > 0:
+            block.set_modules_to_backward_prefetch([blocks[i - 1]])
 
 
 def _mesh_text(mesh) -> str:
     if mesh is None or mesh.ndim == 1:
         return ""
     return f" (HSDP: {mesh.size(0)} replicas x {mesh.size(1)} shards)"
+
+
+def _choose_in_child(cfg, tiles: int, shards: int, device_bytes: float):
+    from ..perf.memory import choose_policy
+
+    return choose_policy(cfg, tiles, shards, device_bytes)
+
+
+def resolve_activation_checkpointing(cfg, info: DistInfo) -> ParallelConfig:
+    """``cfg.parallel`` with ``activation_checkpointing: auto`` replaced by a policy.
+
+    On a CUDA device: the cheapest of off / selective / full whose estimated memory (perf/memory.py,
+    from a data-free trace of the step, a few seconds in a fresh process on rank 0) fits the device
+    with a 10 % margin; every rank takes rank 0's choice. Elsewhere ``off`` (no device to fit).
+    """
+    import dataclasses
+
+    p = cfg.parallel
+    if p.activation_checkpointing != "auto":
+        return p
+    choice, note = "off", "not a CUDA device"
+    if info.device.type == "cuda":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch.distributed as dist
+
+        box = [None]
+        if info.is_main:
+            total = torch.cuda.get_device_properties(info.device).total_memory
+            shards = info.mesh.size(info.mesh.ndim - 1) if info.mesh is not None else info.world_size
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                choice, estimates = pool.submit(_choose_in_child, cfg, cfg.data.batch_size, shards, total).result()
+            box = [(choice, ", ".join(f"{k} {v / 1e9:.1f} GB" for k, v in estimates.items())
+                    + f" of {total / 1e9:.1f} GB")]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(box, src=0)
+        choice, note = box[0]
+    if info.is_main:
+        log.info("parallel.activation_checkpointing=auto -> %s (%s)", choice, note)
+    return dataclasses.replace(p, activation_checkpointing=choice)
 
 
 def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, info: DistInfo):
@@ -124,7 +203,7 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
     bf16 = cfg.mixed_precision == "bf16"
     ac = checkpointed_blocks(cfg, depth)
     for i in ac:
-        _apply_ac(student.backbone.blocks[i])
+        _apply_ac(student.backbone.blocks[i], selective=cfg.activation_checkpointing == "selective")
     if cfg.compile:
         for net in (student, teacher):
             for block in net.backbone.blocks:
@@ -139,7 +218,8 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
         for net in (student, teacher):
             _apply_autocast(net, torch.bfloat16, info.device.type)
     if info.is_main:
-        log.info("parallelize: fsdp=%s over %d process(es)%s, precision=%s%s, activation checkpointing on %d/%d "
-                 "blocks, compile=%s", fsdp, info.world_size, _mesh_text(info.mesh) if fsdp else "", cfg.mixed_precision,
-                 "" if fsdp or not bf16 else " (autocast)", len(ac), depth, cfg.compile)
+        log.info("parallelize: fsdp=%s over %d process(es)%s, precision=%s%s, activation checkpointing %s on %d/%d "
+                 "blocks, compile=%s", fsdp, info.world_size, _mesh_text(info.mesh) if fsdp else "",
+                 cfg.mixed_precision, "" if fsdp or not bf16 else " (autocast)", cfg.activation_checkpointing, len(ac),
+                 depth, cfg.compile)
     return student, teacher
