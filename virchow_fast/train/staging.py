@@ -9,6 +9,8 @@ next, so a checkpoint taken while a batch is staged resumes at that batch.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..data import Batch
@@ -26,14 +28,18 @@ class BatchStager:
         self._cuda = self.device.type == "cuda"
         self.pin = self._cuda if pin is None else pin
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._staged: tuple[dict, Batch] | None = None  # (loader state before it, batch on the device)
+        self._staged: tuple[dict, Batch, float] | None = None  # (loader state before it, batch, fetch seconds)
+        self.fetch_s = 0.0  # host seconds the batch last returned by next() took to come from the loader
+        self.prefetch_s = 0.0  # host seconds of the last prefetch (inside a step when the loop calls it there)
 
     def prefetch(self) -> None:
         """Fetch the next host batch and queue its copy (a no-op while one is staged)."""
         if self._staged is not None:
             return
+        t0 = time.perf_counter()
         state = self.loader.state_dict()
         host = next(self.loader)
+        fetched = time.perf_counter() - t0
         if self.pin:
             host = host.map(_pinned)
         if self._cuda:
@@ -41,13 +47,14 @@ class BatchStager:
                 batch = host.to(self.device, non_blocking=True)
         else:
             batch = host.to(self.device, non_blocking=True)
-        self._staged = (state, batch)
+        self._staged = (state, batch, fetched)
+        self.prefetch_s = time.perf_counter() - t0
 
     def next(self) -> Batch:
         """The staged batch (fetched now when none is), usable on the current stream."""
         if self._staged is None:
             self.prefetch()
-        _, batch = self._staged
+        _, batch, self.fetch_s = self._staged
         self._staged = None
         if self._cuda:
             current = torch.cuda.current_stream(self.device)
