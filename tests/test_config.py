@@ -40,7 +40,7 @@ def test_override_types_and_nesting(tmp_path):
     ("- 1\n- 2\n", [], "top level must be a mapping"),
 ])
 def test_bad_values_name_file_and_key(tmp_path, text, overrides, needle):
-    path = _write(tmp_path, text)
+    path = _write(tmp_path, text or "name: t\n")  # an empty file is an error of its own
     with pytest.raises(ConfigError) as err:
         load_config(path, overrides)
     assert str(path) in str(err.value)
@@ -68,3 +68,59 @@ def test_derived_values_and_resolved_file(tmp_path):
     # the saved config loads back to the same values
     again = load_config(_write(tmp_path, yaml.safe_dump(saved["config"])))
     assert again == cfg
+
+
+@pytest.mark.parametrize("text, overrides, needle", [
+    ("", ["optim.base_lr=.inf"], "optim.base_lr: must be a finite number"),
+    ("optim: {base_lr: .nan}\n", [], "optim.base_lr: must be a finite number"),
+    ("", ["loss.kde_kappa=-.inf"], "loss.kde_kappa: must be a finite number"),
+    ("", ["data.crops.hflip=nan"], "data.crops.hflip: must be a finite number"),
+    ("", ["data.mag_mpp=[0.25, -0.5, 1.0, 2.0]"], "data.mag_mpp: must be positive"),
+    ("", ["data.mags=[40, 0, 10, 5]"], "data.mags: must be positive"),
+    ("", ["data.crops.local_size=406"], "data.crops.local_size: 406 px"),
+    ("", ["loss.regularizer_weight=-0.05"], "loss.regularizer_weight: must be >= 0"),
+    ("", ["loss.ibot_weight=-1"], "loss.ibot_weight: must be >= 0"),
+    ("", ["loss.kde_kappa=0"], "loss.kde_kappa: must be positive"),
+])
+def test_impossible_values_name_file_and_key(tmp_path, text, overrides, needle):
+    path = _write(tmp_path, text + "name: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(err.value).startswith(f"{path}: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "\n\n"])
+def test_empty_config_file_fails_instead_of_training_on_defaults(tmp_path, text):
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=r"is empty"):
+        load_config(path)
+
+
+def test_duplicate_key_fails_naming_key_and_lines(tmp_path):
+    path = _write(tmp_path, "optim:\n  base_lr: 1.0e-3\n  min_lr: 1.0e-6\n  base_lr: 5.0e-3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"{path}: line 4: duplicate key 'base_lr' (first on line 2)"
+    path = _write(tmp_path, "model: {depth: 2}\nmodel: {depth: 3}\n")
+    with pytest.raises(ConfigError, match=r"line 2: duplicate key 'model' \(first on line 1\)"):
+        load_config(path)
+
+
+def test_broken_yaml_is_one_line(tmp_path):
+    path = _write(tmp_path, "model:\n  depth: [2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith(f"{path}: not valid YAML") and "\n" not in str(err.value)
+
+
+def test_warmups_longer_than_the_training_warn(tmp_path, caplog):
+    path = _write(tmp_path, "train: {epochs: 2}\noptim: {warmup_epochs: 3}\nloss: {warmup_teacher_temp_epochs: 1}\n")
+    with caplog.at_level("WARNING", logger="virchow_fast"):
+        load_config(path)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "optim.warmup_epochs=3" in said[0] and "train.epochs=2" in said[0], said
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="virchow_fast"):
+        load_config(path, ["optim.warmup_epochs=2"])
+    assert not caplog.records

@@ -49,7 +49,8 @@ def init_distributed(cfg: Config) -> DistInfo:
     want = cfg.train.device
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+        raise ConfigError("train.device: cuda, but no CUDA device is visible (torch.cuda.is_available() is False); "
+                          "use auto or cpu")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
