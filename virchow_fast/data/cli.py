@@ -66,6 +66,8 @@ def tiles(slides, out, mags, mag_mpp, context, min_tissue, mpp, workers, shards,
     rep = index_slides(list(slides), index_dir, settings, workers=workers)
     for _, line in rep.missing:
         click.echo(f"tiles: skipped {line}", err=True)
+    for path, why in rep.rebuilt:  # the index is derived data: rebuilt in place, the slide untouched
+        click.echo(f"tiles: rebuilt the index of {path} ({why})", err=True)
     rebuilt = f", {len(rep.rebuilt)} rebuilt (settings or file changed)" if rep.rebuilt else ""
     click.echo(f"tiles: {len(rep.done)} indexed, {len(rep.skipped)} already done{rebuilt}, {len(rep.empty)} without "
                f"tiles, {len(rep.failed)} unreadable, {len(rep.missing)} paths without slides -> {index_dir}")

@@ -114,7 +114,9 @@ def prepare_index(cfg: DataConfig, run_dir: str | None, rank: int = 0) -> tuple[
         for _, line in rep.missing:
             print(f"data: skipped {line}", file=sys.stderr)
         if rep.done or rep.failed:
-            rebuilt = f", {len(rep.rebuilt)} of them rebuilt for this config's settings" if rep.rebuilt else ""
+            why = sorted({w for _, w in rep.rebuilt})
+            rebuilt = f", {len(rep.rebuilt)} of them rebuilt ({why[0]}{', ...' if len(why) > 1 else ''})" \
+                if rep.rebuilt else ""
             print(f"data: indexed {len(rep.done)} slides into {index_dir}{rebuilt} ({len(rep.failed)} unreadable, "
                   f"{len(rep.empty)} without tiles)", file=sys.stderr)
         files = rep.index_files(index_dir)

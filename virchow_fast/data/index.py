@@ -141,7 +141,7 @@ def draw_thumbnail(thumb: np.ndarray, cols: dict, scale: float, context: int, sl
     for mag in sorted(mags):  # coarse (large) tiles first, fine ones drawn over them
         side = context * mag_mpp.get(mag, slide_mpp) / slide_mpp / scale * zoom
         width = 2 if side >= 8 else 1
-        for x, y in zip(cols["x"][cols["mag"] == mag], cols["y"][cols["mag"] == mag]):
+        for x, y in zip(cols["x"][cols["mag"] == mag], cols["y"][cols["mag"] == mag], strict=True):
             x0, y0 = x / scale * zoom, y / scale * zoom
             draw.rectangle([x0, y0, x0 + side, y0 + side], outline=MAG_COLOURS.get(mag, (0, 0, 0)), width=width)
     row = 18

@@ -153,18 +153,29 @@ class DecoderLog:
     cuCIM reports a corrupt JPEG tile only by printing "ERROR ... while decompressing JPEG image:
     Corrupt JPEG data ..." on stdout and returns whatever it decoded (measured with cuCIM 26.10):
     the only reliable signal that a region is bad. After each read, C stdio is flushed and any new
-    text turns the read into a failure.
+    text turns the read into a failure. ``scoped``: for reads in the caller's process, which gets
+    its stdout back from :meth:`close` (a reader process keeps the capture for its whole life).
     """
 
-    def __init__(self):
+    def __init__(self, scoped: bool = False):
         import ctypes
         import tempfile
 
         sys.stdout.flush()
+        self.libc = ctypes.CDLL(None)
+        self.libc.fflush(None)
+        self.saved = os.dup(1) if scoped else None
         self.file = tempfile.TemporaryFile()
         os.dup2(self.file.fileno(), 1)
-        self.libc = ctypes.CDLL(None)
         self.pos = 0
+
+    def close(self) -> None:
+        if self.saved is not None:
+            self.libc.fflush(None)
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
+            self.saved = None
+        self.file.close()
 
     def new_text(self) -> str:
         self.libc.fflush(None)
@@ -234,9 +245,13 @@ class ReadPool:
         for tid, task in zip(ids, tasks, strict=False):
             groups.setdefault(group_key(task), []).append((tid, task))
         for items in groups.values():
-            if self.n == 0:
-                for (tid, _), res in zip(items, read_group(self._cache, [t for _, t in items]), strict=False):
-                    self._done[tid] = res
+            if self.n == 0:  # in this process, with the decoder's messages caught for the duration of the reads
+                log = DecoderLog(scoped=True)
+                try:
+                    for (tid, _), res in zip(items, read_group(self._cache, [t for _, t in items], log), strict=True):
+                        self._done[tid] = res
+                finally:
+                    log.close()
                 continue
             size = min(MAX_BATCH, -(-len(items) // self.n))
             for k in range(0, len(items), size):
