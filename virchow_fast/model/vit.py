@@ -174,6 +174,8 @@ class VisionTransformer(nn.Module):
         tokens = [self.prepare_tokens(c, m) for c, m in zip(crops, masks, strict=True)]
         shapes = [(int(t.shape[0]), int(t.shape[1])) for t in tokens]
         cu_seqlens, seg_ids, host_offsets = packed_segments(shapes, tokens[0].device)
+        if not torch.compiler.is_compiling() and ops.backend_for("attention", tokens[0].device) != "torch":
+            host_offsets = None  # only the torch reference needs them (and compiled blocks would guard on each)
         max_seqlen = max(length for _, length in shapes)
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens], dim=0)
         for block in self.blocks:
