@@ -69,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in estimates.items()) + ")")
     trace = trace_step(cfg, tiles, ac, args.world_size)
     s = summarize(trace, cfg)
-    s["memory"] = memory_estimate(trace, cfg.parallel.mixed_precision == "bf16")
+    s["memory"] = memory_estimate(trace)
     total = s["step_seconds"]
 
     print(f"{cfg.name}: {tiles} tiles/GPU, {args.world_size} GPU(s), activation checkpointing {ac}, "
           f"{cfg.parallel.mixed_precision}; predicted on one H200 (estimates, not measurements)")
-    measured = measured_profiles(Path(args.results), cfg, tiles, ac)
+    measured = measured_profiles(Path(args.results), cfg, tiles, (ac, args.ac or cfg.parallel.activation_checkpointing))
     meas = {r["category"]: r["ms"] for r in measured[-1]["rows"]} if measured else {}
     head = f"{'category':32s} {'ops':>6s} {'TFLOP':>8s} {'issued':>8s} {'GB':>8s} {'ms':>8s} {'%step':>6s}"
     print(head)

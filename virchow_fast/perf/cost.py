@@ -127,8 +127,8 @@ def collective_times(trace: StepTrace, gpus: tuple[int, ...] = (8, 64, 512)) -> 
     return rows
 
 
-def measured_profiles(results: Path, cfg: Config, tiles: int, ac: str) -> list[dict]:
-    """bench_profile.py results for this config, batch and AC mode (not CPU smoke runs).
+def measured_profiles(results: Path, cfg: Config, tiles: int, ac: str | tuple[str, ...]) -> list[dict]:
+    """bench_profile.py results for this config, batch and AC mode(s) (not CPU smoke runs).
 
     Format (benchmarks/bench_profile.py's JSON): ``{"model", "batch", "ac", "smoke", "step_ms",
     "rows": [{"category", "ms", "%step"}], "meta": {...}}``; categories are its own
@@ -140,7 +140,8 @@ def measured_profiles(results: Path, cfg: Config, tiles: int, ac: str) -> list[d
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if data.get("smoke") or int(data.get("batch", -1)) != tiles or data.get("ac") != ac:
+        modes = ac if isinstance(ac, tuple) else (ac,)
+        if data.get("smoke") or int(data.get("batch", -1)) != tiles or data.get("ac") not in modes:
             continue
         model = str(data.get("model", ""))
         if model and model.split("_")[:2] != cfg.name.split("_")[:2]:
