@@ -144,3 +144,29 @@ def test_collectives_counted_under_fsdp():
     gathered = sum(r.bytes for r in comm if "allgather" in r.op)
     student = trace.param_counts["student"]
     assert gathered >= 2 * student * 2  # bf16 weights gathered for the forward and again for the backward
+
+
+def test_measured_profiles_match_model_batch_and_mode(tmp_path, debug_trace):
+    """bench_profile.py's JSON is read beside the prediction when model, batch and AC mode match;
+    every op lands in one of its categories."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from virchow_fast.perf.cost import measured_profiles, profile_category
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_profile
+
+    cfg = load_config("configs/vit_h14_virchow2.yaml", ["data.paths=[]", "data.source=synthetic"])
+    rows = [{"category": "GEMM", "ms": 200.0, "%step": 60.0}]
+    for name, payload in {"a": {"model": "vit_h14", "batch": 32, "ac": "off"},
+                          "b": {"model": "vit_h14", "batch": 32, "ac": "full"},
+                          "c": {"model": "vit_g14", "batch": 32, "ac": "off"},
+                          "d": {"model": "vit_h14", "batch": 32, "ac": "off", "smoke": True}}.items():
+        (tmp_path / f"bench_profile_h200_{name}.json").write_text(json.dumps({**payload, "rows": rows}))
+    found = measured_profiles(tmp_path, cfg, 32, ("off", "auto"))
+    assert [Path(f["path"]).name for f in found] == ["bench_profile_h200_a.json"]
+    assert measured_profiles(tmp_path, cfg, 24, "off") == []
+    _, trace = debug_trace
+    assert {profile_category(r) for r in trace.records} <= set(bench_profile.CATEGORIES)
