@@ -195,3 +195,16 @@ def test_writer_refuses_a_scrambled_encoding(slides, tmp_path, monkeypatch):
     lines = []
     written, skipped = write_shards(tmp_path / "index", tmp_path / "shards", workers=1, log=lines.append)
     assert written == 0 and skipped == 2 and all("scrambled" in line for line in lines), lines
+
+
+def test_shards_of_another_context_are_refused(shard_dir):
+    """Shards of 392 px contexts under a config of 448: one line (DALI crashed on a context smaller
+    than the crop boxes, and trained on the wrong scale on a larger one)."""
+    from virchow_fast.data import DataError
+
+    for reader in ("index", "webdataset"):
+        cfg = DataConfig(source="shards", paths=[str(shard_dir)], batch_size=2, device="cpu", pipeline="torch",
+                         shard_reader=reader)
+        cfg.crops.context_size = 448
+        with pytest.raises(DataError, match="shards of 392 px contexts, but data.crops.context_size is 448"):
+            build_loader(cfg, 14)

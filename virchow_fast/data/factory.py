@@ -11,12 +11,15 @@ in a collective for its result, or for its error, which they raise too (one line
 """
 from __future__ import annotations
 
+import datetime
 import sys
 import tempfile
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig
 from .records import DataError, SkipCounters
+
+PREPARE_TIMEOUT_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0's indexing (a corpus can take days)
 
 
 def dali_available() -> bool:
@@ -75,8 +78,11 @@ def on_rank0(rank: int, work):
             result = work()
         except Exception as e:  # noqa: BLE001 (sent to the other ranks, then re-raised)
             exc, error = e, f"{type(e).__name__}: {e}".splitlines()[0]
+    # a group of its own: rank 0 may index for hours, longer than the training group's timeout
+    wait = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=PREPARE_TIMEOUT_S))
     box = [result, error]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=wait)
+    dist.destroy_process_group(wait)
     result, error = box
     if exc is not None:
         raise exc
@@ -142,6 +148,19 @@ def _checked_shards(cfg: DataConfig, run_dir: str | None, rank: int) -> tuple[li
     return on_rank0(rank, work)
 
 
+def _shard_table(cfg: DataConfig):
+    """The shard catalogue, refused in one line when its contexts are not ``data.crops.context_size``
+    (DALI's crop boxes would reach outside a smaller context: it crashes the process)."""
+    from .sources import ShardTable
+
+    table = ShardTable(cfg.paths[0])
+    if table.context != cfg.crops.context_size:
+        raise DataError(f"{cfg.paths[0]}: shards of {table.context} px contexts, but data.crops.context_size is "
+                        f"{cfg.crops.context_size}: write shards with `tiles --context {cfg.crops.context_size} "
+                        "--shards` or change the config")
+    return table
+
+
 def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  start_step: int = 0, run_dir: str | None = None):
     """The loader for ``cfg.source`` (see the module docstring)."""
@@ -155,6 +174,7 @@ def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1
     if cfg.source == "shards" and cfg.shard_reader == "webdataset" and use_dali:
         from .dali_pipeline import DaliLoader
 
+        _shard_table(cfg)
         tars, idxs, dropped = _checked_shards(cfg, run_dir, rank)
         skips.add("shard_samples_dropped", dropped)
         wds = {"paths": tars, "index_paths": idxs, "shard_id": rank, "num_shards": world}
@@ -168,7 +188,7 @@ def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1
         index_dir, files = prepare_index(cfg, run_dir, rank)
         table = TileTable.from_index(index_dir, files)
     else:
-        table = ShardTable(cfg.paths[0])
+        table = _shard_table(cfg)
     sampler = MagSampler(table, cfg)
     shards = isinstance(table, ShardTable)
     if not use_dali:

@@ -52,6 +52,7 @@ class ShardWriter:
         self._tar = None
         self._idx_lines: list[str] = []
         self._n = 0
+        self.context = 0  # px side of every context written (the trainer checks it against its config)
 
     def _open(self) -> None:
         name = f"shard-{len(self.shards):06d}.tar"
@@ -100,7 +101,7 @@ class ShardWriter:
         np.savez(cat, shards=np.array(self.shards), shard=np.array(self.rows["shard"], np.int32),
                  offset=np.array(self.rows["offset"], np.int64), size=np.array(self.rows["size"], np.int64),
                  mag=np.array(self.rows["mag"], np.float32), key=np.array(self.rows["key"]),
-                 crc=np.array(self.rows["crc"], np.uint32))
+                 crc=np.array(self.rows["crc"], np.uint32), context=np.int32(self.context))
         return cat
 
 
@@ -234,6 +235,10 @@ def write_shards(index_dir: str | Path, out_dir: str | Path, workers: int = 2, s
         for part in load_index(index_dir, files):
             slide = str(part["slide"])
             context = int(part["context"])
+            if writer.context and context != writer.context:
+                raise DataError(f"{index_dir}: indexes of context {writer.context} and {context} px; "
+                                "shards hold one context size")
+            writer.context = context
             n = len(part["x"])
             for start in range(0, n, 64):
                 sl = slice(start, min(n, start + 64))

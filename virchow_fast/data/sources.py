@@ -71,12 +71,19 @@ class ShardTable:
                 self.shard, self.offset, self.size = z["shard"], z["offset"], z["size"]
                 self.mag, self.key = z["mag"], z["key"]
                 self.crc = z["crc"] if "crc" in z.files else None  # shards written before checksums: decode check only
+                self.context = int(z["context"]) if "context" in z.files else 0
         except Exception as exc:  # noqa: BLE001 (any unreadable catalogue is one line)
             msg = f"{cat}: unreadable shard catalogue ({type(exc).__name__}: {exc})"
             raise DataError(msg.splitlines()[0]) from None
         self.by_mag = {float(m): np.flatnonzero(self.mag == m) for m in np.unique(self.mag)}
-        self.context = 0
         self.where = str(d)
+        if not len(self):
+            raise DataError(f"{cat}: the catalogue lists no samples")
+        if not self.context:  # written before the catalogue recorded it: one member tells
+            try:
+                self.context = int(decode_jpeg(self.read_bytes(0)).shape[0])
+            except Exception as exc:  # noqa: BLE001
+                raise DataError(f"{d}: cannot tell the context size of its shards ({exc})") from None
 
     def __len__(self) -> int:
         return int(self.offset.shape[0])
