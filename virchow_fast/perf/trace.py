@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import importlib
 import warnings
 from dataclasses import dataclass, field
 
@@ -51,12 +52,16 @@ class StepTrace:
 @contextlib.contextmanager
 def cuda_backends():
     """Make ``ops`` dispatch as for CUDA tensors whatever the tensors' device."""
-    original = ops._dispatch
-    ops._dispatch = lambda op, device: original(op, torch.device("cuda"))
+    try:  # the module whose ``_dispatch`` the op functions call
+        module = importlib.import_module("virchow_fast.ops.dispatch")
+    except ModuleNotFoundError:
+        module = ops
+    original = module._dispatch
+    module._dispatch = lambda op, device: original(op, torch.device("cuda"))
     try:
         yield
     finally:
-        ops._dispatch = original
+        module._dispatch = original
 
 
 @contextlib.contextmanager
