@@ -192,13 +192,14 @@ def _debug_config(out_dir, steps: int, extra=(), device: str = "cpu"):
 
 
 def count_step_syncs(counter, monkeypatch, out_dir, watched_step: int = 2, extra=()) -> list[str]:
-    """Run the debug config for ``watched_step + 1`` steps; the events of iteration ``watched_step``."""
+    """Run the debug config for ``watched_step + 2`` steps (so the watched one stages the next batch);
+    the events of iteration ``watched_step``."""
     from functools import partial
 
     from virchow_fast.train import loop
     from virchow_fast.train.metrics import MetricsWriter
 
-    cfg = _debug_config(out_dir, watched_step + 1, extra)
+    cfg = _debug_config(out_dir, watched_step + 2, extra)
     build_loader = loop.build_loader
     monkeypatch.setattr(loop, "build_loader", lambda *a, **k: _PausedLoader(build_loader(*a, **k), counter))
     if hasattr(loop, "BatchStager"):  # pin as on a GPU (the stand-in pin_memory above)
@@ -235,7 +236,7 @@ def test_one_training_step_synchronises_once_on_the_gpu(monkeypatch, tmp_path):
     from virchow_fast.train import loop
     from virchow_fast.train.metrics import MetricsWriter
 
-    cfg = _debug_config(tmp_path / "run", 3, device="cuda")
+    cfg = _debug_config(tmp_path / "run", 4, device="cuda")
     write, caught = MetricsWriter.write, []
 
     def watched_write(self, record):  # iteration 2: from the write of step 1 to its own
