@@ -269,6 +269,14 @@ def test_tiles_reports_a_folder_named_like_a_slide(slides, tmp_path):
     assert "1 indexed" in res.output
 
 
+def test_tiles_indexes_a_slide_named_twice_once(slides, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    shutil.copy(slides["generic"], d / "a.tiff")
+    res = _tiles(d / "a.tiff", d, tmp_path / "in" / ".." / "in" / "a.tiff", "--out", tmp_path / "out", "--workers", "2")
+    assert res.exit_code == 0 and "tiles: 1 indexed" in res.output, res.output
+
+
 # -- 12. one line instead of a traceback ------------------------------------------------------------------------
 
 def test_no_tiles_at_the_sampled_magnifications_is_one_line(slides, tmp_path):

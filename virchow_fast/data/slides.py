@@ -377,7 +377,9 @@ def gather_slides(paths: list[str] | tuple[str, ...]) -> tuple[list[str], list[t
             problems.append((str(q), f"{q}: no such file or folder"))
         else:
             out.append(str(q))
-    return out, problems
+    seen: set[str] = set()  # a slide named twice (or inside two given folders) is indexed once
+    unique = [f for f in out if not (os.path.realpath(f) in seen or seen.add(os.path.realpath(f)))]
+    return unique, problems
 
 
 def find_slides(paths: list[str] | tuple[str, ...]) -> list[str]:
