@@ -16,6 +16,43 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def patch_interpreter_bf16_dot() -> None:
+    """Make ``tl.dot`` on bf16 operands right in Triton 3.6's interpreter (upstream issue 11584).
+
+    The interpreter stores bf16 as raw uint16 bits, so a bf16 ``tl.dot`` multiplies the bit
+    patterns as integers (off by ~1e10); casts bf16 <-> fp32 are exact there. The kernels never do
+    other arithmetic in bf16 (they upcast after every load and accumulate in fp32), but their dots
+    take bf16 operands on purpose, as the tensor cores want on a GPU. So in the interpreter only,
+    the dot converts bf16 operands to fp32 before numpy's matmul; the kernels stay exactly what
+    runs on a GPU. Applied when this module is imported with TRITON_INTERPRET=1; idempotent.
+    """
+    if not interpreting():
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as interp
+
+    builder = interp.InterpreterBuilder
+    if getattr(builder.create_dot, "_virchow_bf16_patch", False):
+        return
+    original = builder.create_dot
+
+    def to_fp32(h):
+        if h.dtype.scalar == tl.bfloat16:
+            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interp.TensorHandle(data.reshape(h.data.shape), tl.float32)
+        return h
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, to_fp32(a), to_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._virchow_bf16_patch = True
+    builder.create_dot = create_dot
+
+
+patch_interpreter_bf16_dot()
+
+
 def next_pow2(n: int) -> int:
     return triton.next_power_of_2(int(n))
 

@@ -35,213 +35,28 @@ Memory, fp32 words, nothing of size [N, K], [M, K] or [P, K]:
   <= 2^23 (32 MiB)               split-K partials of the row passes
 against the eager reference's N K + 2 M K + several P K (each [2458, 131072] fp32 buffer of the
 ViT-G iBOT head is 1.2 GiB).
+
+Order: launchers -> custom ops -> teacher scalings and loss (autograd) -> public function; the jit
+kernels are in kernels/_prototype_loss_jit.py.
 """
+
 from __future__ import annotations
 
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import triton
-import triton.language as tl
+
+from virchow_fast.ops.reference import AllReduce
 
 from . import _common
-
-AllReduce = Optional[Callable[[torch.Tensor], None]]
+from ._prototype_loss_jit import _col_reduce_kernel, _row_expect_kernel, _row_lse_kernel
 
 # fp32 features use TF32 tensor cores on the GPU unless VIRCHOW_FAST_HEAD_LOSS_PRECISION=ieee
 # (logits are divided by t_t = 0.04 so TF32's ~1e-3 relative error shows in the targets).
 _PRECISION = os.environ.get("VIRCHOW_FAST_HEAD_LOSS_PRECISION", "tf32")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# ---------------------------------------------------------------------------------------------
-# jit kernels
-# ---------------------------------------------------------------------------------------------
-
-@triton.jit
-def _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr):
-    """[BLOCK_R, BLOCK_C] fp32 tile of z[rows] @ w[cols]^T; z: [R, D], w: [C, D]."""
-    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = d < D
-        zt = tl.load(z_ptr + rows[:, None] * stride_z + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        wt = tl.load(w_ptr + cols[:, None] * stride_w + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = tl.dot(zt, tl.trans(wt), acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _row_lse_kernel(z_ptr,      # [R, D] features
-                    w_ptr,      # [C, D] prototypes
-                    beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
-                    m_ptr,      # [SPLITS, R] fp32 out: partial running max
-                    l_ptr,      # [SPLITS, R] fp32 out: partial sum of exp(x - max)
-                    R, C, D, stride_z, stride_w, scale, cols_per_split,
-                    HAS_BETA: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    pid_r = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_R,), tl.float32)
-    c_lo = split * cols_per_split
-    c_hi = tl.minimum(c_lo + cols_per_split, C)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < c_hi
-        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
-                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale
-        if HAS_BETA:
-            x += tl.load(beta_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        x = tl.where(col_ok[None, :], x, float("-inf"))
-        m_new = tl.maximum(m, tl.max(x, axis=1))
-        l = l * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), axis=1)
-        m = m_new
-    tl.store(m_ptr + split * R + rows, m, mask=row_ok)
-    tl.store(l_ptr + split * R + rows, l, mask=row_ok)
-
-
-@triton.jit
-def _row_expect_kernel(z_ptr,      # [R, D] features
-                       w_ptr,      # [C, D] prototypes
-                       beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
-                       alpha_ptr,  # [R] fp32 row bias (unused with ONLINE)
-                       v_ptr,      # [C, E] values (student prototypes)
-                       out_ptr,    # [SPLITS, R, E] fp32 out: sum_k p_rk v_k over this split
-                       m_ptr,      # [SPLITS, R] fp32 out with ONLINE: running max
-                       l_ptr,      # [SPLITS, R] fp32 out with ONLINE: sum of exp(x - max)
-                       R, C, D, E, stride_z, stride_w, stride_v, scale, cols_per_split,
-                       HAS_BETA: tl.constexpr, ONLINE: tl.constexpr, BLOCK_R: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_E1: tl.constexpr, SPLIT_E: tl.constexpr, PRECISION: tl.constexpr):
-    """p = exp(x + alpha) with a known row bias, or ONLINE (flash-attention style): p = exp(x - max)
-    with the accumulator rescaled as the max grows, and (max, sum) written for the host to normalise:
-    softmax @ V and its logsumexp in one pass over K."""
-    pid_r = tl.program_id(0)
-    split = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < R
-    alpha = tl.zeros((BLOCK_R,), tl.float32)
-    if not ONLINE:
-        alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    l = tl.zeros((BLOCK_R,), tl.float32)
-    # E in two power-of-two column chunks (384 = 256 + 128): no accumulator padded to 512
-    e = tl.arange(0, BLOCK_E)
-    e_ok = e < E
-    e1 = BLOCK_E + tl.arange(0, BLOCK_E1)
-    e1_ok = e1 < E
-    acc = tl.zeros((BLOCK_R, BLOCK_E), tl.float32)
-    acc1 = tl.zeros((BLOCK_R, BLOCK_E1), tl.float32)
-    c_lo = split * cols_per_split
-    c_hi = tl.minimum(c_lo + cols_per_split, C)
-    for c0 in range(c_lo, c_hi, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        col_ok = cols < c_hi
-        x = _logit_tile(z_ptr, w_ptr, rows, cols, row_ok, col_ok, D, stride_z, stride_w,
-                        BLOCK_R, BLOCK_C, BLOCK_D, PRECISION) * scale + alpha[:, None]
-        if HAS_BETA:
-            x += tl.load(beta_ptr + cols, mask=col_ok, other=0.0)[None, :]
-        if ONLINE:
-            x = tl.where(col_ok[None, :], x, float("-inf"))
-            m_new = tl.maximum(m, tl.max(x, axis=1))
-            corr = tl.exp(m - m_new)
-            p = tl.exp(x - m_new[:, None])
-            l = l * corr + tl.sum(p, axis=1)
-            acc = acc * corr[:, None]
-            acc1 = acc1 * corr[:, None]
-            m = m_new
-        else:
-            p = tl.where(col_ok[None, :], tl.exp(x), 0.0)
-        v = tl.load(v_ptr + cols[:, None] * stride_v + e[None, :], mask=col_ok[:, None] & e_ok[None, :], other=0.0)
-        p = p.to(v.dtype)
-        acc = tl.dot(p, v, acc, input_precision=PRECISION)
-        if SPLIT_E:
-            v1 = tl.load(v_ptr + cols[:, None] * stride_v + e1[None, :], mask=col_ok[:, None] & e1_ok[None, :],
-                         other=0.0)
-            acc1 = tl.dot(p, v1, acc1, input_precision=PRECISION)
-    out = out_ptr + split * R * E + rows[:, None] * E
-    tl.store(out + e[None, :], acc, mask=row_ok[:, None] & e_ok[None, :])
-    if SPLIT_E:
-        tl.store(out + e1[None, :], acc1, mask=row_ok[:, None] & e1_ok[None, :])
-    if ONLINE:
-        tl.store(m_ptr + split * R + rows, m, mask=row_ok)
-        tl.store(l_ptr + split * R + rows, l, mask=row_ok)
-
-
-@triton.jit
-def _col_reduce_kernel(z_ptr,      # [R, D] features
-                       w_ptr,      # [C, D] prototypes
-                       beta_ptr,   # [C] fp32 column bias (unused without HAS_BETA)
-                       alpha_ptr,  # [R] fp32 row bias
-                       v_ptr,      # [R, E] row values (HAS_V) or unused
-                       out_ptr,    # [C, E] fp32 (HAS_V) or [C] fp32: (out +) coef * sum_r p_rc (v_r)
-                       R, C, D, E, stride_z, stride_w, stride_v, scale, coef,
-                       HAS_BETA: tl.constexpr, HAS_V: tl.constexpr, ACCUMULATE: tl.constexpr,
-                       BLOCK_R: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-                       BLOCK_E1: tl.constexpr, SPLIT_E: tl.constexpr, PRECISION: tl.constexpr):
-    pid_c = tl.program_id(0)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_ok = cols < C
-    beta = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BETA:
-        beta = tl.load(beta_ptr + cols, mask=col_ok, other=0.0)
-    e = tl.arange(0, BLOCK_E)  # E in two power-of-two chunks, as in _row_expect_kernel
-    e_ok = e < E
-    e1 = BLOCK_E + tl.arange(0, BLOCK_E1)
-    e1_ok = e1 < E
-    acc_v = tl.zeros((BLOCK_C, BLOCK_E), tl.float32)
-    acc_v1 = tl.zeros((BLOCK_C, BLOCK_E1), tl.float32)
-    acc_s = tl.zeros((BLOCK_C,), tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        row_ok = rows < R
-        alpha = tl.load(alpha_ptr + rows, mask=row_ok, other=0.0)
-        # the transposed tile [BLOCK_C, BLOCK_R] = w[cols] z[rows]^T: prototypes are the MMA's M side
-        # (64 rows: wgmma) and p^T feeds the value dot without a transpose
-        x = _logit_tile(w_ptr, z_ptr, cols, rows, col_ok, row_ok, D, stride_w, stride_z,
-                        BLOCK_C, BLOCK_R, BLOCK_D, PRECISION) * scale
-        pt = tl.exp(x + beta[:, None] + alpha[None, :])
-        pt = tl.where(col_ok[:, None] & row_ok[None, :], pt, 0.0)
-        if HAS_V:
-            v = tl.load(v_ptr + rows[:, None] * stride_v + e[None, :], mask=row_ok[:, None] & e_ok[None, :], other=0.0)
-            pt = pt.to(v.dtype)
-            acc_v = tl.dot(pt, v, acc_v, input_precision=PRECISION)
-            if SPLIT_E:
-                v1 = tl.load(v_ptr + rows[:, None] * stride_v + e1[None, :], mask=row_ok[:, None] & e1_ok[None, :],
-                             other=0.0)
-                acc_v1 = tl.dot(pt, v1, acc_v1, input_precision=PRECISION)
-        else:
-            acc_s += tl.sum(pt, axis=1)
-    if HAS_V:
-        out = out_ptr + cols[:, None] * E + e[None, :]
-        out_ok = col_ok[:, None] & e_ok[None, :]
-        acc_v = acc_v * coef
-        if ACCUMULATE:
-            acc_v += tl.load(out, mask=out_ok, other=0.0)
-        tl.store(out, acc_v, mask=out_ok)
-        if SPLIT_E:
-            out1 = out_ptr + cols[:, None] * E + e1[None, :]
-            out1_ok = col_ok[:, None] & e1_ok[None, :]
-            acc_v1 = acc_v1 * coef
-            if ACCUMULATE:
-                acc_v1 += tl.load(out1, mask=out1_ok, other=0.0)
-            tl.store(out1, acc_v1, mask=out1_ok)
-    else:
-        acc_s = acc_s * coef
-        if ACCUMULATE:
-            acc_s += tl.load(out_ptr + cols, mask=col_ok, other=0.0)
-        tl.store(out_ptr + cols, acc_s, mask=col_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,7 +81,7 @@ def _config(kind: str, d: int, e: int = 16):
     Not timed on a GPU yet (none lent so far): autotuning is the next step once one is.
     """
     block_e, block_e1 = _e_blocks(e)
-    if _interpreting():  # the interpreter pays per op, not per element: big tiles
+    if _common.interpreting():  # the interpreter pays per op, not per element: big tiles
         return 32, 128, max(16, min(256, triton.next_power_of_2(d))), block_e, block_e1, 4, 1
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     if kind == "row_expect":  # fp32 accumulators [BLOCK_R, E]
@@ -292,16 +107,10 @@ def _splits(device: torch.device, row_blocks: int, rows: int, width: int, cols: 
 
 def _same_dtype(z: torch.Tensor, w: torch.Tensor):
     dt = torch.promote_types(z.dtype, w.dtype)
-    if _interpreting() and dt == torch.bfloat16:
-        dt = torch.float32  # Triton 3.6's interpreter computes bf16 tl.dot wrongly (off by ~1e10)
     return z.to(dt).contiguous(), w.to(dt).contiguous()
 
 
-def _values(v: torch.Tensor) -> torch.Tensor:
-    return v.float().contiguous() if _interpreting() and v.dtype == torch.bfloat16 else v.contiguous()
-
-
-def row_lse(z, w, scale: float, beta=None):
+def _lse(z, w, scale: float, beta=None):
     """logsumexp_k(scale * (z @ w^T) + beta) -> [R] fp32. z: [R, D], w: [C, D], beta: [C] or None."""
     z, w = _same_dtype(z, w)
     (R, D), C = z.shape, w.shape[0]
@@ -310,17 +119,17 @@ def row_lse(z, w, scale: float, beta=None):
     br, bc, bd, _, _, warps, stages = _config("row_lse", D)
     splits, per = _splits(z.device, triton.cdiv(R, br), R, 2, C, bc)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    lsum = torch.empty_like(m)
     _row_lse_kernel[(triton.cdiv(R, br), splits)](
-        z, w, beta if beta is not None else m, m, l, R, C, D, z.stride(0), w.stride(0), scale, per,
+        z, w, beta if beta is not None else m, m, lsum, R, C, D, z.stride(0), w.stride(0), scale, per,
         HAS_BETA=beta is not None, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, PRECISION=_PRECISION,
         num_warps=warps, num_stages=stages)
-    return torch.logsumexp(m + l.log(), dim=0)
+    return torch.logsumexp(m + lsum.log(), dim=0)
 
 
-def _row_expect(z, w, scale: float, beta, alpha, v):
+def _expect_partials(z, w, scale: float, beta, alpha, v):
     z, w = _same_dtype(z, w)
-    v = _values(v)
+    v = v.contiguous()
     (R, D), (C, E) = z.shape, v.shape
     online = alpha is None
     if R == 0:  # no rows (e.g. no masked token on this rank)
@@ -330,33 +139,33 @@ def _row_expect(z, w, scale: float, beta, alpha, v):
     splits, per = _splits(z.device, triton.cdiv(R, br), R, E, C, bc)
     out = torch.empty(splits, R, E, device=z.device, dtype=torch.float32)
     m = torch.empty(splits, R, device=z.device, dtype=torch.float32) if online else out
-    l = torch.empty_like(m) if online else out
+    lsum = torch.empty_like(m) if online else out
     _row_expect_kernel[(triton.cdiv(R, br), splits)](
-        z, w, beta if beta is not None else out, alpha.contiguous() if not online else out, v, out, m, l,
+        z, w, beta if beta is not None else out, alpha.contiguous() if not online else out, v, out, m, lsum,
         R, C, D, E, z.stride(0), w.stride(0), v.stride(0), scale, per,
         HAS_BETA=beta is not None, ONLINE=online, BLOCK_R=br, BLOCK_C=bc, BLOCK_D=bd, BLOCK_E=be,
         BLOCK_E1=max(16, be1), SPLIT_E=be1 > 0,
         PRECISION=_PRECISION, num_warps=warps, num_stages=stages)
-    return out, m, l
+    return out, m, lsum
 
 
-def row_expect(z, w, scale: float, beta, alpha, v):
+def _expect(z, w, scale: float, beta, alpha, v):
     """sum_k exp(scale * (z @ w^T) + beta + alpha[:, None])_rk v_k -> [R, E] fp32; v: [C, E]."""
-    out, _, _ = _row_expect(z, w, scale, beta, alpha, v)
+    out, _, _ = _expect_partials(z, w, scale, beta, alpha, v)
     return out.sum(0) if out.shape[0] > 1 else out[0]
 
 
-def row_softmax_expect(z, w, scale: float, beta, v):
+def _softmax_expect(z, w, scale: float, beta, v):
     """(softmax_k(x) @ v [R, E], logsumexp_k(x) [R]) for x = scale * (z @ w^T) + beta, in one pass."""
-    out, m, l = _row_expect(z, w, scale, beta, None, v)
+    out, m, lsum = _expect_partials(z, w, scale, beta, None, v)
     m_all = m.max(0).values  # [R]; splits merged as in flash-decoding
     f = torch.exp(m - m_all)  # [S, R]
-    l_all = (f * l).sum(0)
+    l_all = (f * lsum).sum(0)
     y = (f[:, :, None] * out).sum(0) / l_all[:, None]
     return y, m_all + torch.log(l_all)
 
 
-def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=None):
+def _col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=None):
     """coef * sum_r p_rc v_r -> [C, E] fp32 (or [C] without v), p = exp(scale z w^T + beta + alpha).
 
     With ``out`` given (contiguous fp32) the result is added to it in place: one [C, E] buffer
@@ -370,7 +179,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
     if out is None:
         out = torch.empty((C, E) if v is not None else (C,), device=z.device, dtype=torch.float32)
     has_v = v is not None
-    v = _values(v) if has_v else out
+    v = v.contiguous() if has_v else out
     _col_reduce_kernel[(triton.cdiv(C, bc),)](
         z, w, beta if beta is not None else out, alpha.contiguous(), v, out, R, C, D, E,
         z.stride(0), w.stride(0), v.stride(0), scale, coef,
@@ -384,7 +193,7 @@ def col_reduce(z, w, scale: float, beta, alpha, v=None, coef: float = 1.0, out=N
 
 @torch.library.custom_op("virchow_fast_triton::head_row_lse", mutates_args=())
 def _row_lse_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor]) -> torch.Tensor:
-    return row_lse(z, w, scale, beta)
+    return _lse(z, w, scale, beta)
 
 
 @_row_lse_op.register_fake
@@ -395,7 +204,7 @@ def _(z, w, scale, beta):
 @torch.library.custom_op("virchow_fast_triton::head_row_expect", mutates_args=())
 def _row_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                    alpha: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return row_expect(z, w, scale, beta, alpha, v).contiguous()
+    return _expect(z, w, scale, beta, alpha, v).contiguous()
 
 
 @_row_expect_op.register_fake
@@ -406,7 +215,7 @@ def _(z, w, scale, beta, alpha, v):
 @torch.library.custom_op("virchow_fast_triton::head_row_softmax_expect", mutates_args=())
 def _row_softmax_expect_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                            v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return row_softmax_expect(z, w, scale, beta, v)
+    return _softmax_expect(z, w, scale, beta, v)
 
 
 @_row_softmax_expect_op.register_fake
@@ -417,7 +226,7 @@ def _(z, w, scale, beta, v):
 @torch.library.custom_op("virchow_fast_triton::head_col_sum", mutates_args=())
 def _col_sum_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                 alpha: torch.Tensor) -> torch.Tensor:
-    return col_reduce(z, w, scale, beta, alpha)
+    return _col_reduce(z, w, scale, beta, alpha)
 
 
 @_col_sum_op.register_fake
@@ -428,7 +237,7 @@ def _(z, w, scale, beta, alpha):
 @torch.library.custom_op("virchow_fast_triton::head_col_reduce", mutates_args=())
 def _col_reduce_op(z: torch.Tensor, w: torch.Tensor, scale: float, beta: Optional[torch.Tensor],
                    alpha: torch.Tensor, v: torch.Tensor, coef: float) -> torch.Tensor:
-    return col_reduce(z, w, scale, beta, alpha, v, coef)
+    return _col_reduce(z, w, scale, beta, alpha, v, coef)
 
 
 @_col_reduce_op.register_fake
@@ -439,7 +248,7 @@ def _(z, w, scale, beta, alpha, v, coef):
 @torch.library.custom_op("virchow_fast_triton::head_col_reduce_add_", mutates_args=("out",))
 def _col_reduce_add_op(out: torch.Tensor, z: torch.Tensor, w: torch.Tensor, scale: float,
                        beta: Optional[torch.Tensor], alpha: torch.Tensor, v: torch.Tensor, coef: float) -> None:
-    col_reduce(z, w, scale, beta, alpha, v, coef, out=out)
+    _col_reduce(z, w, scale, beta, alpha, v, coef, out=out)
 
 
 @_col_reduce_add_op.register_fake
@@ -568,4 +377,4 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
                                 all_reduce, total_rows)
 
 
-__all__ = ["prototype_loss", "teacher_scalings", "row_lse", "row_expect", "row_softmax_expect", "col_reduce"]
+__all__ = ["prototype_loss", "teacher_scalings"]

@@ -1,48 +1,21 @@
-"""Kernel-test fixtures: NaN-poisoned output allocation and the bf16 interpreter fix.
+"""Kernel-test fixtures: NaN-poisoned output allocation; the bf16 interpreter fix is applied.
 
-bf16 under TRITON_INTERPRET=1 (triton 3.6, upstream issue 11584): the interpreter stores bf16 as
-raw uint16 bits, so ``tl.dot`` on bf16 operands multiplies the bit patterns as integers and bf16
-arithmetic is integer arithmetic: silently wrong numbers. Casts bf16 <-> fp32 are exact there.
-Our kernels never do arithmetic in bf16 (LayerNorm and SwiGLU upcast to fp32 right after every
-load; attention keeps softmax statistics and accumulators in fp32), but attention's ``tl.dot``
-takes bf16 operands on purpose, since that is what the tensor cores want on a GPU. So here, and
-only in the interpreter, we patch ``InterpreterBuilder.create_dot`` to convert bf16 operands to
-fp32 before the numpy matmul. The kernels stay exactly what runs on the GPU.
+bf16 under TRITON_INTERPRET=1 (triton 3.6): the interpreter's bf16 ``tl.dot`` is wrong; the fix
+has one home, :func:`virchow_fast.kernels._common.patch_interpreter_bf16_dot`, applied when the
+kernels are imported. It is applied here too so a test that runs an interpreted kernel before
+importing any kernel module still gets it.
 """
 from __future__ import annotations
 
-import os
-
-import numpy as np
 import pytest
 import torch
 
-
-def _patch_interpreter_bf16_dot() -> None:
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    import triton.language as tl
-    from triton.runtime import interpreter as interp
-
-    builder = interp.InterpreterBuilder
-    if getattr(builder.create_dot, "_virchow_bf16_patch", False):
-        return
-    original = builder.create_dot
-
-    def to_fp32(h):
-        if h.dtype.scalar == tl.bfloat16:
-            data = interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
-            return interp.TensorHandle(data.reshape(h.data.shape), tl.float32)
-        return h
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return original(self, to_fp32(a), to_fp32(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._virchow_bf16_patch = True
-    builder.create_dot = create_dot
-
-
-_patch_interpreter_bf16_dot()
+try:
+    from virchow_fast.kernels._common import patch_interpreter_bf16_dot
+except ImportError:  # no triton: the kernel tests skip themselves
+    pass
+else:
+    patch_interpreter_bf16_dot()
 
 
 def _nan_fill(t: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _check(shape, dtype, x_dtype, device, close):
     assert [g.dtype for g in grads] == [x_dtype, dtype, gamma.dtype]
     tol = TOL[dtype]
     close(z, zr, tol["z"], "z")
-    for name, g, gr in zip(("dx", "dy", "dgamma"), grads, ref_grads):
+    for name, g, gr in zip(("dx", "dy", "dgamma"), grads, ref_grads, strict=True):
         close(g, gr, tol["grad"], name)
 
 
