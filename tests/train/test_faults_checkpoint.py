@@ -1,10 +1,12 @@
 """Damaged checkpoints: found by their manifest, set aside with one line, and the run resumes from the one before."""
 import json
+import shutil
+import subprocess
 import zlib
 
 import pytest
-from distrun import assert_losses_close
-from faults import config, metrics
+from distrun import assert_losses_close, cached, command, environment, launch
+from faults import config, metrics, tree_digest
 
 from virchow_fast.train.checkpoint import list_checkpoints
 from virchow_fast.train.errors import RunError
@@ -74,3 +76,29 @@ def test_no_intact_checkpoint_is_one_line_naming_them(tmp_path):
         _truncate(_shard(ckpt))
     with pytest.raises(RunError, match=r"no intact checkpoint .*step_00000004, step_00000002"):
         run(config(tmp_path), resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_agree_on_a_damaged_shard_of_rank_1(tmp_path):
+    """Rank 1 wrote and checksummed __1_*.distcp; on resume the ranks split the checks and share the verdict."""
+    two = cached(2)  # 4 steps on 2 x 4 tiles, checkpoints 2 and 4
+    out = tmp_path / "two"
+    shutil.copytree(two, out)
+    files = json.loads((out / "checkpoints" / "step_00000004" / "manifest.json").read_text())["files"]
+    assert any(name.startswith("__1_") for name in files) and ".metadata" in files
+    _flip(next((out / "checkpoints" / "step_00000004").glob("__1_*.distcp")))
+    res = launch(2, out, resume=True)
+    said = res.stdout + res.stderr
+    assert said.count(" is damaged (__1_") == 1 and "step_00000002 at step 2" in said
+    assert_losses_close(metrics(out), metrics(two), 1e-6, keys=("loss", "dino", "ibot", "grad_norm"))
+
+
+@pytest.mark.slow
+def test_two_processes_refuse_an_occupied_run_directory_together(tmp_path):
+    out = tmp_path / "two"
+    shutil.copytree(cached(2), out)
+    before = tree_digest(out)
+    res = subprocess.run(command(2, out), env=environment(), capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert res.stderr.count("holds an earlier run") == 2  # each rank says it once, and neither trains
+    assert tree_digest(out) == before
