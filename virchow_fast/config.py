@@ -151,14 +151,24 @@ class OptimConfig:
     fused: str = _doc("fused AdamW: auto | on | off (auto = on for CUDA)", "auto")
 
 
-@dataclass
-class OpsConfig:
-    attention: str = _doc("attention backend: auto | torch | triton | cuda", "auto")
-    layer_norm: str = _doc("LayerNorm backend: auto | torch | triton | cuda", "auto")
-    swiglu: str = _doc("SwiGLU backend: auto | torch | triton", "auto")
-    residual_layer_scale: str = _doc("residual add + LayerScale backend: auto | torch | triton", "auto")
-    head_loss: str = _doc("prototype cross-entropy backend: auto | torch | triton", "auto")
-    centering: str = _doc("materialised teacher centering backend: auto | torch | cuda", "auto")
+def _ops_config() -> type:
+    """One field per op of the op table (ops/table.py): ``ops.<op>: auto | <its backends>``."""
+    from .ops.table import TABLE
+
+    fields = [(name, str, _doc(f"{op.summary}: auto | {' | '.join(op.backends())}", "auto"))
+              for name, op in TABLE.items()]
+    cls = dataclasses.make_dataclass("OpsConfig", fields)
+    cls.__module__ = __name__  # pickles and reads like the other sections
+    return cls
+
+
+OpsConfig = _ops_config()
+
+
+def _renamed_ops() -> dict[str, str]:
+    from .ops.table import RENAMED
+
+    return RENAMED
 
 
 @dataclass
@@ -281,6 +291,8 @@ def _build(cls: type, data: dict, where: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in data:
         if key not in names:
+            if where == "ops" and key in _renamed_ops():
+                raise ConfigError(f"ops.{key}: renamed ops.{_renamed_ops()[key]}")
             known = ", ".join(sorted(names))
             raise ConfigError(f"{where}.{key}: unknown key (known: {known})".lstrip("."))
     obj = cls()
@@ -434,8 +446,10 @@ def validate(cfg: Config) -> None:
     _check(0 <= o.momentum_teacher <= o.momentum_teacher_end <= 1.0, "optim.momentum_teacher",
            "need 0 <= momentum_teacher <= momentum_teacher_end <= 1")
     _choice(o.fused, "optim.fused", ("auto", "on", "off"))
-    for key in ("attention", "layer_norm", "swiglu", "residual_layer_scale", "head_loss", "centering"):
-        _choice(getattr(cfg.ops, key), f"ops.{key}", ("auto", "torch", "triton", "cuda"))
+    from .ops.table import TABLE
+
+    for key, op in TABLE.items():
+        _choice(getattr(cfg.ops, key), f"ops.{key}", ("auto",) + op.backends())
     p = cfg.parallel
     _choice(p.fsdp, "parallel.fsdp", ("auto", "on", "off"))
     _choice(p.mixed_precision, "parallel.mixed_precision", ("bf16", "fp32"))

@@ -65,7 +65,9 @@ assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape
 p = torch.ops.virchow_fast_cuda.softmax_center(torch.empty(4, 96, device="meta"), torch.empty(96, device="meta"), 0.04)
 assert p.shape == (4, 96) and p.dtype == torch.float32
 assert torch.ops.virchow_fast_cuda.sinkhorn_col_sums(p).shape == (96,)
-assert sorted(cuda_ops.IMPLEMENTATIONS) == ["centering", "layer_norm"]
+from virchow_fast.ops.table import TABLE
+assert sorted(n for n, op in TABLE.items() if op.cuda) == ["layer_norm", "prototype_loss", "teacher_probs"]
+assert all(hasattr(cuda_ops, op.cuda.split(":")[1]) for op in TABLE.values() if op.cuda)
 print("ok")
 """
 
@@ -195,7 +197,7 @@ def test_sinkhorn_matches_reference(m, k):
 def test_centering_through_ops(monkeypatch):
     _cuda_ops()
     from virchow_fast import ops
-    monkeypatch.setenv("VIRCHOW_FAST_CENTERING", "cuda")
+    monkeypatch.setenv("VIRCHOW_FAST_TEACHER_PROBS", "cuda")
     z = torch.nn.functional.normalize(torch.randn(32, 256, device="cuda"), dim=1)
     w = torch.nn.functional.normalize(torch.randn(8192, 256, device="cuda"), dim=1)
     got = ops.teacher_probs(z, w, 0.04, "sinkhorn")

@@ -29,7 +29,10 @@ import importlib.util, sys
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from virchow_fast.ops import _triton_backend  # noqa: F401  (every kernels/ module registers its ops)
+from virchow_fast import ops
+for _name, _op in ops.TABLE.items():  # importing each kernel module registers its ops
+    if _op.triton:
+        ops.implementation(_name, "triton")
 namespaces = ["virchow_fast_triton"]
 if sys.argv[1] != "-":
     spec = importlib.util.spec_from_file_location("virchow_fast._C", sys.argv[1])

@@ -169,8 +169,8 @@ def test_softmax_center_targets():
 def test_ops_dispatch_uses_fused_kernel(monkeypatch):
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("VIRCHOW_FAST_HEAD_LOSS", "triton")
-    assert ops.backend_for("head_loss", DEVICE) == "triton"
+    monkeypatch.setenv("VIRCHOW_FAST_PROTOTYPE_LOSS", "triton")
+    assert ops.backend_for("prototype_loss", DEVICE) == "triton"
     torch.manual_seed(7)
     sz, sw, tz, tw = _heads(5, 3, 1000, 16)
     idx = torch.tensor([0, 1, 2, 3, 4], device=DEVICE)

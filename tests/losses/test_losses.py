@@ -174,20 +174,21 @@ def test_minimising_kde_spreads_clustered_features():
     assert kde_before > 8.0 and kde_loss(x, 5.0).item() < kde_before - 0.4
 
 
-def test_eager_head_loss_takes_targets_from_the_centering_op(monkeypatch):
-    """The non-fused path gets teacher targets through ops.teacher_probs (CUDA centering when built)."""
+def test_torch_backend_is_the_pure_reference(monkeypatch):
+    """ops.prototype_loss on torch never goes through another op's backend (a forced reference is the
+    reference); its teacher targets are reference.teacher_probs's."""
     from virchow_fast import ops
+    from virchow_fast.ops import dispatch, reference
 
-    ops.backend_for("centering", "cpu")
-    ops._load_backend("centering", "torch")
-    calls = []
-    original = ops._impls[("centering", "torch")]
+    assert ops.implementation("prototype_loss", "torch") is reference.prototype_loss
+    called = []
+    real = dispatch._dispatch
 
-    def spy(*args, **kwargs):
-        calls.append(args[3])
-        return original(*args, **kwargs)
+    def spy(op, device):
+        called.append(op)
+        return real(op, device)
 
-    monkeypatch.setitem(ops._impls, ("centering", "torch"), spy)
+    monkeypatch.setattr(dispatch, "_dispatch", spy)
     loss_fn = DINOLoss(5, "sinkhorn", 0.1, 0.9, 3)
     loss_fn(_unit(6, 4, 0).float(), _unit(5, 4, 1).float(), _unit(4, 4, 2).float(), _unit(5, 4, 3).float(), 2, 0.04)
-    assert calls == ["sinkhorn"]
+    assert called == ["prototype_loss"]

@@ -2,7 +2,7 @@
 
 csrc/bindings.cpp defines the schemas and CUDA kernels of ``torch.ops.virchow_fast_cuda.*``; this module
 adds what torch.compile and autograd need (fake kernels, ``register_autograd``) and the functions
-with the reference's signatures that ops/ registers as the ``cuda`` backend (``IMPLEMENTATIONS``).
+with the reference's signatures that the op table (ops/table.py) names as the ``cuda`` backend.
 Importing it raises ImportError when the extension is not built.
 """
 from __future__ import annotations
@@ -118,7 +118,6 @@ def teacher_probs(teacher_z: torch.Tensor, teacher_w: torch.Tensor, teacher_temp
     raise ValueError(f"centering {centering!r}: expected 'sinkhorn' or 'softmax'")
 
 
-IMPLEMENTATIONS = {
-    "layer_norm": layer_norm,
-    "centering": teacher_probs,
-}
+def prototype_loss(*args, **kwargs):
+    """The reference head loss with its teacher targets from the CUDA centering kernels above."""
+    return reference.prototype_loss(*args, targets=teacher_probs, **kwargs)

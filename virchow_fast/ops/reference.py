@@ -160,8 +160,8 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
     with weight pair_weight[p] ([P] fp32); the loss is sum_p w_p CE_p.
     Returns (loss scalar, teacher logit mean [K] over this rank's rows, for the softmax center's
     EMA; the caller all-reduces it). ``targets`` computes the teacher probabilities with
-    :func:`teacher_probs`'s signature (default: it; the ops layer passes ``ops.teacher_probs`` so the
-    CUDA centering kernels serve this eager path when built).
+    :func:`teacher_probs`'s signature (default: it, so this is the pure reference; the ``cuda``
+    backend of the op, ops/cuda_ops.py, passes the CUDA centering kernels).
     Eagerly: [N, K] student logits, [M, K] teacher logits and probabilities, [P, K] gathered
     copies and their gradients; the fused kernel keeps none of them.
     """

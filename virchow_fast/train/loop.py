@@ -82,6 +82,9 @@ def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimi
     then sharded. Also used by benchmarks/bench_step.py.
     """
     ops.configure(cfg.ops)
+    if info.is_main:
+        log.info("ops on %s: %s", info.device.type,
+                 ", ".join(f"{op}={backend}" for op, backend in ops.plan(info.device).items()))
     torch.manual_seed(cfg.train.seed)  # same init on every rank
     with torch.device(info.device):
         student = SSLNetwork(cfg.model, cfg.heads)

@@ -1,0 +1,174 @@
+"""Dispatch for the fused ops (``virchow_fast.ops`` re-exports this module's public names).
+
+The ops, their backends and their ``auto`` order are listed once, in :mod:`virchow_fast.ops.table`.
+Choice per op, made at call time, never at import time:
+
+1. an explicit choice from the config (``ops.<op>``) set with :func:`configure`;
+2. else the environment variable ``VIRCHOW_FAST_<OP>`` (e.g. ``VIRCHOW_FAST_ATTENTION=torch``);
+3. else ``auto``: on CUDA tensors the first backend of the op's ``auto`` order that is available
+   (the evidence is beside it in the table), on CPU tensors the reference.
+
+The choice is logged once per (op, backend, device type); :func:`plan` lists it for every op.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from typing import Callable
+
+import torch
+
+from . import reference
+from .table import BACKENDS, RENAMED, TABLE
+
+log = logging.getLogger("virchow_fast.ops")
+
+OPS = tuple(TABLE)
+
+_configured: dict[str, str] = {}
+_logged: set[tuple[str, str, str]] = set()
+# (op, backend) -> implementation, imported from the table on first use so importing ops is cheap
+_impls: dict[tuple[str, str], Callable] = {}
+
+
+def _known(op: str) -> None:
+    if op not in TABLE:
+        hint = f" (renamed: ops.{RENAMED[op]})" if op in RENAMED else f" (known: {', '.join(OPS)})"
+        raise ValueError(f"ops.{op}: unknown op{hint}")
+
+
+def check_choice(op: str, backend: str, where: str) -> None:
+    """``backend`` is auto or one of the op's own backends, else one line naming ``where``."""
+    _known(op)
+    allowed = ("auto",) + TABLE[op].backends()
+    if backend not in allowed:
+        raise ValueError(f"{where}: {backend!r} is not a backend of {op} (choose from {', '.join(allowed)})")
+
+
+def configure(choices: dict[str, str] | object) -> None:
+    """Set per-op backends from a dict or an ``OpsConfig`` ("auto" clears a choice)."""
+    items = choices.items() if isinstance(choices, dict) else vars(choices).items()
+    for op, backend in items:
+        check_choice(op, backend, f"ops.{op}")
+        if backend == "auto":
+            _configured.pop(op, None)
+        else:
+            _configured[op] = backend
+
+
+def implementation(op: str, backend: str) -> Callable | None:
+    """The table's ``backend`` implementation of ``op``, imported on first use; None when it cannot be
+    imported here (no triton, the extension not built)."""
+    key = (op, backend)
+    if key not in _impls:
+        path = getattr(TABLE[op], backend)
+        if path is None:
+            return None
+        module, name = path.split(":")
+        try:
+            _impls[key] = getattr(importlib.import_module(module), name)
+        except ImportError as exc:
+            log.debug("ops.%s: backend %s unavailable: %s", op, backend, exc)
+            return None
+    return _impls[key]
+
+
+def _available(op: str, backend: str, device_type: str) -> bool:
+    if backend == "torch":
+        return True
+    if backend == "triton" and device_type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    if backend == "cuda" and device_type != "cuda":
+        return False
+    return implementation(op, backend) is not None
+
+
+def backend_for(op: str, device: torch.device | str) -> str:
+    """The backend ``op`` uses for tensors on ``device``."""
+    _known(op)
+    device_type = torch.device(device).type
+    spec = TABLE[op]
+    choice = _configured.get(op)
+    if choice is None:
+        choice = os.environ.get(spec.env, "auto")
+        check_choice(op, choice, spec.env)
+    if choice == "auto":
+        choice = "torch"
+        if device_type == "cuda":
+            choice = next((b for b in spec.auto if _available(op, b, device_type)), "torch")
+    elif not _available(op, choice, device_type):
+        raise RuntimeError(f"ops.{op}: backend {choice!r} is not available for {device_type} tensors "
+                           f"(triton on CPU needs TRITON_INTERPRET=1; cuda needs the built extension and a GPU)")
+    key = (op, choice, device_type)
+    if key not in _logged:
+        _logged.add(key)
+        log.debug("ops.%s -> %s on %s", op, choice, device_type)
+    return choice
+
+
+def plan(device: torch.device | str) -> dict[str, str]:
+    """{op: backend} that tensors on ``device`` get now, for every op (logged once at start)."""
+    return {op: backend_for(op, device) for op in OPS}
+
+
+@torch.compiler.assume_constant_result
+def _traced_backend(op: str, device_type: str) -> str:
+    """backend_for, run for real while torch.compile traces (imports, logging and env lookups
+    cannot be traced); the choice is baked into the graph, so call torch._dynamo.reset() after
+    changing backends for an already compiled module."""
+    backend = backend_for(op, device_type)
+    implementation(op, backend)
+    return backend
+
+
+def _dispatch(op: str, device: torch.device) -> Callable:
+    if torch.compiler.is_compiling():
+        return _impls[(op, _traced_backend(op, device.type))]
+    backend = backend_for(op, device)
+    fn = implementation(op, backend)
+    if fn is None:
+        raise RuntimeError(f"ops.{op}: backend {backend!r} has no implementation")
+    return fn
+
+
+def attention(q, k, v, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
+    """Packed varlen attention; see :func:`reference.attention` for shapes.
+
+    host_offsets: cu_seqlens as a sequence of ints, when the caller knows them; the torch backend
+    then groups segments by length from them instead of reading cu_seqlens back from the device.
+    """
+    fn = _dispatch("attention", q.device)
+    if host_offsets is not None and fn is implementation("attention", "torch"):
+        cu_seqlens = host_offsets
+    return fn(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def layer_norm(x, weight, bias, eps):
+    """LayerNorm over the last dim; see :func:`reference.layer_norm`."""
+    return _dispatch("layer_norm", x.device)(x, weight, bias, eps)
+
+
+def swiglu(x):
+    """SiLU(first half) * second half; see :func:`reference.swiglu`."""
+    return _dispatch("swiglu", x.device)(x)
+
+
+def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None):
+    """x + keep[seg_ids] * gamma * y: the residual add fused with LayerScale and per-crop stochastic
+    depth; see :func:`reference.residual_layer_scale`."""
+    return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids)
+
+
+def prototype_loss(*args, **kwargs):
+    """DINO / iBOT head loss from bottleneck features; see :func:`reference.prototype_loss`."""
+    return _dispatch("prototype_loss", args[0].device)(*args, **kwargs)
+
+
+def teacher_probs(*args, **kwargs):
+    """Materialised teacher targets [M, K]; see :func:`reference.teacher_probs`."""
+    return _dispatch("teacher_probs", args[0].device)(*args, **kwargs)
+
+
+__all__ = ["attention", "layer_norm", "swiglu", "residual_layer_scale", "prototype_loss", "teacher_probs", "configure",
+           "backend_for", "plan", "implementation", "check_choice", "reference", "OPS", "BACKENDS", "TABLE"]

@@ -1,0 +1,75 @@
+"""The op table: the one list of fused ops, their implementations per backend and the ``auto`` order.
+
+Everything else reads it: ``virchow_fast.ops`` (dispatch), the config (``ops.<name>`` fields, their
+documentation and validation), the environment variables (``VIRCHOW_FAST_<NAME>``), the tests and
+the benchmarks. An op's name is its function's name in ``virchow_fast.ops``. Implementations are
+``"module:function"`` strings, imported on first use, so reading the table imports nothing (the
+config reads it in processes that never touch a kernel).
+
+Backends: ``torch`` is the pure PyTorch reference (``ops/reference.py``, the specification, and the
+only backend on CPU tensors); ``triton`` is ``kernels/`` (also on CPU tensors under TRITON_INTERPRET=1,
+for tests); ``cuda`` is the ``virchow_fast._C`` extension built from ``csrc/``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BACKENDS = ("torch", "triton", "cuda")
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    summary: str
+    torch: str
+    triton: str | None = None
+    cuda: str | None = None
+    auto: tuple[str, ...] = ("torch",)  # order tried on CUDA tensors; the first available one runs
+    evidence: str = ""  # why ``auto`` is in this order
+
+    def backends(self) -> tuple[str, ...]:
+        return tuple(b for b in BACKENDS if getattr(self, b) is not None)
+
+    @property
+    def env(self) -> str:
+        return f"VIRCHOW_FAST_{self.name.upper()}"
+
+
+_NOT_MEASURED = ("expected order, not yet measured on a GPU (no device lent so far); "
+                 "benchmarks/gpu_check.sh measures it")
+
+TABLE: dict[str, Op] = {op.name: op for op in (
+    Op("attention", "packed varlen attention over cu_seqlens segments (block-diagonal)",
+       torch="virchow_fast.ops.reference:attention",
+       triton="virchow_fast.kernels.attention:attention",
+       auto=("triton", "torch"),
+       evidence=_NOT_MEASURED + "; sm_90a codegen checked by tests/kernels/test_sm90_compile.py"),
+    Op("layer_norm", "LayerNorm over the last dim",
+       torch="virchow_fast.ops.reference:layer_norm",
+       triton="virchow_fast.kernels.layer_norm:layer_norm",
+       cuda="virchow_fast.ops.cuda_ops:layer_norm",
+       auto=("triton", "cuda", "torch"), evidence=_NOT_MEASURED),
+    Op("swiglu", "SiLU(first half) * second half of the packed fc1 output",
+       torch="virchow_fast.ops.reference:swiglu",
+       triton="virchow_fast.kernels.swiglu:swiglu",
+       auto=("triton", "torch"), evidence=_NOT_MEASURED),
+    Op("residual_layer_scale", "x + keep[seg] * gamma * y: residual add, LayerScale and per-crop drop path",
+       torch="virchow_fast.ops.reference:residual_layer_scale",
+       triton="virchow_fast.kernels.layer_scale:residual_layer_scale",
+       auto=("triton", "torch"),
+       evidence=_NOT_MEASURED + "; moves 3 instead of about 5 row-widths each way (benchmarks/cost_model.py)"),
+    Op("prototype_loss", "DINO / iBOT head loss from bottleneck features, logits never stored",
+       torch="virchow_fast.ops.reference:prototype_loss",
+       triton="virchow_fast.kernels.prototype_loss:prototype_loss",
+       cuda="virchow_fast.ops.cuda_ops:prototype_loss",
+       auto=("triton", "cuda", "torch"),
+       evidence=_NOT_MEASURED + "; CPU peak memory of the fused loss: 0.03-0.08x eager "
+                "(benchmarks/results/bench_head_loss_cpu_*.json)"),
+    Op("teacher_probs", "materialised teacher targets [M, K]: Sinkhorn-Knopp or softmax centering",
+       torch="virchow_fast.ops.reference:teacher_probs",
+       cuda="virchow_fast.ops.cuda_ops:teacher_probs",
+       auto=("cuda", "torch"), evidence=_NOT_MEASURED),
+)}
+
+# old config keys, so a config written for an earlier version fails with the new name in its line
+RENAMED = {"head_loss": "prototype_loss", "centering": "teacher_probs"}
