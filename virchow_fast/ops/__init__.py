@@ -14,8 +14,7 @@ from .table import BACKENDS, RENAMED, TABLE
 OPS = tuple(TABLE)
 
 _LAZY = {"reference": "virchow_fast.ops.reference"}
-_DISPATCH = ("attention", "layer_norm", "swiglu", "residual_layer_scale", "prototype_loss", "teacher_probs",
-             "configure", "backend_for", "plan", "implementation", "check_choice")
+_DISPATCH = OPS + ("configure", "backend_for", "plan", "implementation", "check_choice")
 
 
 def __getattr__(name: str):

@@ -170,5 +170,5 @@ def teacher_probs(*args, **kwargs):
     return _dispatch("teacher_probs", args[0].device)(*args, **kwargs)
 
 
-__all__ = ["attention", "layer_norm", "swiglu", "residual_layer_scale", "prototype_loss", "teacher_probs", "configure",
-           "backend_for", "plan", "implementation", "check_choice", "reference", "OPS", "BACKENDS", "TABLE"]
+__all__ = list(OPS) + ["configure", "backend_for", "plan", "implementation", "check_choice", "reference", "OPS",
+                       "BACKENDS", "TABLE"]
