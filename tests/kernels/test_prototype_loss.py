@@ -214,8 +214,8 @@ def test_custom_ops_opcheck():
 
 @pytest.mark.parametrize("centering", ["sinkhorn", "softmax"])
 def test_bf16_features(centering):
-    """bf16 heads (autocast): grads come back in bf16. (On the CPU the interpreter's bf16 tl.dot is
-    wrong, so the kernel upcasts there; the bf16 dots themselves are checked on a GPU only.)"""
+    """bf16 heads (autocast): grads come back in bf16; the kernels' bf16 dots run as bf16 (in the
+    interpreter through kernels/_common.py's bf16 dot fix)."""
     torch.manual_seed(10)
     n, m, k, b = 19, 7, 1000, 32
     sz, sw = (_unit(r, b).bfloat16().requires_grad_() for r in (n, k))
