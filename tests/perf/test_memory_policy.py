@@ -72,3 +72,15 @@ def test_auto_on_cpu_is_off():
     resolved = resolve_activation_checkpointing(copy.deepcopy(cfg), DistInfo(0, 1, 0, torch.device("cpu")))
     assert resolved.activation_checkpointing == "off"
     assert cfg.parallel.activation_checkpointing == "auto"  # the config itself is left as written
+
+
+def test_selective_recomputes_no_matmul_flops():
+    """HFU counts recomputed matmuls: full checkpointing adds a student forward, selective none."""
+    from virchow_fast.train.metrics import flops_per_tile_step
+
+    base = load_config("configs/debug.yaml", TINY)
+    for mode, extra in (("off", False), ("selective", False), ("full", True)):
+        cfg = copy.deepcopy(base)
+        cfg.parallel.activation_checkpointing = mode
+        model, hardware = flops_per_tile_step(cfg)
+        assert (hardware > model) == extra, mode

@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config
 from ..model.info import flops_per_tile
-from .parallelize import checkpointed_blocks
+from .parallelize import recomputed_blocks
 
 log = logging.getLogger("virchow_fast.train")
 
@@ -45,7 +45,7 @@ def detect_peak_tflops(device: torch.device, precision: str = "bf16") -> float |
 def flops_per_tile_step(cfg: Config) -> tuple[float, float]:
     """(model FLOPs, hardware FLOPs with checkpointing's recompute) per tile per training step."""
     model = flops_per_tile(cfg, recompute=False)
-    frac = len(checkpointed_blocks(cfg.parallel, cfg.model.depth)) / cfg.model.depth
+    frac = len(recomputed_blocks(cfg.parallel, cfg.model.depth)) / cfg.model.depth
     return model, model + frac * (flops_per_tile(cfg, recompute=True) - model)
 
 

@@ -85,6 +85,11 @@ def _keep_matmuls(ctx, op, *args, **kwargs):
     return CheckpointPolicy.MUST_SAVE if keeps_output(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def recomputed_blocks(cfg: ParallelConfig, depth: int) -> list[int]:
+    """Blocks whose matmuls run again in backward (selective checkpointing keeps them: none)."""
+    return [] if cfg.activation_checkpointing == "selective" else checkpointed_blocks(cfg, depth)
+
+
 def _apply_ac(block: nn.Module, selective: bool = False) -> None:
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
 
