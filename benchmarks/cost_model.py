@@ -56,12 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        cfg = load_config(args.config, ["data.source=synthetic", "data.paths=[]", *args.set])
+        sets = ["data.source=synthetic", "data.paths=[]", *args.set]  # flags go through the config's validation
+        sets += [f"data.batch_size={args.tiles}"] if args.tiles is not None else []
+        sets += [f"parallel.activation_checkpointing={args.ac}"] if args.ac else []
+        cfg = load_config(args.config, sets)
     except (ConfigError, ValueError, OSError) as exc:
         print(f"cost_model: {exc}", file=sys.stderr)
         return 2
-    tiles = args.tiles or cfg.data.batch_size
-    ac = args.ac or cfg.parallel.activation_checkpointing
+    tiles, ac = cfg.data.batch_size, cfg.parallel.activation_checkpointing
     estimates = None
     if ac == "auto":
         ac, estimates = choose_policy(cfg, tiles, args.world_size, H200.memory_bytes)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{cfg.name}: {tiles} tiles/GPU, {args.world_size} GPU(s), activation checkpointing {ac}, "
           f"{cfg.parallel.mixed_precision}; predicted on one H200 (estimates, not measurements)")
-    measured = measured_profiles(Path(args.results), cfg, tiles, (ac, args.ac or cfg.parallel.activation_checkpointing))
+    measured = measured_profiles(Path(args.results), cfg, tiles, (ac, cfg.parallel.activation_checkpointing))
     meas = {r["category"]: r["ms"] for r in measured[-1]["rows"]} if measured else {}
     head = f"{'category':32s} {'ops':>6s} {'TFLOP':>8s} {'issued':>8s} {'GB':>8s} {'ms':>8s} {'%step':>6s}"
     print(head)

@@ -170,3 +170,22 @@ def test_measured_profiles_match_model_batch_and_mode(tmp_path, debug_trace):
     assert measured_profiles(tmp_path, cfg, 24, "off") == []
     _, trace = debug_trace
     assert {profile_category(r) for r in trace.records} <= set(bench_profile.CATEGORIES)
+
+
+def test_cli_writes_json_and_last_line(tmp_path, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import cost_model
+
+    out = tmp_path / "cost.json"
+    assert cost_model.main(["--config", "configs/debug.yaml", "--tiles", "2", "--ac", "full", "--json", str(out),
+                            "--results", str(tmp_path)]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    data = json.loads(out.read_text())
+    assert last == f"predicted: {data['tiles_per_s']:.1f} tiles/s, MFU {100 * data['mfu']:.1f} %"
+    assert data["activation_checkpointing"] == "full" and data["tiles_per_gpu"] == 2
+    assert cost_model.main(["--config", "configs/debug.yaml", "--ac", "sometimes"]) == 2  # one line, no traceback
+    assert "parallel.activation_checkpointing" in capsys.readouterr().err
