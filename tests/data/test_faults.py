@@ -219,6 +219,14 @@ def test_skips_counted_inside_dataloader_workers(mostly_bad_slide, tmp_path):
     assert loader.skips["tiles_failed"] >= 1
 
 
+def test_tiles_counts_decoder_errors_in_one_line(mostly_bad_slide, tmp_path, capfd):
+    """cuCIM prints two lines per corrupt tile it decodes for the tissue mask: now one line in all."""
+    res = _tiles(mostly_bad_slide, "--out", tmp_path / "out", "--workers", "1")
+    assert res.exit_code == 0
+    assert f"tiles: {mostly_bad_slide}: 16 decoder errors" in res.output, res.output
+    assert "decompressing JPEG" not in capfd.readouterr().out
+
+
 # -- 11. the tiles command ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("option, value", [("--context", "0"), ("--mpp", "-1"), ("--min-tissue", "1.5"),

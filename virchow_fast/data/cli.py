@@ -57,13 +57,17 @@ def tiles(slides, out, mags, mag_mpp, context, min_tissue, mpp, workers, shards,
     """
     import numpy as np
 
+    from .records import DataError
     from .tiling import index_slides
 
     settings = settings_from_options(mags, mag_mpp, context, min_tissue, mpp)
     if workers < 1 or samples_per_shard < 1:
         raise click.ClickException("--workers and --samples-per-shard must be >= 1")
     index_dir = Path(out)
-    rep = index_slides(list(slides), index_dir, settings, workers=workers)
+    try:
+        rep = index_slides(list(slides), index_dir, settings, workers=workers)
+    except DataError as exc:
+        raise click.ClickException(str(exc)) from None
     for _, line in rep.missing:
         click.echo(f"tiles: skipped {line}", err=True)
     for path, why in rep.rebuilt:  # the index is derived data: rebuilt in place, the slide untouched

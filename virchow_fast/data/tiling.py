@@ -15,6 +15,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from .index import IndexSettings, index_file, index_state, write_index
+from .records import DataError
 from .slides import SlideError, gather_slides
 
 SLIDE_TIMEOUT_S = 1800.0
@@ -35,15 +36,26 @@ class TilingReport:
 
 
 def _child(path: str, out_dir: str, settings: IndexSettings, conn) -> None:
+    from .workers import DecoderLog
+
+    try:
+        log = DecoderLog()  # cuCIM prints a line per corrupt JPEG tile it decodes: counted, said once
+    except OSError:
+        log = None
     try:
         target = write_index(path, out_dir, settings)
         import numpy as np
 
         with np.load(target) as z:
             n = len(z["x"])
+        text = log.new_text() if log else ""
+        errors = sum("ERROR" in line for line in text.splitlines())  # "ERROR in line ... decompressing JPEG"
         if n == 0:
             conn.send(("empty", f"{path}: no tiles kept (smaller than a {settings.context} px context at every "
                                 f"magnification, or no tissue >= {settings.min_tissue:.2f})"))
+        elif errors:
+            conn.send(("ok", f"{path}: {errors} decoder errors in the level read for the tissue mask (corrupt JPEG "
+                             "tiles: tiles there may fail when read, and are then skipped)"))
         else:
             conn.send(("ok", ""))
     except SlideError as exc:
@@ -69,7 +81,10 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
             todo.append(p)
             if state != "missing":
                 stale[p] = state
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"{out_dir}: cannot create the index folder ({exc.strerror or exc})") from None
     bar = None
     if progress and todo:
         from tqdm import tqdm
@@ -86,6 +101,8 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
             report.rebuilt.append((path, stale[path]))
         if status == "ok":
             report.done.append(path)
+            if msg:
+                log(f"tiles: {msg}")
         elif status == "empty":
             report.done.append(path)
             report.empty.append(path)
