@@ -1,6 +1,8 @@
 """Batches of multi-crop tiles, resumable at any step.
 
-A *tile source* maps a global tile index to ``(context uint8 [C, C, 3], magnification)``; the
+A *tile source* maps a global tile index and its generator to ``(context uint8 [C, C, 3],
+magnification)``: generated tiles (:func:`synthetic_source`), or a tile getter's tiles
+(:func:`.sources.torch_source`: the same draws, reads, retries and skips as the DALI path); the
 loader turns indices into :class:`Batch` objects. Tile ``i`` of step ``s`` on rank ``r`` is the
 global index ``(s * world + r) * B + i``, and every random draw for it is seeded by
 ``(seed, index)``: a run resumed at step ``s`` sees exactly what it would have seen, whatever
