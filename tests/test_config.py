@@ -1,4 +1,6 @@
 """Config: YAML + overrides, typed, and every bad value fails before work starts, naming file and key."""
+import logging
+
 import pytest
 import yaml
 
@@ -114,7 +116,8 @@ def test_broken_yaml_is_one_line(tmp_path):
     assert str(err.value).startswith(f"{path}: not valid YAML") and "\n" not in str(err.value)
 
 
-def test_warmups_longer_than_the_training_warn(tmp_path, caplog):
+def test_warmups_longer_than_the_training_warn(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("virchow_fast"), "propagate", True)  # the CLI's own handler may be set
     path = _write(tmp_path, "train: {epochs: 2}\noptim: {warmup_epochs: 3}\nloss: {warmup_teacher_temp_epochs: 1}\n")
     with caplog.at_level("WARNING", logger="virchow_fast"):
         load_config(path)

@@ -76,3 +76,15 @@ def test_changed_model_is_refused_in_one_line_naming_the_keys(at_step_2):
     assert res.exit_code == 1
     errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
     assert len(errors) == 1 and "model.depth 2 -> 3" in errors[0] and "Traceback" not in res.output, res.output
+
+
+def test_checkpoint_without_saved_config_that_does_not_fit_is_one_line(at_step_2):
+    """A checkpoint from before manifests and saved configs: the load itself fails, said in one line."""
+    out, _ = at_step_2
+    for name in ("manifest.json", "config.yaml", "schedules.npz"):
+        (out / "checkpoints" / "step_00000002" / name).unlink()
+    with pytest.raises(RunError) as err:
+        run(config(out, "model.depth=3"), resume=True)
+    said = str(err.value)
+    assert said.startswith("--resume: cannot load") and "step_00000002" in said and "\n" not in said
+    assert "blocks.2" in said  # the missing key of the third block, not DCP's wrapper text

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: not caught by Exception
 
 from ..config import Config, to_dict
 from .checkpoint import list_checkpoints, load_checkpoint
@@ -200,9 +201,11 @@ def resume_run(run_dir: str | os.PathLike, cfg: Config, derived: dict, student, 
             log.warning("%s has no saved config: the settings were not compared", path)
     try:
         loaded = load_checkpoint(path, student, teacher, optimizer, losses)
-    except Exception as exc:  # noqa: BLE001 - any failure to load is said in one line, naming the checkpoint
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RunError(f"--resume: cannot load {path} into this model ({type(exc).__name__}: {first[:300]})") from exc
+    except (Exception, CheckpointException) as exc:  # any failure to load, in one line naming the checkpoint
+        lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+        # DCP wraps each rank's error with its traceback: its last line is the error itself
+        said = lines[-1] if lines[0].startswith("CheckpointException") else f"{type(exc).__name__}: {lines[0]}"
+        raise RunError(f"--resume: cannot load {path} into this model ({said[:300]})") from exc
     if is_main:
         for line in notes:
             print(line, flush=True)
