@@ -151,7 +151,7 @@ class CostCounter(TorchDispatchMode):
         self.fake_mode = fake_mode
         self.tracker = tracker
         self.segment_lengths = list(segment_lengths)
-        self.phase = "forward"
+        self.phase = "step"  # "step": forward or backward, by whether autograd's engine runs
         self.records: list[OpRecord] = []
         # selective checkpointing keeps these ops' outputs outside autograd's saved tensors: counted here
         self.keeps_output = None
@@ -190,7 +190,7 @@ class CostCounter(TorchDispatchMode):
             folded = self._fold(func, args, kwargs)
             if folded is None:
                 if func is torch.ops.aten._local_scalar_dense.default:  # a value the cost does not depend on
-                    return 1.0 if args[0].is_floating_point() else 1
+                    return 0.0 if args[0].is_floating_point() else 0
                 raise
             if not isinstance(folded, torch.Tensor):  # a scalar read (item, tolist)
                 return folded
@@ -206,6 +206,12 @@ class CostCounter(TorchDispatchMode):
     def _module(self) -> str:
         parents = [p for p in self.tracker.parents if p != "Global"]
         return max(parents, key=len) if parents else ""
+
+    @property
+    def current_phase(self) -> str:
+        if self.phase != "step":
+            return self.phase
+        return "backward" if self.tracker.is_bw else "forward"
 
     def _category(self, name: str, flops: float, module: str) -> str:
         if self.phase in ("optimizer", "ema"):
@@ -241,7 +247,7 @@ class CostCounter(TorchDispatchMode):
             if "wait" in name:
                 return
             payload = max((span_bytes(t) for t in _tensors((args, kwargs, out))), default=0)
-            self.records.append(OpRecord(name, COLLECTIVES, COMM, bytes=float(payload), phase=self.phase))
+            self.records.append(OpRecord(name, COLLECTIVES, COMM, bytes=float(payload), phase=self.current_phase))
             return
         flops = issued = 0.0
         kind = MEMORY
@@ -264,8 +270,8 @@ class CostCounter(TorchDispatchMode):
         module = self._module()
         fp32 = kind != MEMORY and any(t.dtype == torch.float32 for t in operands)
         self.records.append(OpRecord(name, self._category(name, flops, module), kind, flops, issued,
-                                     float(self._bytes(func, name, args, kwargs, out)), self.phase, fp32))
-        if (self.keeps_output is not None and self.phase == "forward" and torch.is_grad_enabled()
+                                     float(self._bytes(func, name, args, kwargs, out)), self.current_phase, fp32))
+        if (self.keeps_output is not None and self.current_phase == "forward" and torch.is_grad_enabled()
                 and ".blocks." in module and self.keeps_output(func)):
             self.kept_bytes += sum(span_bytes(t) for t in _tensors(out))
 

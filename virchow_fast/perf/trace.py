@@ -122,14 +122,56 @@ def _units(net: torch.nn.Module) -> tuple[int, int]:
     return root, max(sum(p.numel() for p in b.parameters()) for b in blocks)
 
 
+@contextlib.contextmanager
+def _phase(counter: CostCounter, name: str):
+    previous, counter.phase = counter.phase, name
+    try:
+        yield
+    finally:
+        counter.phase = previous
+
+
+def _marked(counter: CostCounter, name: str, fn):
+    """``fn`` with the ops it runs recorded under phase ``name``."""
+    def wrapped(*args, **kwargs):
+        with _phase(counter, name):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def _train_step(cfg, info, student, teacher, optimizer, loss_fn, params, batch, counter) -> None:
+    """The loop's own step (train/step.py's ``train_step``), its update parts marked by phase.
+
+    Clipping, AdamW and the weight check are "optimizer", the teacher update "ema"; the rest is
+    "forward" or "backward" by whether autograd's engine is running. Scalar reads on data-free
+    tensors read 0: finite terms, no stop, no bad weights, so the step takes its update path.
+    """
+    from unittest import mock
+
+    from ..train import step as step_module
+    from ..train.schedules import build_schedules
+
+    step = cfg.train.freeze_backbone_steps  # the first step that trains the backbone
+    sched = build_schedules(cfg, 1e-4, step + 2)
+    trainee = step_module.Trainee(cfg, info, student, teacher, optimizer, loss_fn, params)
+    optimizer.step = _marked(counter, "optimizer", optimizer.step)
+    patches = [mock.patch.object(step_module, name, _marked(counter, phase, getattr(step_module, name)))
+               for name, phase in (("clip_grad_norm", "optimizer"), ("nonfinite_count", "optimizer"),
+                                   ("ema_step", "ema")) if hasattr(step_module, name)]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        step_module.train_step(trainee, batch, step, sched)
+    del optimizer.step  # the class's method again
+
+
 def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, world_size: int = 1,
                forward_only: bool = False) -> StepTrace:
     """Trace one training step of ``cfg`` at ``tiles`` per GPU with checkpointing mode ``ac``."""
     from ..data import Batch
     from ..data.masks import collate_masks
-    from ..model.ssl import ema_update
     from ..train.distributed import DistInfo
-    from ..train.loop import build, clip_grad_norm
+    from ..train.loop import build
     from ..train.optim import apply_schedules
     from ..train.parallelize import keeps_output, use_fsdp
 
@@ -179,18 +221,11 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
         counter.records.clear()
         if cfg.parallel.activation_checkpointing == "selective":
             counter.keeps_output = keeps_output
-        with tracker, counter:
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
-                out = loss_fn(student, teacher, batch, 0.07, info.reducer, world_size)
-            if not forward_only:
-                counter.phase = "backward"
-                out["loss"].backward()
-                counter.phase = "optimizer"
-                clip_grad_norm(params, cfg.optim.clip_grad)
-                optimizer.step()
-                counter.phase = "ema"
-                ema_update(teacher, student, 0.999)
-                optimizer.zero_grad(set_to_none=True)
+        with tracker, counter, torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            if forward_only:
+                loss_fn(student, teacher, batch, 0.07, info.reducer, world_size)
+            else:
+                _train_step(cfg, info, student, teacher, optimizer, loss_fn, params, batch, counter)
     return StepTrace(counter.records, b, world_size, saved.total + counter.kept_bytes, counts,
                      cfg.parallel.activation_checkpointing, use_fsdp(cfg.parallel, info),
                      cfg.parallel.mixed_precision == "bf16")
