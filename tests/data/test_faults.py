@@ -121,6 +121,28 @@ def test_slide_deleted_after_indexing_is_reported_once(slides, tmp_path, capfd):
     assert tiles.counters["slides_unusable"] == 1
 
 
+def test_slide_replaced_after_indexing_is_refused_once(slides, tmp_path, capfd):
+    """Another file under an indexed slide's name: its tiles would read the wrong places, silently."""
+    from virchow_fast.data.sampling import MagSampler, TileTable
+    from virchow_fast.data.sources import SlideTiles
+    from virchow_fast.data.workers import ReadPool
+
+    swapped = tmp_path / "swapped.tiff"
+    shutil.copy(slides["generic"], swapped)
+    idx = tmp_path / "idx"
+    for s in (swapped, slides["halves"]):
+        write_index(str(s), idx, IndexSettings(mags=(40.0,), mag_mpp=(0.25,)))
+    table = TileTable.from_index(idx)
+    shutil.copy(slides["aperio"], swapped)  # a readable slide, but not the one indexed
+    cfg = DataConfig(batch_size=8, mags=[40.0], mag_weights=[1.0], mag_mpp=[0.25])
+    tiles = SlideTiles(table, MagSampler(table, cfg), ReadPool(1), seed=0)
+    got = [t for s in range(3) for t in tiles(s, list(range(8 * s, 8 * s + 8)))]
+    tiles.close()
+    assert len(got) == 24 and tiles.counters["slides_unusable"] == 1
+    lines = [line for line in capfd.readouterr().err.splitlines() if str(swapped) in line]
+    assert len(lines) == 1 and "changed since it was indexed" in lines[0], lines
+
+
 # -- 8. known-bad tiles are remembered and counted --------------------------------------------------------------
 
 @pytest.fixture

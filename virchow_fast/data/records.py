@@ -23,6 +23,7 @@ class ReadTask(NamedTuple):
     read_px: int
     out_px: int
     mpp: float | None  # user-given mpp for a slide without one in its metadata
+    stamp: tuple[int, float] | None = None  # (size, mtime) of the slide when indexed: a changed file is refused
 
 
 @dataclass

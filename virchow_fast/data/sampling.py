@@ -69,6 +69,7 @@ class TileTable:
     context: int
     by_mag: dict[float, np.ndarray]
     where: str = ""  # the index folder, for messages
+    stamps: list | None = None  # [n_slides] (size, mtime) of each slide when indexed
 
     @classmethod
     def from_index(cls, index_dir: str | Path, files: list[Path] | None = None) -> "TileTable":
@@ -85,15 +86,17 @@ class TileTable:
         mag = cat("mag")
         by_mag = {float(m): np.flatnonzero(mag == m) for m in np.unique(mag)}
         return cls(slides, np.array([float(p["slide_mpp"]) for p in parts]), slide, mag, cat("level"), cat("x"),
-                   cat("y"), cat("read"), int(parts[0]["context"]), by_mag, str(index_dir))
+                   cat("y"), cat("read"), int(parts[0]["context"]), by_mag, str(index_dir),
+                   [(int(p["source_size"]), float(p["source_mtime"])) if "source_size" in p else None for p in parts])
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
     def task(self, row: int, mpp_override: float | None = None) -> ReadTask:
         """The reader task of one row."""
-        return ReadTask(self.slides[self.slide[row]], int(self.x[row]), int(self.y[row]), int(self.level[row]),
-                        int(self.read[row]), self.context, mpp_override or float(self.slide_mpp[self.slide[row]]))
+        i = self.slide[row]
+        return ReadTask(self.slides[i], int(self.x[row]), int(self.y[row]), int(self.level[row]), int(self.read[row]),
+                        self.context, mpp_override or float(self.slide_mpp[i]), self.stamps[i] if self.stamps else None)
 
 
 class MagSampler:

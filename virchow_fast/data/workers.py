@@ -43,10 +43,18 @@ class SlideCache:
     def __init__(self, size: int = MAX_OPEN_SLIDES):
         self.size, self.open = size, OrderedDict()
 
-    def get(self, path: str, mpp: float | None):
-        from .slides import Slide
+    def get(self, path: str, mpp: float | None, stamp: tuple[int, float] | None = None):
+        """The open slide; opening it, a file whose (size, mtime) is not ``stamp`` is refused (the index
+        describes another file: its tiles would read the wrong places)."""
+        from .slides import Slide, SlideError
 
-        s = self.open.pop(path, None) or Slide(path, mpp=mpp)
+        s = self.open.pop(path, None)
+        if s is None:
+            if stamp is not None and os.path.isfile(path):
+                st = os.stat(path)
+                if (st.st_size, st.st_mtime) != (int(stamp[0]), float(stamp[1])):
+                    raise SlideError(f"{path}: changed since it was indexed (size or time); index it again")
+            s = Slide(path, mpp=mpp)
         self.open[path] = s
         while len(self.open) > self.size:
             self.open.popitem(last=False)[1].close()
@@ -62,9 +70,10 @@ def read_task(cache: SlideCache, task: ReadTask) -> np.ndarray | ReadFailure:
     """One context read with the sanity check; any failure becomes a ReadFailure (never raises)."""
     from .slides import SlideError, resize, sane_region
 
-    path, x, y, level, read_px, out_px, mpp = task
+    task = ReadTask(*task)
+    path, x, y, level, read_px, out_px, mpp = task[:7]
     try:
-        slide = cache.get(path, mpp)
+        slide = cache.get(path, mpp, task.stamp)
     except Exception as exc:  # noqa: BLE001 (deleted, replaced or truncated since indexing: every tile fails)
         msg = str(exc) if isinstance(exc, SlideError) else f"{path}: {type(exc).__name__}: {exc}"
         return ReadFailure(msg.splitlines()[0], whole_slide=True)
@@ -111,9 +120,9 @@ def _read_batch(cache: SlideCache, tasks: list[ReadTask], log, note) -> list | N
     """The group's contexts from one cuCIM batch read, or None (not cuCIM, or any sign of failure)."""
     from .slides import resize, sane_region
 
-    path, _, _, level, read_px, out_px, mpp = tasks[0]
+    path, _, _, level, read_px, out_px, mpp = tasks[0][:7]
     try:
-        slide = cache.get(path, mpp)
+        slide = cache.get(path, mpp, tasks[0].stamp)
     except Exception:  # noqa: BLE001 (the per-region reads report it, one line per tile)
         return None
     if slide.backend != "cucim":
