@@ -3,8 +3,8 @@
 Shapes come from the shipped configs (configs/vit_h14_virchow2.yaml at 32 tiles per GPU,
 configs/vit_g14_virchow2g.yaml at 24): all crops of a step packed into one sequence (the
 student's 2 global + 8 local crops per tile; cls + registers + patches per crop), in the dtypes
-the trainer feeds (bf16 backbone activations and parameters, as FSDP's bf16 policy computes; head
-features fp32 today and bf16). Each case runs the public function of its kernel module forward and
+the trainer feeds (bf16 backbone activations and parameters, as FSDP's bf16 policy computes, plus
+the fp32 residual stream of ``parallel.fsdp: off`` under autocast; head features fp32 and bf16). Each case runs the public function of its kernel module forward and
 backward through autograd, so the launches are exactly those of a training step.
 
 Used by tests/kernels/test_sm90_compile.py and benchmarks/kernel_table.py.
@@ -90,10 +90,13 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         o = A.attention(q, k, v, cu, max(s.segments), s.head_dim ** -0.5)
         o.backward(torch.empty_like(o))
 
+    # bf16 residual stream and parameters (FSDP's bf16 compute copies, one GPU included), and the
+    # fp32 residual stream with fp32 parameters of parallel.fsdp: off under autocast
     def layer_norm():
-        x, w, b = _grad(T, C, dtype=bf16), _grad(C, dtype=bf16), _grad(C, dtype=bf16)
-        y = L.layer_norm(x, w, b, 1e-6)
-        y.backward(torch.empty_like(y))
+        for dt in (bf16, torch.float32):
+            x, w, b = _grad(T, C, dtype=dt), _grad(C, dtype=dt), _grad(C, dtype=dt)
+            y = L.layer_norm(x, w, b, 1e-6)
+            y.backward(torch.empty_like(y))
 
     def swiglu():
         x = _grad(T, 2 * s.hidden, dtype=bf16)
@@ -103,16 +106,18 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
     def residual():  # teacher (no drop path) and student (per-crop keep factor, drop path 0.4)
         lengths = torch.tensor(s.segments)
         seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), lengths)
-        for keep in (None, torch.empty(len(s.segments), dtype=bf16)):
-            x, y, g = _grad(T, C, dtype=bf16), _grad(T, C, dtype=bf16), _grad(C, dtype=bf16)
-            z = R.residual_layer_scale(x, y, g, keep, seg_ids)
-            z.backward(torch.empty_like(z))
+        for dt in (bf16, torch.float32):  # residual stream (and gamma, keep) dtype; the branch is bf16
+            for keep in (None, torch.empty(len(s.segments), dtype=dt)):
+                x, y, g = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16), _grad(C, dtype=dt)
+                z = R.residual_layer_scale(x, y, g, keep, seg_ids)
+                z.backward(torch.empty_like(z))
 
     return [
         Case(f"attention-{s.model}", "attention", f"[{T}, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
-        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16", layer_norm),
+        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32", layer_norm),
         Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16", swiglu),
-        Case(f"residual_layer_scale-{s.model}", "residual_layer_scale", f"[{T}, {C}] bf16", residual),
+        Case(f"residual_layer_scale-{s.model}", "residual_layer_scale",
+             f"[{T}, {C}] x bf16 and fp32, y bf16", residual),
     ]
 
 
