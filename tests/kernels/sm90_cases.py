@@ -4,8 +4,9 @@ Shapes come from the shipped configs (configs/vit_h14_virchow2.yaml at 32 tiles 
 configs/vit_g14_virchow2g.yaml at 24): all crops of a step packed into one sequence (the
 student's 2 global + 8 local crops per tile; cls + registers + patches per crop), in the dtypes
 the trainer feeds (bf16 backbone activations and parameters, as FSDP's bf16 policy computes, plus
-the fp32 residual stream of ``parallel.fsdp: off`` under autocast; head features fp32 and bf16). Each case runs the public function of its kernel module forward and
-backward through autograd, so the launches are exactly those of a training step.
+the fp32 residual stream of ``parallel.fsdp: off`` under autocast; head features fp32 and bf16).
+Each case runs the public function of its kernel module forward and backward through autograd,
+so the launches are exactly those of a training step.
 
 Used by tests/kernels/test_sm90_compile.py and benchmarks/kernel_table.py.
 """
