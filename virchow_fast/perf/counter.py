@@ -231,6 +231,8 @@ class CostCounter(TorchDispatchMode):
         if flops:
             return "GEMM"
         leaf = module.rsplit(".", 1)[-1]
+        if leaf in ("qkv", "proj", "fc1", "fc2"):
+            return "GEMM"  # a linear layer's own elementwise work: the bias gradient's reduction over tokens
         if ".mlp" in module:
             return "SwiGLU"
         if leaf.startswith("norm"):
