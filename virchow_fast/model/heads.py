@@ -26,13 +26,11 @@ class DINOHead(nn.Module):
         self.prototypes = nn.Parameter(torch.empty(prototypes, bottleneck_dim))
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.prototypes, std=0.02)
+        """The initial weights (model/init.py's rules), seeded by torch's current seed."""
+        from .init import init_parameters
+
+        init_parameters(self, torch.initial_seed())
 
     def normalized_prototypes(self) -> torch.Tensor:
         """W [K, b] with unit rows, in the parameters' compute dtype (bf16 under FSDP's bf16 policy)."""

@@ -108,5 +108,5 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 @torch.no_grad()
 def copy_parameters(dst: nn.Module, src: nn.Module) -> None:
     """``dst`` = ``src`` parameter by parameter, shard by shard when both are sharded alike."""
-    for (name, d), (_, s) in zip(dst.named_parameters(), src.named_parameters(), strict=True):
+    for d, s in zip(dst.parameters(), src.parameters(), strict=True):
         _local(d).copy_(_local(s))

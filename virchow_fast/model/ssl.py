@@ -19,8 +19,8 @@ from .vit import VisionTransformer
 
 class SSLNetwork(nn.Module):
     def __init__(self, model_cfg: ModelConfig, head_cfg: HeadConfig, seed: int | None = None):
-        """``seed``: initialise every parameter from its own generator seeded by (seed, name)
-        (model/init.py), the same values whole or sharded."""
+        """Every parameter is drawn from its own generator seeded by (``seed``, its name in this network)
+        (model/init.py): the same values whole or sharded. ``seed`` None: torch's current seed."""
         super().__init__()
         self.backbone = VisionTransformer(model_cfg)
         dim = model_cfg.embed_dim
@@ -31,8 +31,7 @@ class SSLNetwork(nn.Module):
                                       head_cfg.ibot_bottleneck_dim, head_cfg.num_layers)
         else:
             self.ibot_head = None
-        if seed is not None:
-            init_parameters(self, seed)
+        init_parameters(self, torch.initial_seed() if seed is None else seed)
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None, mask_inputs: bool = True,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..config import ModelConfig
+from .init import init_parameters
 
 
 class LayerNorm(nn.LayerNorm):
@@ -118,26 +119,9 @@ class VisionTransformer(nn.Module):
         self.norm = LayerNorm(dim, eps=cfg.ln_eps)
         self.init_weights()
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)
-        if self.reg_token is not None:
-            nn.init.normal_(self.reg_token, std=1e-6)
-        nn.init.zeros_(self.mask_token)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, LayerScale):
-                nn.init.constant_(m.gamma, self.cfg.layerscale_init)
-        w = self.patch_embed.proj.weight
-        nn.init.trunc_normal_(w.view(w.shape[0], -1), std=0.02)
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        """The initial weights (model/init.py's rules), seeded by torch's current seed."""
+        init_parameters(self, torch.initial_seed())
 
     def pos_embed_for(self, grid: int) -> torch.Tensor:
         """Position embedding [1, prefix + grid^2, C] for a grid x grid crop (timm's bicubic resample)."""

@@ -117,14 +117,15 @@ def _traced_backend(op: str, device_type: str) -> str:
     """backend_for, run for real while torch.compile traces (imports, logging and env lookups
     cannot be traced); the choice is baked into the graph, so call torch._dynamo.reset() after
     changing backends for an already compiled module."""
-    backend = backend_for(op, device_type)
-    implementation(op, backend)
-    return backend
+    for other in OPS:  # every op's implementation is in _impls before Dynamo first reads the dict
+        implementation(other, backend_for(other, device_type))
+    return backend_for(op, device_type)
 
 
 def _dispatch(op: str, device: torch.device) -> Callable:
     if torch.compiler.is_compiling():
-        return _impls[(op, _traced_backend(op, device.type))]
+        backend = _traced_backend(op, device.type)  # first: it fills _impls, which Dynamo then reads
+        return _impls[(op, backend)]
     backend = backend_for(op, device)
     fn = implementation(op, backend)
     if fn is None:
