@@ -26,15 +26,15 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.monitor import TrainingEval
-from ..model.ssl import SSLNetwork
+from ..downstream.pretrained import init_student
+from ..model.ssl import SSLNetwork, make_teacher
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .errors import NonFiniteLossError, NonFiniteWeightsError
 from .keeper import CheckpointKeeper
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
-from .networks import build_networks
 from .optim import build_optimizer
-from .parallelize import resolve_activation_checkpointing, use_fsdp
+from .parallelize import parallelize, resolve_activation_checkpointing, use_fsdp
 from .resume import checkpoint_files, resume_run
 from .rundir import prepare_run_dir
 from .schedules import build_schedules
@@ -78,15 +78,22 @@ def run(cfg: Config, resume: bool = False, config_path: str | None = None, overw
 def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
     """Student, teacher (parallelized per ``cfg.parallel``), optimizer and losses on ``info.device``.
 
-    See train/networks.py for how the networks are built (whole, or sharded from the meta device);
-    the seed gives the same weights either way. Also used by benchmarks/bench_step.py.
+    Built on the device (fast for a 1.85B model; the seed gives the same weights on every rank),
+    then sharded. Also used by benchmarks/bench_step.py.
     """
     ops.configure(cfg.ops)
     if info.is_main:
         log.info("ops on %s: %s", info.device.type,
                  ", ".join(f"{op}={backend}" for op, backend in ops.plan(info.device).items()))
-    # whole on one process; under FSDP built on the meta device and initialised shard by shard
-    student, teacher = build_networks(cfg, info, resolve_activation_checkpointing(cfg, info))
+    torch.manual_seed(cfg.train.seed)  # same init on every rank
+    with torch.device(info.device):
+        student = SSLNetwork(cfg.model, cfg.heads)
+    if cfg.model.init_from:  # full weights on every rank before sharding; the teacher copies them
+        summary = init_student(student, cfg.model.init_from)
+        if info.is_main:
+            print(summary, flush=True)
+    teacher = make_teacher(student)
+    student, teacher = parallelize(student, teacher, resolve_activation_checkpointing(cfg, info), info)
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
@@ -141,8 +148,15 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     stager = BatchStager(loader, info.device)  # the next step's batch is copied while this one runs
 
     def prefetch() -> None:  # a signalled rank fetches nothing more (the workers may be gone)
-        if not stop.pending:
+        if stop.pending:
+            return
+        try:
             stager.prefetch()
+        except Exception:
+            if not stop.pending:
+                raise
+            # a group signal arrived during the fetch and took the loader's workers: this step is
+            # discarded (the flag is read with its statistics) and nothing was staged
 
     student.train()
     teacher.eval()
@@ -150,13 +164,12 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     try:
         for step in range(start_step, total_steps):
             before = {"data": stager.state_dict(), "rng": rng_state()}  # for a discarded step
-            t0 = time.perf_counter()
             if not (stop.pending and batch is not None):  # else: this step will be discarded anyway
                 batch = stager.next()
             t1 = time.perf_counter()
             stager.prefetch_s = 0.0
-            res = train_step(trainee, batch, step, sched, stop.pending, prefetch if step + 1 < total_steps else None,
-                             sync=cfg.train.sync_timing)
+            res = train_step(trainee, batch, step, sched, lambda: stop.pending,
+                             prefetch if step + 1 < total_steps else None, sync=cfg.train.sync_timing)
             terms, grad_norm, finite, s = res.terms, res.grad_norm, res.finite, res.schedule
             if res.stop:  # the step was discarded: save the state from before it, leave
                 set_rng_state(before["rng"])

@@ -122,9 +122,12 @@ def read_stats(out: dict, grad_norm: torch.Tensor, stop_pending: bool, info,
     return terms, host[len(TERMS)], host[len(TERMS) + 2] > 0, host[len(TERMS) + 1]
 
 
-def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool = False,
+def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool | Callable[[], bool] = False,
                prefetch: Callable[[], None] | None = None, sync: bool = False) -> StepResult:
     """Step ``step`` on ``batch`` (already on the device), with ``sched`` from ``build_schedules``.
+
+    stop_pending: this rank's stop request, or a callable asked just before the statistics read (a
+    signal that arrives during the step still stops it).
 
     prefetch: called once the forward and backward are queued, before the statistics read, so the
     next batch's fetch and host-to-device copy overlap this step's kernels.
@@ -141,7 +144,8 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool = 
     grad_norm = clip_grad_norm(t.params, cfg.optim.clip_grad)
     if prefetch is not None:
         prefetch()
-    terms, norm, stop, weights_bad = read_stats(out, grad_norm, stop_pending, info, t.weights_bad)
+    pending = stop_pending() if callable(stop_pending) else stop_pending
+    terms, norm, stop, weights_bad = read_stats(out, grad_norm, pending, info, t.weights_bad)
     if weights_bad > 0:  # the previous update diverged: nothing from here on is worth keeping
         raise NonFiniteWeightsError(f"step {step}: the weights are non-finite after the update of step {step - 1} "
                                     "(lr too high?); stopped without saving them: lower optim.base_lr and --resume")
