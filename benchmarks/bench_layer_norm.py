@@ -80,4 +80,4 @@ for model, (R, C) in SHAPES.items():
 
 report("bench_layer_norm", rows, BANDWIDTH_COLUMNS, skipped, args, device,
        {"dtype": str(DTYPE), "shapes": SHAPES, "eps": EPS},
-       goal="goal (issue 3, H200): triton >= 85 % of copy bandwidth forward, >= 75 % backward")
+       goal="goal (H200): triton >= 85 % of copy bandwidth forward, >= 75 % backward")

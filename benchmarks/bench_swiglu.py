@@ -65,4 +65,4 @@ for model, (R, W) in SHAPES.items():
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_swiglu", rows, BANDWIDTH_COLUMNS, skipped, args, device, {"dtype": str(DTYPE), "shapes": SHAPES},
-       goal="goal (issue 3, H200): triton >= 80 % of copy bandwidth")
+       goal="goal (H200): triton >= 80 % of copy bandwidth")

@@ -17,7 +17,7 @@ def interpreting() -> bool:
 
 
 def patch_interpreter_bf16_dot() -> None:
-    """Make ``tl.dot`` on bf16 operands right in Triton 3.6's interpreter (upstream issue 11584).
+    """Make ``tl.dot`` on bf16 operands right in Triton 3.6's interpreter (triton-lang/triton#11584).
 
     The interpreter stores bf16 as raw uint16 bits, so a bf16 ``tl.dot`` multiplies the bit
     patterns as integers (off by ~1e10); casts bf16 <-> fp32 are exact there. The kernels never do

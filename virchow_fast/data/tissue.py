@@ -1,6 +1,6 @@
 """Tissue mask from a low-resolution level, and the tissue fraction of each tile.
 
-Otsu on saturation alone calls every pixel of a blank, noisy slide tissue (shared/DESIGN.md): the
+Otsu on saturation alone calls every pixel of a blank, noisy slide tissue (docs/design.md): the
 threshold is therefore never below an absolute floor on saturation, and a pixel must also absorb
 some light (optical density floor), so glass, however noisy, has no tissue. Small holes and
 specks are then removed; the threshold is also capped (SAT_CEIL) because

@@ -1,6 +1,6 @@
 """Slide reads in worker processes that may die.
 
-cuCIM can take the whole process down (segfault) on a corrupt JPEG tile (shared/DESIGN.md), so
+cuCIM can take the whole process down (segfault) on a corrupt JPEG tile (docs/design.md), so
 reads happen in child processes. Each worker answers tasks in order over its own pipe; when one
 dies, the first task it had not answered is the one that killed it: that task fails ("reader
 process crashed"), the worker is respawned, and its other tasks go to the new worker. Nothing here
