@@ -26,15 +26,15 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.monitor import TrainingEval
-from ..downstream.pretrained import init_student
-from ..model.ssl import SSLNetwork, make_teacher
+from ..model.ssl import SSLNetwork
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
 from .errors import NonFiniteLossError, NonFiniteWeightsError
 from .keeper import CheckpointKeeper
 from .metrics import MetricsWriter, Throughput, peak_memory_gib
+from .networks import build_networks
 from .optim import build_optimizer
-from .parallelize import parallelize, resolve_activation_checkpointing, use_fsdp
+from .parallelize import resolve_activation_checkpointing, use_fsdp
 from .resume import checkpoint_files, resume_run
 from .rundir import prepare_run_dir
 from .schedules import build_schedules
@@ -78,22 +78,15 @@ def run(cfg: Config, resume: bool = False, config_path: str | None = None, overw
 def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
     """Student, teacher (parallelized per ``cfg.parallel``), optimizer and losses on ``info.device``.
 
-    Built on the device (fast for a 1.85B model; the seed gives the same weights on every rank),
-    then sharded. Also used by benchmarks/bench_step.py.
+    See train/networks.py for how the networks are built (whole, or sharded from the meta device);
+    the seed gives the same weights either way. Also used by benchmarks/bench_step.py.
     """
     ops.configure(cfg.ops)
     if info.is_main:
         log.info("ops on %s: %s", info.device.type,
                  ", ".join(f"{op}={backend}" for op, backend in ops.plan(info.device).items()))
-    torch.manual_seed(cfg.train.seed)  # same init on every rank
-    with torch.device(info.device):
-        student = SSLNetwork(cfg.model, cfg.heads)
-    if cfg.model.init_from:  # full weights on every rank before sharding; the teacher copies them
-        summary = init_student(student, cfg.model.init_from)
-        if info.is_main:
-            print(summary, flush=True)
-    teacher = make_teacher(student)
-    student, teacher = parallelize(student, teacher, resolve_activation_checkpointing(cfg, info), info)
+    # whole on one process; under FSDP built on the meta device and initialised shard by shard
+    student, teacher = build_networks(cfg, info, resolve_activation_checkpointing(cfg, info))
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
