@@ -17,7 +17,7 @@ from virchow_fast.kernels import layer_norm as ln_k  # noqa: E402
 from virchow_fast.kernels import layer_scale as rls_k  # noqa: E402
 from virchow_fast.kernels import swiglu as sw_k  # noqa: E402
 
-TRITON = {"attention": "triton", "layer_norm": "triton", "swiglu": "triton"}
+TRITON = {"attention": "triton", "layer_norm": "triton", "swiglu": "triton", "residual_layer_scale": "triton"}
 TORCH = {op: "torch" for op in TRITON}
 
 
@@ -97,5 +97,5 @@ def test_compiled_graph_calls_the_kernels(device, restore_ops):
 
     ops.configure(TRITON)
     torch.compile(block, fullgraph=True, backend=capture)(x, *args)
-    for name in ("attention_fwd", "layer_norm_fwd", "swiglu_fwd"):
+    for name in ("attention_fwd", "layer_norm_fwd", "swiglu_fwd", "residual_layer_scale_fwd"):
         assert any(f"virchow_fast_triton.{name}" in s for s in seen), f"{name} not in the graph: {seen}"
