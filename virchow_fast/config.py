@@ -7,6 +7,7 @@ computed once by :func:`derive` and saved with the run (``resolved_config.yaml``
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import types
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from .config_yaml import one_line, read_yaml
 
 
 class ConfigError(ValueError):
@@ -267,11 +270,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -356,9 +361,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"{source}: no such config file (shipped configs: {', '.join(shipped_configs())})")
         try:
-            tree = yaml.safe_load(p.read_text()) or {}
+            tree = read_yaml(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{source}: {one_line(exc)}") from None
+        if tree is None:
+            raise ConfigError(f"{source}: the file is empty (no settings): it would train on the defaults")
         if not isinstance(tree, dict):
             raise ConfigError(f"{source}: top level must be a mapping")
     for text in overrides:
@@ -405,6 +412,8 @@ def validate(cfg: Config) -> None:
         _check(len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1], f"data.crops.{key}", "must be [low, high] with 0 < low <= high")
     _check(c.ect_scale[1] * c.ect_ratio[1] * c.global_size ** 2 <= c.context_size ** 2,
            "data.crops.ect_scale", "largest global crop does not fit in the context")
+    _check(c.ect_scale[1] * c.ect_ratio[1] * c.local_size ** 2 <= c.context_size ** 2, "data.crops.local_size",
+           f"{c.local_size} px (at the largest ECT scale and ratio) does not fit in the {c.context_size} px context")
     for key in ("hflip", "vflip", "color_jitter", "grayscale", "solarize", "blur"):
         _check(0.0 <= getattr(c, key) <= 1.0, f"data.crops.{key}", "must be a probability in [0, 1]")
     _check(len(c.mean) == 3 and len(c.std) == 3 and min(c.std) > 0, "data.crops.std", "mean/std need 3 entries, std > 0")
@@ -425,6 +434,8 @@ def validate(cfg: Config) -> None:
     _check(len(d.mags) == len(d.mag_weights) == len(d.mag_mpp) and len(d.mags) > 0, "data.mag_weights",
            "data.mags, data.mag_weights and data.mag_mpp need the same non-zero length")
     _check(min(d.mag_weights) >= 0 and sum(d.mag_weights) > 0, "data.mag_weights", "must be >= 0 with a positive sum")
+    for key in ("mags", "mag_mpp"):
+        _check(min(getattr(d, key)) > 0, f"data.{key}", f"must be positive, got {getattr(d, key)}")
     _check(0.0 <= d.min_tissue <= 1.0, "data.min_tissue", "must be in [0, 1]")
     if d.source in ("slides", "shards"):
         _check(len(d.paths) > 0, "data.paths", f"needs at least one path for source {d.source!r}")
@@ -437,6 +448,9 @@ def validate(cfg: Config) -> None:
     for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
         _check(getattr(lo, key) > 0, f"loss.{key}", "must be positive")
     _check(lo.sinkhorn_iters >= 1, "loss.sinkhorn_iters", "must be >= 1")
+    for key in ("dino_weight", "ibot_weight", "regularizer_weight"):
+        _check(getattr(lo, key) >= 0, f"loss.{key}", f"must be >= 0, got {getattr(lo, key)}")
+    _check(lo.kde_kappa > 0, "loss.kde_kappa", "must be positive")
     if lo.regularizer != "none":
         _check(d.batch_size >= 2, "data.batch_size", f"the {lo.regularizer} regulariser needs >= 2 tiles per process")
     o = cfg.optim
@@ -464,6 +478,12 @@ def validate(cfg: Config) -> None:
     _check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     _check(t.log_every >= 1, "train.log_every", "must be >= 1")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
+    for key, value in (("optim.warmup_epochs", cfg.optim.warmup_epochs),
+                       ("loss.warmup_teacher_temp_epochs", lo.warmup_teacher_temp_epochs),
+                       ("optim.freeze_last_layer_epochs", cfg.optim.freeze_last_layer_epochs)):
+        if value > t.epochs:  # possible, so a warning: the schedule never reaches its end value
+            logging.getLogger("virchow_fast.config").warning(
+                "%s=%s is longer than train.epochs=%s: that warmup never ends", key, value, t.epochs)
     _check(t.freeze_backbone_steps >= 0, "train.freeze_backbone_steps", "must be >= 0")
     ev = cfg.eval
     _check(ev.every >= 0 and ev.k >= 1 and ev.max_tiles >= 2, "eval.every", "need every >= 0, k >= 1, max_tiles >= 2")
