@@ -98,15 +98,6 @@ def from_main(value):
     return value
 
 
-def from_main(value):
-    """Rank 0's ``value`` on every rank (one pickled broadcast); ``value`` itself without a process group."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
 def shutdown_distributed(barrier: bool = True) -> None:
     """Leave the process group; ``barrier=False`` after an error (the other ranks may never arrive)."""
     if dist.is_initialized():
