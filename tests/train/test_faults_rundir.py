@@ -49,3 +49,11 @@ def test_cli_refuses_in_one_line_and_resume_or_overwrite_go_on(earlier):
     res = runner.invoke(main, cli_args(earlier, "train.steps_per_epoch=2") + ["--overwrite"])
     assert res.exit_code == 0, res.output
     assert len(list(earlier.parent.glob("run.old-*"))) == 1
+
+
+def test_overwrite_refuses_to_move_the_working_directory(earlier, monkeypatch):
+    monkeypatch.chdir(earlier)
+    before = _runs_only(earlier)
+    with pytest.raises(RunError, match="working directory"):
+        run(config(".", "train.steps_per_epoch=2"), overwrite=True)
+    assert _runs_only(earlier) == before and not list(earlier.parent.glob("*.old-*"))

@@ -49,7 +49,11 @@ def _decide(run_dir: Path, resume: bool, overwrite: bool) -> tuple[str, str | No
         return "refuse", (f"{run_dir} holds an earlier run ({', '.join(marks)}): continue it with --resume, start a "
                           f"new run there with --overwrite (moves the earlier one to {run_dir.name}.old-<time>), "
                           "or choose another train.output_dir")
-    target = _aside_name(run_dir)
+    here, whole = Path.cwd().resolve(), run_dir.resolve()
+    if here == whole or whole in here.parents:  # a renamed working directory would still be "." here
+        return "refuse", (f"--overwrite: {run_dir} is (or holds) the working directory and cannot be moved aside; "
+                          "run from elsewhere or choose another train.output_dir")
+    target = _aside_name(whole)
     try:
         os.rename(run_dir, target)
     except OSError as exc:
