@@ -6,7 +6,8 @@ GPU: DINO N = 320 student crops, M = 64 teacher crops, 576 pairs; iBOT N = M = 2
 (2 globals x half masked x mean ratio 0.3 x 256 patches). Goal: peak <= 1/10 of eager, time <= eager.
 
 CPU (automatic without CUDA): the DINO and iBOT pairings with K, b and tiles scaled down (--cpu-k,
---cpu-b, --cpu-tiles; the interpreter needs minutes even so), each variant in its own process; peak memory = the process's peak RSS above its
+--cpu-b, --cpu-tiles; the interpreter needs minutes even so), each variant in its own process; peak memory =
+the process's peak RSS above its
 resident size after the inputs exist (VmHWM reset through /proc/self/clear_refs; glibc's mmap
 threshold fixed at 64 KiB so freed buffers leave RSS), which counts every allocation (torch, numpy
 in the Triton interpreter). Times there are the interpreter's: they
@@ -49,7 +50,7 @@ def make_inputs(kind: str, k: int, b: int, tiles: int, device, seed: int = 0):
         n, m = n_crops * tiles, n_global * tiles
         pairs = [(c * tiles + i, gl * tiles + i) for gl in range(n_global) for c in range(n_crops) if c != gl
                  for i in range(tiles)]
-        s_idx, t_idx = (torch.tensor(v, device=device) for v in zip(*pairs))
+        s_idx, t_idx = (torch.tensor(v, device=device) for v in zip(*pairs, strict=True))
         weight = torch.full((len(pairs),), 1.0 / len(pairs), device=device)
     else:
         n = m = round(tiles * 2 * 0.5 * 0.3 * 256)
@@ -100,7 +101,7 @@ def bench_gpu(args, device, shapes):
             if variant == "compile" and not args.compile:
                 skip(skipped, f"{name} compile", "--no-compile")
                 continue
-            fn = try_run(skipped, f"{name} {variant} build", lambda: loss_fn(variant))
+            fn = try_run(skipped, f"{name} {variant} build", lambda variant=variant: loss_fn(variant))
             if fn is None:
                 continue
             step = make_step(fn, x)

@@ -72,10 +72,11 @@ for model, (R, C) in SHAPES.items():
     b = torch.randn(C, device=device, requires_grad=True)
     xg = x.clone().requires_grad_()
     for impl, fn in IMPLS.items():
-        def fwd(fn=fn):
+        def fwd(fn=fn, x=x, w=w, b=b):
             with torch.no_grad():
                 return fn(x, w, b, EPS)
-        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn: fn(xg, w, b, EPS), [xg, w, b], dy,
+        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg, w=w, b=b: fn(xg, w, b, EPS),
+                        [xg, w, b], dy,
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_layer_norm", rows, BANDWIDTH_COLUMNS, skipped, args, device,

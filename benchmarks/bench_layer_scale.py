@@ -46,10 +46,11 @@ for model, (R, C) in SHAPES.items():
     dz = torch.randn(R, C, device=device, dtype=X_DTYPE)
     xg, yg = x.clone().requires_grad_(), y.clone().requires_grad_()
     for impl, fn in IMPLS.items():
-        def fwd(fn=fn):
+        def fwd(fn=fn, x=x, y=y, gamma=gamma):
             with torch.no_grad():
                 return fn(x, y, gamma)
-        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn: fn(xg, yg, gamma), [xg, yg, gamma], dz,
+        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg, yg=yg, gamma=gamma: fn(xg, yg, gamma),
+                        [xg, yg, gamma], dz,
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_layer_scale", rows, BANDWIDTH_COLUMNS, skipped, args, device,

@@ -58,10 +58,10 @@ for model, (R, W) in SHAPES.items():
     dy = torch.randn(R, H, device=device, dtype=DTYPE)
     xg = x.clone().requires_grad_()
     for impl, fn in IMPLS.items():
-        def fwd(fn=fn):
+        def fwd(fn=fn, x=x):
             with torch.no_grad():
                 return fn(x)
-        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn: fn(xg), [xg], dy,
+        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg: fn(xg), [xg], dy,
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_swiglu", rows, BANDWIDTH_COLUMNS, skipped, args, device, {"dtype": str(DTYPE), "shapes": SHAPES},

@@ -28,7 +28,7 @@ def _run(model, crops, weights, backend):
     outs = model.forward_packed(crops)
     # a random projection of every token (a plain sum would have an exactly zero gradient through
     # the final LayerNorm, leaving only rounding noise to compare)
-    loss = sum((o.float() * w).sum() for o, w in zip(outs, weights))
+    loss = sum((o.float() * w).sum() for o, w in zip(outs, weights, strict=True))
     loss.backward()
     return [o.detach() for o in outs], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -43,7 +43,7 @@ def test_vit_triton_equals_torch(device, restore_ops):
     weights = [torch.randn(2, 14, 160, device=device), torch.randn(3, 9, 160, device=device)]
     out_ref, grads_ref = _run(model, crops, weights, "torch")
     out, grads = _run(model, crops, weights, "triton")
-    for o, r in zip(out, out_ref):
+    for o, r in zip(out, out_ref, strict=True):
         torch.testing.assert_close(o, r, atol=1e-5, rtol=1e-5)
     assert grads.keys() == grads_ref.keys()
     for name, g in grads_ref.items():  # fp32 sums in a different order: compare relative to the norm

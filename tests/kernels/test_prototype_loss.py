@@ -9,7 +9,6 @@ from virchow_fast import ops
 from virchow_fast.kernels import prototype_loss as pl
 from virchow_fast.ops import reference as ref
 
-
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp32 reference vs fp32 kernel: the small-shape tests run the kernel's dots in IEEE fp32 (the
 # fixture below); tests marked tf32 run the default TF32 dots with their own tolerance.
@@ -47,7 +46,7 @@ def _check(args, kwargs, tol=TOL):
     g_r = torch.autograd.grad(loss_r, [sz, sw])
     torch.testing.assert_close(loss, loss_r, **tol)
     torch.testing.assert_close(mean, mean_r, **TOL)
-    for got, want in zip(g, g_r):
+    for got, want in zip(g, g_r, strict=True):
         torch.testing.assert_close(got, want, rtol=tol["rtol"], atol=tol["atol"] * want.abs().max().item())
 
 
@@ -72,7 +71,7 @@ def test_dino_pairs_same_view_skipped():
     sz, sw, tz, tw = _heads(n_crops * B, n_global * B, k, b)  # rows crop-major: crop * B + tile
     n_pairs = n_global * n_crops - n_global
     pairs = [(c * B + i, g * B + i) for g in range(n_global) for c in range(n_crops) if c != g for i in range(B)]
-    s_idx, t_idx = (torch.tensor(v, device=DEVICE) for v in zip(*pairs))
+    s_idx, t_idx = (torch.tensor(v, device=DEVICE) for v in zip(*pairs, strict=True))
     weight = torch.full((len(pairs),), 1.0 / (B * n_pairs), device=DEVICE)
     loss, _ = pl.prototype_loss(sz, sw, tz, tw, s_idx, t_idx, weight, T_S, T_T, "sinkhorn")
     # the DINOv2 loop, written out
@@ -83,7 +82,7 @@ def test_dino_pairs_same_view_skipped():
                for g in range(n_global) for c in range(n_crops) if c != g) / n_pairs
     torch.testing.assert_close(loss, want, **TOL)
     g, g_r = (torch.autograd.grad(x, [sz, sw]) for x in (loss, want))
-    for got, exp in zip(g, g_r):
+    for got, exp in zip(g, g_r, strict=True):
         torch.testing.assert_close(got, exp, rtol=TOL["rtol"], atol=TOL["atol"] * exp.abs().max().item())
 
 
@@ -189,7 +188,8 @@ def test_ops_dispatch_uses_fused_kernel(monkeypatch):
 def test_no_grad_path_and_grad_scaling():
     torch.manual_seed(8)
     sz, sw, tz, tw = _heads(6, 2, 1000, 16)
-    idx, t_idx, weight = torch.arange(6, device=DEVICE), torch.tensor([0, 1] * 3, device=DEVICE), torch.rand(6, device=DEVICE)
+    idx, t_idx = torch.arange(6, device=DEVICE), torch.tensor([0, 1] * 3, device=DEVICE)
+    weight = torch.rand(6, device=DEVICE)
     args = (idx, t_idx, weight, T_S, T_T, "softmax", torch.zeros(1000, device=DEVICE))
     with torch.no_grad():
         loss_ng, _ = pl.prototype_loss(sz, sw, tz, tw, *args)
@@ -213,7 +213,8 @@ def test_custom_ops_opcheck():
                      (ops_.head_row_softmax_expect, (z, w, 2.0, beta, w)),
                      (ops_.head_col_sum, (z, w, 2.0, beta, alpha)),
                      (ops_.head_col_reduce, (z, w, 2.0, beta, alpha, v, 0.5)),
-                     (ops_.head_col_reduce_add_, (torch.zeros(40, 16, device=DEVICE), z, w, 2.0, None, alpha, v, -1.0))]:
+                     (ops_.head_col_reduce_add_,
+                      (torch.zeros(40, 16, device=DEVICE), z, w, 2.0, None, alpha, v, -1.0))]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -233,7 +234,7 @@ def test_bf16_features(centering):
     loss_r, _ = ref.prototype_loss(*args)
     g_r = torch.autograd.grad(loss_r, [sz, sw])
     torch.testing.assert_close(loss, loss_r, rtol=1e-2, atol=1e-3)
-    for got, want in zip(g, g_r):
+    for got, want in zip(g, g_r, strict=True):
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want.float(), rtol=3e-2, atol=1e-2 * want.float().abs().max().item())
 
@@ -249,7 +250,7 @@ def test_model_shapes_on_gpu(kind, k, b):
     if kind == "dino":
         n, m = 10 * tiles, 2 * tiles
         pairs = [(c * tiles + i, g * tiles + i) for g in range(2) for c in range(10) if c != g for i in range(tiles)]
-        s_idx, t_idx = (torch.tensor(v, device=DEVICE) for v in zip(*pairs))
+        s_idx, t_idx = (torch.tensor(v, device=DEVICE) for v in zip(*pairs, strict=True))
     else:
         n = m = 614
         s_idx = t_idx = torch.arange(n, device=DEVICE)
@@ -271,7 +272,7 @@ def test_traces_under_torch_compile():
     loss_r, _ = ref.prototype_loss(*args)
     g_r = torch.autograd.grad(loss_r, [sz, sw])
     torch.testing.assert_close(loss, loss_r, **TOL)
-    for got, want in zip(g, g_r):
+    for got, want in zip(g, g_r, strict=True):
         torch.testing.assert_close(got, want, rtol=TOL["rtol"], atol=TOL["atol"] * want.abs().max().item())
 
 

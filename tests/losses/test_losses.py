@@ -35,7 +35,7 @@ def _unit(n, b, seed):
 
 def test_dino_pairs_skip_same_view_and_average():
     s, t, w = dino_pairs(n_global=2, n_crops=4, batch=3)
-    pairs = {(int(a), int(b)) for a, b in zip(s, t)}
+    pairs = {(int(a), int(b)) for a, b in zip(s, t, strict=True)}
     assert len(pairs) == 3 * (2 * 4 - 2)
     for a, b in pairs:
         assert a % 3 == b % 3  # same tile
@@ -123,7 +123,8 @@ def test_ibot_loss_matches_hand_computation():
     loss_fn = IBOTLoss(k, "softmax", 0.1, 0.9, 3).double()
     got = loss_fn(sz, sw, tz, tw, masks, 0.04)
     t_logits, s_logits = (tz @ tw.T).numpy(), (sz @ sw.T).numpy() / 0.1
-    ce = [-(_np_softmax(t_logits[i] / 0.04) * (s_logits[i] - np.log(np.exp(s_logits[i]).sum()))).sum() for i in range(n)]
+    ce = [-(_np_softmax(t_logits[i] / 0.04) * (s_logits[i] - np.log(np.exp(s_logits[i]).sum()))).sum()
+          for i in range(n)]
     expected = ((ce[0] + ce[1]) / 2 + ce[2] / 1) / 3
     assert got.item() == pytest.approx(expected, rel=1e-5)  # the reference computes in fp32
 
@@ -131,7 +132,8 @@ def test_ibot_loss_matches_hand_computation():
 def test_ibot_loss_without_masks_is_zero_and_differentiable():
     loss_fn = IBOTLoss(8, "sinkhorn", 0.1, 0.9, 3)
     sw = torch.randn(8, 4, requires_grad=True)
-    loss = loss_fn(torch.zeros(0, 4), sw, torch.zeros(0, 4), torch.randn(8, 4), torch.zeros(2, 4, dtype=torch.bool), 0.04)
+    no_masks = torch.zeros(2, 4, dtype=torch.bool)
+    loss = loss_fn(torch.zeros(0, 4), sw, torch.zeros(0, 4), torch.randn(8, 4), no_masks, 0.04)
     loss.backward()
     assert loss.item() == 0.0 and sw.grad is not None
 

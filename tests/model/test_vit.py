@@ -18,8 +18,8 @@ def test_token_layout_and_shapes():
     vit = _vit()
     assert vit.pos_embed.shape == (1, 1 + 4 + 16 * 16, 48)  # timm layout: cls + registers + 16x16 grid
     g = vit(torch.randn(2, 3, 224, 224))
-    l = vit(torch.randn(3, 3, 98, 98))
-    assert g.shape == (2, 261, 48) and l.shape == (3, 54, 48)
+    loc = vit(torch.randn(3, 3, 98, 98))
+    assert g.shape == (2, 261, 48) and loc.shape == (3, 54, 48)
     with pytest.raises(ValueError, match="multiple of the patch size"):
         vit(torch.randn(1, 3, 100, 100))
 
@@ -54,13 +54,13 @@ def test_flops_per_tile_matches_recipe_arithmetic():
 
 def test_packed_forward_equals_separate_forwards():
     vit = _vit()
-    g, l = torch.randn(4, 3, 224, 224), torch.randn(6, 3, 98, 98)
+    g, loc = torch.randn(4, 3, 224, 224), torch.randn(6, 3, 98, 98)
     masks = torch.rand(4, 256) < 0.3
-    packed_g, packed_l = vit.forward_packed([g, l], [masks, None])
+    packed_g, packed_l = vit.forward_packed([g, loc], [masks, None])
     torch.testing.assert_close(packed_g, vit(g, masks), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(packed_l, vit(l), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_l, vit(loc), rtol=1e-5, atol=1e-5)
     # and each crop alone: attention never crosses crops
-    torch.testing.assert_close(packed_l[2:3], vit(l[2:3]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_l[2:3], vit(loc[2:3]), rtol=1e-5, atol=1e-5)
 
 
 def test_masks_replace_patches_with_mask_token():

@@ -12,7 +12,6 @@ Launches take ~10-20 s each on 2 CPU cores (most of it is start-up).
 """
 import pytest
 import torch
-
 from distrun import assert_losses_close, cached, metrics
 
 pytestmark = pytest.mark.slow
@@ -59,8 +58,8 @@ def test_single_process_bf16_autocast_close_to_fp32():
 
 def _saved_networks(run_dir, step: int = 4) -> dict:
     import torch.distributed.checkpoint as dcp
-
     from distrun import TINY
+
     from virchow_fast.config import load_config
     from virchow_fast.model.ssl import SSLNetwork
 

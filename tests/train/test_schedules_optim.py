@@ -80,7 +80,7 @@ def test_teacher_is_ema_without_gradients(net):
         for p in model.parameters():
             p.add_(1.0)
     ema_update(teacher, model, momentum=0.9)
-    for (n, t), s in zip(teacher.named_parameters(), model.parameters()):
+    for (n, t), s in zip(teacher.named_parameters(), model.parameters(), strict=True):
         torch.testing.assert_close(t, 0.9 * before[n] + 0.1 * s)
     with torch.no_grad():
         for p in model.parameters():

@@ -24,10 +24,10 @@ import torch
 pytest.importorskip("triton")
 
 from virchow_fast import ops  # noqa: E402
-from virchow_fast.ops import dispatch  # noqa: E402
-from virchow_fast.ops.table import TABLE  # noqa: E402
 from virchow_fast.config import load_config  # noqa: E402
 from virchow_fast.data import build_loader  # noqa: E402
+from virchow_fast.ops import dispatch  # noqa: E402
+from virchow_fast.ops.table import TABLE  # noqa: E402
 from virchow_fast.train.distributed import init_distributed, shutdown_distributed  # noqa: E402
 from virchow_fast.train.loop import build  # noqa: E402
 

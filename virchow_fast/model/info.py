@@ -22,7 +22,7 @@ def head_forward_flops(cfg: Config, bottleneck: int, prototypes: int) -> float:
     """Forward FLOPs of one head for one token (MLP + prototype logits)."""
     h = cfg.heads
     dims = [cfg.model.embed_dim] + [h.hidden_dim] * (h.num_layers - 1) + [bottleneck]
-    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:])) + 2 * bottleneck * prototypes
+    return 2 * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True)) + 2 * bottleneck * prototypes
 
 
 def flops_per_tile(cfg: Config, recompute: bool = False) -> float:
@@ -36,7 +36,8 @@ def flops_per_tile(cfg: Config, recompute: bool = False) -> float:
     student_fwd = c.n_global * backbone_forward_flops(cfg, g_grid) + c.n_local * backbone_forward_flops(cfg, l_grid)
     teacher_fwd = c.n_global * backbone_forward_flops(cfg, g_grid)
     dino = head_forward_flops(cfg, h.bottleneck_dim, h.dino_prototypes)
-    ibot_b, ibot_k = (h.ibot_bottleneck_dim, h.ibot_prototypes) if h.separate_ibot_head else (h.bottleneck_dim, h.dino_prototypes)
+    ibot_b, ibot_k = ((h.ibot_bottleneck_dim, h.ibot_prototypes) if h.separate_ibot_head
+                      else (h.bottleneck_dim, h.dino_prototypes))
     ibot = head_forward_flops(cfg, ibot_b, ibot_k)
     masked = c.n_global * g_grid ** 2 * mk.mask_probability * (mk.ratio_min + mk.ratio_max) / 2
     student_fwd += (c.n_global + c.n_local) * dino + masked * ibot
