@@ -72,9 +72,9 @@ def load_contexts(cache: str | Path, n: int, context: int = 392, seed: int = 0) 
     slide = Slide(slide_path)
     out = []
     for r in np.random.default_rng(seed).integers(0, len(table), n):
-        _, x, y, level, read_px, out_px, _ = table.task(int(r))
-        region = slide.read(x, y, level, read_px, read_px)
-        out.append(region if read_px == out_px else resize(region, out_px))
+        t = table.task(int(r))
+        region = slide.read(t.x, t.y, t.level, t.read_px, t.read_px)
+        out.append(region if t.read_px == t.out_px else resize(region, t.out_px))
     return out
 
 
@@ -171,39 +171,54 @@ def dali_row(contexts: list[np.ndarray], crops, batch: int, batches: int, dev: s
     from virchow_fast.data import sampling as S
     from virchow_fast.data.dali_pipeline import build_pipeline, feed_outputs, finish
 
-    n, state = len(contexts), {"i": 0}
+    n, state = len(contexts), {"i": 0, "feed_s": 0.0, "finish_s": 0.0}
 
     def feed():
+        c0 = time.thread_time()  # the feed's own thread: DALI's threads may run meanwhile
         ctx, par = [], []
         for _ in range(batch):
             i = state["i"]
             state["i"] += 1
             ctx.append(contexts[i % n])
             par.append(np.stack(S.tile_params(np.random.default_rng([2, i]), crops)))
-        return feed_outputs(ctx, par, [np.float32(20.0)] * batch, [np.int64(0)] * batch, crops)
+        out = feed_outputs(ctx, par, [np.float32(20.0)] * batch, [np.int64(0)] * batch, crops)
+        state["feed_s"] += time.thread_time() - c0
+        return out
 
     pipe = build_pipeline(feed, crops, batch, dev, num_threads=threads)
     n_crops = crops.n_global + crops.n_local
 
     def step():  # DALI graph + the torch finishing step (transpose, clamp, solarise, CHW), as the loader does
         out = pipe.run()
+        c0 = time.thread_time()
         if dev == "gpu":
             tensors = [torch.from_dlpack(o.as_tensor()) for o in out[:n_crops]]
         else:
             tensors = [torch.from_numpy(np.asarray(o.as_tensor())) for o in out[:n_crops]]
         flags = torch.from_numpy(np.asarray(out[n_crops].as_tensor()))
-        return finish(tensors, flags, crops)
+        got = finish(tensors, flags, crops)
+        state["finish_s"] += time.thread_time() - c0
+        return got
 
     for _ in range(2):
         step()
+    _wait_idle(timeout_s=5.0)  # DALI's prefetch queue full: the window then makes exactly ``batches`` batches
     t0, c0 = time.perf_counter(), time.process_time()
+    state["feed_s"] = state["finish_s"] = 0.0
     for _ in range(batches):
         g, _ = step()
     if dev == "gpu":
         torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    _wait_idle(timeout_s=5.0)
+    cpu = time.process_time() - c0
     assert g.shape == (crops.n_global * batch, 3, crops.global_size, crops.global_size), g.shape
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return _row("DALI graph + torch finish", batches * batch, wall, None if dev == "gpu" else cpu, threads, dev)
+    row = _row("DALI graph + torch finish", batches * batch, wall, None if dev == "gpu" else cpu, threads, dev)
+    if dev == "cpu":  # where a tile's CPU time goes: parameters + feed, the DALI graph, the torch finish
+        tiles = batches * batch
+        row.update({"feed_ms": 1e3 * state["feed_s"] / tiles, "finish_ms": 1e3 * state["finish_s"] / tiles,
+                    "graph_ms": 1e3 * (cpu - state["feed_s"] - state["finish_s"]) / tiles})
+    return row
 
 
 def aug_rows(contexts: list[np.ndarray], crops, batch: int, batches: int) -> tuple[list[dict], list[dict]]:
@@ -254,15 +269,21 @@ def _tree_cpu_s(pid: int | None = None) -> float:
     return total
 
 
-def _wait_idle(quiet_s: float = 0.3, polls: int = 2, timeout_s: float = 60.0) -> None:
-    """Wait until this process tree stops using CPU (``polls`` quiet intervals in a row): every
-    prefetch queue of the loader is full again."""
+def _wait_idle(quiet_s: float = 0.1, polls: int = 2, timeout_s: float = 60.0) -> float:
+    """Wait until this process tree stops using CPU (``polls`` quiet intervals of ``quiet_s`` in a row:
+    every prefetch queue of the loader is full again). Returns the perf_counter time at which it was
+    last seen busy (the call's start when it was idle already)."""
     t_end, quiet, last = time.perf_counter() + timeout_s, 0, _tree_cpu_s()
+    busy_at = time.perf_counter()
     while quiet < polls and time.perf_counter() < t_end:
         time.sleep(quiet_s)
         now = _tree_cpu_s()
-        quiet = quiet + 1 if now - last <= 0.011 else 0  # at most one clock tick
+        if now - last <= 0.011:  # at most one clock tick
+            quiet += 1
+        else:
+            quiet, busy_at = 0, time.perf_counter()
         last = now
+    return busy_at
 
 
 def loader_rows(slide_path: str | Path, index_dir: str | Path, batch: int, batches: int,
@@ -273,8 +294,8 @@ def loader_rows(slide_path: str | Path, index_dir: str | Path, batch: int, batch
     in ``max(1, workers)`` reader processes and augments here. One batch first (process start, slide
     opening), then the window: it opens when the loader is idle with its prefetch queues full, takes
     ``batches`` batches, and closes when the queues are full again, so exactly ``batches`` batches were
-    made inside it. Rates: tiles per wall second (the window's length, including up to two idle polls
-    of 0.3 s) and per CPU second of this process and its children (reader / DataLoader worker
+    made inside it. Rates: tiles per wall second (to the last 0.1 s poll that saw the loader busy) and
+    per CPU second of this process and its children (reader / DataLoader worker
     processes, read from /proc), the figure that stays meaningful on a loaded machine.
     """
     from virchow_fast.config import DataConfig
@@ -292,8 +313,7 @@ def loader_rows(slide_path: str | Path, index_dir: str | Path, batch: int, batch
                 t0, c0 = time.perf_counter(), _tree_cpu_s()
                 for _ in range(batches):
                     b = next(loader)
-                _wait_idle()
-                wall, cpu = time.perf_counter() - t0, _tree_cpu_s() - c0
+                wall, cpu = _wait_idle() - t0, _tree_cpu_s() - c0
             finally:
                 if hasattr(loader, "close"):
                     loader.close()
