@@ -22,7 +22,7 @@ process may use. Rates are per second of process CPU time (all threads; children
 per-core figure on a shared, loaded machine; wall-clock rates are recorded beside them. The DALI GPU
 path needs a GPU machine with DALI installed and is not measured here.
 
-    python benchmarks/bench_data_rate.py [--reads 150] [--tiles 48] [--workers 0,1,2] [--core 1] [--out DIR]
+    python benchmarks/bench_data_rate.py [--reads 200] [--tiles 64] [--workers 0,1,2] [--core 1] [--out DIR]
     python benchmarks/bench_data_rate.py --gpu-rates vit_h14_virchow2=100,vit_g14_virchow2g=33
 """
 from __future__ import annotations
@@ -44,14 +44,14 @@ READ_BACKENDS = ("cucim", "cucim_batch", "openslide")
 
 
 def _extra(p):
-    p.add_argument("--reads", type=int, default=150, help="timed reads per backend and magnification")
+    p.add_argument("--reads", type=int, default=200, help="timed reads per backend and magnification")
     p.add_argument("--size", default="12288x9216", help="read-benchmark slide size WxH at 0.25 um/px")
-    p.add_argument("--tiles", type=int, default=48, help="contexts per augmentation row")
+    p.add_argument("--tiles", type=int, default=64, help="contexts per augmentation row")
     p.add_argument("--batch", type=int, default=16, help="DALI batch")
-    p.add_argument("--batches", type=int, default=3, help="timed DALI batches")
+    p.add_argument("--batches", type=int, default=4, help="timed DALI batches")
     p.add_argument("--workers", default="0,1,2", help="loader worker counts to measure ('' = skip the loader rows)")
     p.add_argument("--loader-batch", type=int, default=8)
-    p.add_argument("--loader-batches", type=int, default=4, help="timed loader batches per worker count")
+    p.add_argument("--loader-batches", type=int, default=8, help="timed loader batches per worker count")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configs whose predicted GPU rate is used")
     p.add_argument("--gpu-rates", default="", help="name=tiles_s,... instead of the cost model's predictions")
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -20,7 +20,7 @@ grayscale, solarise on the second global crop, blur per config, normalise.
 meaningful on a shared, loaded machine where wall-clock rates measure the neighbours too; both are
 recorded. ``--loader``: also the trainer's slide loader end to end (see :func:`loader_rows`).
 
-    python benchmarks/bench_pipeline.py [--tiles 48] [--batch 16] [--batches 3] [--loader] [--out DIR]
+    python benchmarks/bench_pipeline.py [--tiles 64] [--batch 16] [--batches 4] [--loader] [--out DIR]
     taskset -c 1 python benchmarks/bench_pipeline.py     # one core
 """
 from __future__ import annotations
@@ -38,9 +38,9 @@ from _common import print_table, setup, skip, write_json  # noqa: E402
 
 
 def _extra(p):
-    p.add_argument("--tiles", type=int, default=48, help="distinct contexts held in memory (and tiles per CPU row)")
+    p.add_argument("--tiles", type=int, default=64, help="distinct contexts held in memory (and tiles per CPU row)")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--batches", type=int, default=3, help="timed DALI / loader batches")
+    p.add_argument("--batches", type=int, default=4, help="timed DALI / loader batches")
     p.add_argument("--loader", action="store_true", help="also the slide loader end to end (1 reader process)")
     p.add_argument("--cache", default="/tmp/virchow_fast_bench", help="folder for the generated slide")
 
