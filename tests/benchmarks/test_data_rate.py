@@ -34,6 +34,8 @@ def tiny_slide(tmp_path_factory):
 def measured(tiny_slide):
     from virchow_fast.data.synthetic import he_image
 
+    pytest.importorskip("cucim")
+    pytest.importorskip("openslide")
     read_rows = bslides.read_rows(tiny_slide, reads=4, px=128, backends=("cucim", "openslide"))
     crops = CropConfig()
     rng = np.random.default_rng(0)
