@@ -1,7 +1,6 @@
 """``virchow-fast``: the command line. No logic of its own: each command parses and delegates."""
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 
@@ -18,13 +17,10 @@ def _load(config: str | None, overrides: tuple[str, ...]):
 
 
 def _setup_logging(level: str) -> None:
-    """One handler on stderr for the package's loggers (backend choices, the parallel plan, warnings)."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("virchow_fast")
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    root.propagate = False
+    """One handler on stderr for the package's loggers (progress, backend choices, the parallel plan, warnings)."""
+    from .logs import ensure_logging
+
+    ensure_logging(level)
 
 
 @click.group()
@@ -51,7 +47,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool
     from .train.loop import run
 
     try:
-        run_dir = run(cfg, resume=resume, config_path=config, overwrite=overwrite)
+        run_dir = run(cfg, resume=resume, overwrite=overwrite)
     except (ConfigError, FileNotFoundError, RunError, DataError) as exc:  # the user's input or the run's fate
         raise click.ClickException(f"{config}: {exc}" if isinstance(exc, ConfigError) else str(exc)) from None
     click.echo(f"run directory: {Path(run_dir).resolve()}")

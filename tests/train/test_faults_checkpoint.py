@@ -61,7 +61,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys
     DAMAGE[kind](tmp_path / "checkpoints" / "step_00000004")
     capsys.readouterr()
     run(config(tmp_path), resume=True)
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     bad = [line for line in said.splitlines() if " is damaged " in line]
     assert len(bad) == 1 and "step_00000004" in bad[0], said
     assert "resumed from" in said and "step_00000002 at step 2" in said

@@ -44,7 +44,7 @@ def test_blow_up_to_finite_garbage_never_rotates_the_good_checkpoint_out(tmp_pat
     _lr_from(monkeypatch, 3, 1e30)
     cfg = config(tmp_path, "train.epochs=2", "train.keep_checkpoints=2", "train.max_nonfinite_steps=100")
     loop.run(cfg)
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert [r["skipped"] for r in metrics(tmp_path)] == [False] * 4 + [True] * 4
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
     assert "--resume continues from step_00000002" in said

@@ -27,7 +27,7 @@ def test_longer_run_continues_the_schedules_without_a_jump(at_step_2, capsys):
     out, before = at_step_2
     capsys.readouterr()
     run(config(out, "train.epochs=2"), resume=True)  # 4 -> 8 steps
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "4 -> 8 steps" in said and "train.epochs" in said
     got = metrics(out)
     assert [r["step"] for r in got] == list(range(8))
@@ -48,11 +48,11 @@ def test_changed_global_batch_rescales_the_lr_and_says_so(at_step_2, capsys):
     capsys.readouterr()
     cfg = config(out, "data.batch_size=2")
     run(cfg, resume=True)
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "global batch 4 -> 2" in said and "peak lr" in said
     derived = derive(cfg)
-    assert derived["peak_lr"] == pytest.approx(cfg.optim.base_lr * math.sqrt(2 / 1024))
-    want = build_schedules(cfg, derived["peak_lr"], 4).lr
+    assert derived.peak_lr == pytest.approx(cfg.optim.base_lr * math.sqrt(2 / 1024))
+    want = build_schedules(cfg, derived.peak_lr, 4).lr
     assert [r["lr"] for r in metrics(out)[2:]] == pytest.approx(list(want[2:]), rel=1e-12)
     assert metrics(out)[2]["lr"] < before[2]["lr"]
 
@@ -62,9 +62,9 @@ def test_changed_base_lr_applies_from_the_resume_step_and_says_so(at_step_2, cap
     capsys.readouterr()
     cfg = config(out, "optim.base_lr=1e-3")
     run(cfg, resume=True)
-    said = capsys.readouterr().out
+    said = capsys.readouterr().err
     assert "optim.base_lr 0.005 -> 0.001" in said and "lr " in said
-    want = build_schedules(cfg, derive(cfg)["peak_lr"], 4).lr
+    want = build_schedules(cfg, derive(cfg).peak_lr, 4).lr
     assert np.allclose([r["lr"] for r in metrics(out)[2:]], want[2:], rtol=1e-12)
 
 

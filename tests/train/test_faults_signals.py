@@ -31,7 +31,7 @@ def test_ctrl_c_checkpoints_the_step_it_discards_and_resumes_exactly(tmp_path, m
 
     monkeypatch.setattr(step_module.SSLLoss, "forward", ctrl_c_in_step_1)
     assert run(config(tmp_path)) == tmp_path  # no KeyboardInterrupt: a clean return
-    assert "received SIGINT" in capsys.readouterr().out
+    assert "received SIGINT" in capsys.readouterr().err
     done = len(metrics(tmp_path))  # the step the signal came in, or the one after it, is discarded
     assert 1 <= done <= 2 and [r["step"] for r in metrics(tmp_path)] == list(range(done))
     assert list_checkpoints(tmp_path)[-1].name == f"step_{done:08d}"
@@ -91,6 +91,7 @@ def test_ctrl_c_to_the_group_with_reader_workers_exits_cleanly(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
-    assert "stopped on a signal" in stdout and stdout.count("received SIGINT") == 1
+    said = stdout + stderr
+    assert "stopped on a signal" in said and said.count("received SIGINT") == 1
     assert "Traceback" not in stderr, stderr[-3000:]
     assert list_checkpoints(out)[-1].name == f"step_{len(metrics(out)):08d}"

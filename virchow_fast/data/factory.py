@@ -12,12 +12,15 @@ in a collective for its result, or for its error, which they raise too (one line
 from __future__ import annotations
 
 import datetime
-import sys
+import logging
 import tempfile
 from pathlib import Path
 
 from ..config import ConfigError, DataConfig
+from ..logs import ensure_logging
 from .records import DataError, SkipCounters
+
+log = logging.getLogger("virchow_fast.data")
 
 PREPARE_TIMEOUT_S = 7 * 24 * 3600.0  # how long the other ranks wait for rank 0's indexing (a corpus can take days)
 
@@ -118,13 +121,13 @@ def prepare_index(cfg: DataConfig, run_dir: str | None, rank: int = 0) -> tuple[
         rep = index_slides(paths, index_dir, index_settings(cfg), workers=max(1, cfg.num_workers), progress=False,
                            exact=False)
         for _, line in rep.missing:
-            print(f"data: skipped {line}", file=sys.stderr)
+            log.warning("data: skipped %s", line)
         if rep.done or rep.failed:
             why = sorted({w for _, w in rep.rebuilt})
             rebuilt = f", {len(rep.rebuilt)} of them rebuilt ({why[0]}{', ...' if len(why) > 1 else ''})" \
                 if rep.rebuilt else ""
-            print(f"data: indexed {len(rep.done)} slides into {index_dir}{rebuilt} ({len(rep.failed)} unreadable, "
-                  f"{len(rep.empty)} without tiles)", file=sys.stderr)
+            log.info("data: indexed %d slides into %s%s (%d unreadable, %d without tiles)",
+                     len(rep.done), index_dir, rebuilt, len(rep.failed), len(rep.empty))
         files = rep.index_files(index_dir)
         if not files:
             raise DataError(f"{index_dir}: no slide of data.paths could be indexed ({len(rep.failed)} unreadable)")
@@ -163,8 +166,10 @@ def _shard_table(cfg: DataConfig):
 
 def build_loader(cfg: DataConfig, patch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  start_step: int = 0, run_dir: str | None = None):
-    """The loader for ``cfg.source`` (see the module docstring)."""
+    """The loader for ``cfg.source`` (see the module docstring). Its lines go to the ``virchow_fast`` logger."""
     from .loader import TileLoader, synthetic_source
+
+    ensure_logging()
 
     if cfg.source == "synthetic":
         return TileLoader(synthetic_source(cfg), cfg, patch_size, rank, world, seed, start_step)

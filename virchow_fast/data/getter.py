@@ -13,7 +13,7 @@ which source a row belongs to (``unit_of``). The counts land in :class:`.records
 """
 from __future__ import annotations
 
-import sys
+import logging
 from typing import Protocol
 
 import numpy as np
@@ -31,9 +31,7 @@ class TileGetter(Protocol):
 
     def close(self) -> None: ...
 
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
+logger = logging.getLogger("virchow_fast.data")
 
 
 class DrawnTiles:
@@ -45,7 +43,7 @@ class DrawnTiles:
     def __init__(self, sampler, seed: int, world: int = 1, counters: SkipCounters | None = None, log=None):
         self.sampler, self.seed, self.world = sampler, seed, world
         self.counters = counters or SkipCounters()
-        self.log = log or _stderr
+        self.log = log or logger.warning  # its lines are all about skipped tiles
         self.bad_rows: set[int] = set()
         self.bad_units: set[int] = set()
         self._pending: dict[int, tuple] = {}

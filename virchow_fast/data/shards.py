@@ -20,8 +20,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import os
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -32,6 +32,8 @@ from .index import load_index
 from .records import DataError, ReadFailure
 from .sources import decode_jpeg
 from .workers import ReadPool
+
+logger = logging.getLogger("virchow_fast.data")
 
 MAX_JPEG_ERROR = 12.0  # mean |decoded - source|: 3.3-3.7 at q 90-50 on generated H&E (measured), ~100 for garbage
 
@@ -166,7 +168,7 @@ def checked_indexes(tars: list[str], out_dir: str | Path, catalogue: str | Path 
     """(tars, DALI index paths, samples dropped) for the webdataset reader: each shard checked once per
     file version, its intact samples listed in an index under ``out_dir`` (shards without any are left
     out). A shard that cannot be parsed at all loses all its samples, with one line naming it."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or logger.warning  # damaged samples and skipped tiles
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     crc = None
@@ -228,7 +230,7 @@ def write_shards(index_dir: str | Path, out_dir: str | Path, workers: int = 2, s
                  quality: int = 90, log=None, files: list[Path] | None = None) -> tuple[int, int]:
     """Every tile of the indexes ``files`` (default: all in ``index_dir``) as a JPEG context in shards;
     returns (written, skipped)."""
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    log = log or logger.warning  # damaged samples and skipped tiles
     writer = ShardWriter(out_dir, samples_per_shard)
     pool = ReadPool(workers, log=log)
     written = skipped = 0

@@ -8,6 +8,7 @@ missing paths and folders without slides are reported with one line naming them.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import sys
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from pathlib import Path
 from .index import IndexSettings, index_file, index_state, write_index
 from .records import DataError
 from .slides import SlideError, gather_slides
+
+logger = logging.getLogger("virchow_fast.data")
 
 SLIDE_TIMEOUT_S = 1800.0
 
@@ -91,7 +94,7 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
 
         bar = tqdm(total=len(todo), desc="tiles", unit="slide", file=sys.stderr)
         log = (lambda line: bar.write(line, file=sys.stderr)) if log is None else log
-    log = log or _print
+    log = log or logger.warning  # every line is about a slide that failed or gave no tile
     ctx = mp.get_context(start_method)
     running: dict = {}  # sentinel -> (path, proc, conn)
     queue = list(todo)
@@ -146,6 +149,3 @@ def index_slides(paths: list[str], out_dir: str | Path, settings: IndexSettings,
         bar.close()
     return report
 
-
-def _print(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)

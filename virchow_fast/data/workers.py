@@ -21,6 +21,7 @@ group's regions go to the new worker one per message, and a repeated crash names
 from __future__ import annotations
 
 import itertools
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -237,7 +238,7 @@ class ReadPool:
         self.crashed = 0  # reader processes that died (each counted when it dies)
         self.failed = 0
         self.counters = counters or SkipCounters()
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or logging.getLogger("virchow_fast.data").warning  # reader crashes
         self._ids = itertools.count()
         self._done: dict[int, object] = {}
         self._ctx = mp.get_context(start_method)

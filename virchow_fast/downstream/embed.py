@@ -16,6 +16,7 @@ counted and named in one line each.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -26,8 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..logs import ensure_logging
 from .datasets import IMAGE_SUFFIXES
 from .features import embed_batch, fit_tile, normalise
+
+logger = logging.getLogger("virchow_fast.embed")
 
 COORDS = re.compile(r"(\d+)[_-](\d+)$")
 
@@ -120,7 +124,7 @@ class Embedder:
         self.device = torch.device(device)
         self.size = weights.model.img_size  # the model's input side: tiles are resized to it
         self.target_mpp = 10.0 / mag  # 40x = 0.25 um/px, 20x = 0.5
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log or logger.warning  # its lines are about skipped tiles
         self.progress = progress
 
     def _forward(self, tiles: list[np.ndarray]) -> np.ndarray:
@@ -217,7 +221,8 @@ def embed(inputs: list[str], model_path: str, out_dir: str, mag: float = 20.0, t
           log=None) -> EmbedReport:
     from .weights import load_model
 
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    ensure_logging()
+    warn, log = log or logger.warning, log or logger.info  # a caller's callback gets both kinds
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     model, w = load_model(model_path, step, device=str(dev))
@@ -233,7 +238,7 @@ def embed(inputs: list[str], model_path: str, out_dir: str, mag: float = 20.0, t
             continue
         if marker.exists() and not overwrite:
             report.failed.append((job.path, "a previous run died inside it"))
-            log(f"embed: skipped {job.path}: a previous run died inside it (reader crash?); delete {marker} "
+            warn(f"embed: skipped {job.path}: a previous run died inside it (reader crash?); delete {marker} "
                 "or pass --overwrite to retry")
             continue
         marker.write_text(job.path + "\n")
@@ -242,7 +247,7 @@ def embed(inputs: list[str], model_path: str, out_dir: str, mag: float = 20.0, t
         except Exception as exc:  # noqa: BLE001 (one bad slide never stops the run)
             msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             report.failed.append((job.path, msg))
-            log(f"embed: skipped {msg if job.path in msg else f'{job.path}: {msg}'}")
+            warn(f"embed: skipped {msg if job.path in msg else f'{job.path}: {msg}'}")
             marker.unlink(missing_ok=True)
             continue
         marker.unlink(missing_ok=True)

@@ -7,18 +7,21 @@ and sd over seeds. The table is printed and everything is written as JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..logs import ensure_logging
 from .datasets import open_labelled
 from .features import embed_set
 from .probe import classification_metrics, knn_predict, linear_probe, rankme
 from .weights import load_model
+
+logger = logging.getLogger("virchow_fast.eval")
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1", "auroc")
 
@@ -56,7 +59,8 @@ def evaluate(model_path: str, train: str, val: str, test: str | None = None, out
              seeds: int = 5, k: int = 20, mode: str = "cls+mean", batch_size: int = 64, device: str = "auto",
              max_steps: int = 12500, patience: int = 0, val_every: int = 0, step: int | None = None,
              progress: bool = True, log=None) -> dict:
-    log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+    ensure_logging()
+    log = log or logger.warning  # its lines are about unreadable tiles
     dev = _device(device)
     model, w = load_model(model_path, step, device=str(dev))
     size = w.model.img_size

@@ -18,6 +18,7 @@ import json
 import os
 from pathlib import Path
 
+from ..logs import ensure_logging
 from ..model.timm_compat import OURS_ONLY, TIMM_ARCH, json_kwargs
 from .weights import WeightsError, read_weights
 
@@ -44,6 +45,7 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, which:
     """Write ``out`` (safetensors) and ``config.json`` beside it; returns both paths."""
     from safetensors.torch import save_file
 
+    ensure_logging()
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise WeightsError(f"{run_dir}: not a run directory")

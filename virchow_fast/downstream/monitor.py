@@ -9,6 +9,7 @@ the ``eval.train`` embeddings (a collapse alarm: it falls towards 1 as the featu
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 from .datasets import open_labelled
 from .features import fit_tile, normalise
 from .probe import classification_metrics, knn_predict, rankme
+
+log = logging.getLogger("virchow_fast.eval")
 
 BATCH = 32
 
@@ -45,9 +48,9 @@ class TrainingEval:
                          size) if ev.val else None
         if info.is_main:
             bad = self.train[2] + (self.val[2] if self.val else 0)
-            print(f"eval: every {ev.every} steps on {len(self.train[1])} tiles of {ev.train}"
-                  + (f" -> {len(self.val[1])} of {ev.val}" if self.val else " (leave-one-out kNN)")
-                  + (f"; {bad} unreadable tiles skipped" if bad else ""), flush=True)
+            log.info("%s", f"eval: every {ev.every} steps on {len(self.train[1])} tiles of {ev.train}"
+                     + (f" -> {len(self.val[1])} of {ev.val}" if self.val else " (leave-one-out kNN)")
+                     + (f"; {bad} unreadable tiles skipped" if bad else ""))
 
     @classmethod
     def maybe(cls, cfg, info) -> "TrainingEval | None":
@@ -92,6 +95,6 @@ class TrainingEval:
                "eval_rankme": rankme(train_x)}
         teacher.train(was_training)
         if self.info.is_main:
-            print(f"eval step {step + 1}: kNN accuracy {out['eval_knn_acc']:.4f} (balanced "
-                  f"{out['eval_knn_balanced_acc']:.4f}), RankMe {out['eval_rankme']:.1f}", flush=True)
+            log.info("eval step %d: kNN accuracy %.4f (balanced %.4f), RankMe %.1f", step + 1,
+                     out["eval_knn_acc"], out["eval_knn_balanced_acc"], out["eval_rankme"])
         return out

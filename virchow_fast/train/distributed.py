@@ -144,10 +144,9 @@ class StopRequest:
             # torch's SIGCHLD handler would then raise in the middle of a step. The loop fetches no
             # batch after a stop request, so worker deaths from here on are expected: stop watching.
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            # print, not log: safe enough in a handler, and visible in SLURM's output without logging setup
+            # logging takes re-entrant locks: a handler that interrupts a log call in this thread still writes
             again = " (Ctrl-C again to quit at once, without one)" if signum == signal.SIGINT else ""
-            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint{again}",
-                  flush=True)
+            log.warning("received %s: stopping after this step with a checkpoint%s", signal.Signals(signum).name, again)
 
     @property
     def pending(self) -> bool:

@@ -15,6 +15,7 @@ only wait for the device. From them every rank takes the same decisions:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -26,6 +27,7 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.monitor import TrainingEval
+from ..logs import ensure_logging
 from ..model.ssl import SSLNetwork
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .distributed import StopRequest, init_distributed, shutdown_distributed
@@ -55,11 +57,13 @@ def _progress(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
 
-def run(cfg: Config, resume: bool = False, config_path: str | None = None, overwrite: bool = False) -> Path:
+def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
     """Train per ``cfg``; returns the run directory (also after a SIGINT / SIGTERM / SIGUSR1 stop).
 
     An output_dir that holds an earlier run needs ``resume`` or ``overwrite`` (see train/rundir.py).
+    Progress goes to the ``virchow_fast`` logger (a stderr handler is installed if it has none).
     """
+    ensure_logging()
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     info = init_distributed(cfg)
@@ -107,8 +111,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     student, teacher, optimizer, loss_fn = build(cfg, info)
     params = [p for p in student.parameters() if p.requires_grad]
     losses_dict = {"dino": loss_fn.dino, "ibot": loss_fn.ibot}
-    total_steps = derived["total_steps"]
-    sched = build_schedules(cfg, derived["peak_lr"], total_steps)
+    total_steps = derived.total_steps
+    sched = build_schedules(cfg, derived.peak_lr, total_steps)
 
     torch.manual_seed(cfg.train.seed + 1000 * (info.rank + 1))  # per-rank stream (drop path); a resume restores it
     start_step, data_state = 0, None
@@ -133,7 +137,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                                cfg.train.keep_checkpoints, extras=checkpoint_files(cfg, derived, sched), prune=False)
         keeper.saved(path)
         if info.is_main:
-            print(f"checkpoint written: {path}", flush=True)
+            log.info("checkpoint written: %s", path)
 
     bad_in_a_row = bad_total = 0
     batch = None
@@ -154,6 +158,11 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     student.train()
     teacher.eval()
     t_read = time.perf_counter()  # steps are timed from one statistics read to the next
+    above_bar = contextlib.ExitStack()
+    if bar is not None:  # log lines are written above the bar instead of through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        above_bar.enter_context(logging_redirect_tqdm([logging.getLogger("virchow_fast")]))
     try:
         for step in range(start_step, total_steps):
             before = {"data": stager.state_dict(), "rng": rng_state()}  # for a discarded step
@@ -168,8 +177,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                 set_rng_state(before["rng"])
                 checkpoint(step, before["data"])
                 if info.is_main:
-                    print(f"stopped on a signal during step {step} (discarded): checkpoint step_{step:08d} saved; "
-                          "continue with --resume", flush=True)
+                    log.info("stopped on a signal during step %d (discarded): checkpoint step_%08d saved; "
+                             "continue with --resume", step, step)
                 break
             if finite:
                 bad_in_a_row = 0
@@ -197,9 +206,9 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
                 bar.update(1)
                 bar.set_postfix(loss=f"{terms['loss']:.4f}", tiles_s=f"{record['tiles_per_s']:.1f}")
             elif info.is_main and (step % cfg.train.log_every == 0 or step + 1 == total_steps):
-                print(f"step {step + 1}/{total_steps} loss {terms['loss']:.4f} (dino {terms['dino']:.4f} "
-                      f"ibot {terms['ibot']:.4f} reg {terms['reg']:.4f}) lr {s['lr']:.3g} "
-                      f"tiles/s {record['tiles_per_s']:.1f}", flush=True)
+                log.info("step %d/%d loss %.4f (dino %.4f ibot %.4f reg %.4f) lr %.3g tiles/s %.1f",
+                         step + 1, total_steps, terms["loss"], terms["dino"], terms["ibot"], terms["reg"],
+                         s["lr"], record["tiles_per_s"])
             if bad_in_a_row >= cfg.train.max_nonfinite_steps:
                 raise NonFiniteLossError(f"{bad_in_a_row} non-finite losses in a row up to step {step} "
                                          f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); "
@@ -210,15 +219,16 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
         if bad_in_a_row:  # the last steps were all skipped: what was saved since the last finite one is suspect
             said = keeper.diverged()
             if info.is_main:
-                print(f"the run ended in {bad_in_a_row} non-finite steps{said}", flush=True)
+                log.warning("the run ended in %d non-finite steps%s", bad_in_a_row, said)
         keeper.confirm()
     except NonFiniteWeightsError as exc:
         raise NonFiniteWeightsError(str(exc) + keeper.diverged()) from None
     finally:
         if bar is not None:
             bar.close()
+        above_bar.close()
         metrics.close()
         summary = loader.skips.summary() if getattr(loader, "skips", None) is not None else ""
         if summary:
-            print(summary + (f" (rank {info.rank})" if info.world_size > 1 else ""), file=sys.stderr, flush=True)
+            log.warning("%s", summary + (f" (rank {info.rank})" if info.world_size > 1 else ""))
     return run_dir

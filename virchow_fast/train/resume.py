@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException: not caught by Exception
 
-from ..config import Config, to_dict
+from ..config import Config, Derived, to_dict
 from .checkpoint import list_checkpoints, load_checkpoint
 from .distributed import from_main
 from .errors import RunError
@@ -57,10 +57,10 @@ class Resumed:
     schedules: Schedules
 
 
-def checkpoint_files(cfg: Config, derived: dict, sched: Schedules) -> dict:
+def checkpoint_files(cfg: Config, derived: Derived, sched: Schedules) -> dict:
     """The files the loop adds to each checkpoint (``save_checkpoint(extras=...)``)."""
     def write_config(path: Path) -> None:
-        path.write_text(yaml.safe_dump({"config": to_dict(cfg), "derived": derived}, sort_keys=False))
+        path.write_text(yaml.safe_dump({"config": to_dict(cfg), "derived": to_dict(derived)}, sort_keys=False))
 
     def write_schedules(path: Path) -> None:
         buf = io.BytesIO()
@@ -92,8 +92,8 @@ def find_intact(run_dir: str | os.PathLike, is_main: bool) -> Path | None:
         aside = path.with_name(f"damaged-{path.name}")
         if is_main:
             os.replace(path, aside)
-            print(f"checkpoint {path} is damaged ({problem}): kept as {aside.name}, trying the one before it",
-                  flush=True)
+            log.warning("checkpoint %s is damaged (%s): kept as %s, trying the one before it",
+                        path, problem, aside.name)
         from_main(None)  # the others wait for the rename
         damaged.append(path.name)
     if damaged:
@@ -137,20 +137,20 @@ def _stretch(values: np.ndarray, start: int, total: int) -> np.ndarray:
     return values[src]
 
 
-def plan_schedules(cfg: Config, derived: dict, saved: dict, saved_arrays: dict | None, step: int,
+def plan_schedules(cfg: Config, derived: Derived, saved: dict, saved_arrays: dict | None, step: int,
                    path: Path) -> tuple[Schedules, list[str]]:
     """The schedules from ``step`` on and the lines that say what changed (see the module docstring)."""
     old_flat, new_flat = _flatten(saved["config"]), _flatten(to_dict(cfg))
     changed = {k: (old_flat[k], new_flat[k]) for k in old_flat.keys() & new_flat.keys() if old_flat[k] != new_flat[k]}
     _refuse_fixed(changed, path)
-    old_total, new_total = int(saved["derived"]["total_steps"]), int(derived["total_steps"])
+    old_total, new_total = int(saved["derived"]["total_steps"]), int(derived.total_steps)
     if new_total < step:
         raise RunError(f"--resume from {path}: the run is at step {step}, train.epochs x train.steps_per_epoch = "
                        f"{new_total} ends before it")
     old_cfg = _with_values(cfg, old_flat)
     timeline = _with_values(cfg, {k: old_flat[k] for k in _LENGTH_KEYS if k in old_flat})
     old_def = build_schedules(old_cfg, float(saved["derived"]["peak_lr"]), old_total)
-    new_def = build_schedules(timeline, float(derived["peak_lr"]), old_total)
+    new_def = build_schedules(timeline, float(derived.peak_lr), old_total)
     names = [f.name for f in dataclasses.fields(Schedules)]
     arrays, moved = {}, []
     for name in names:
@@ -166,9 +166,9 @@ def plan_schedules(cfg: Config, derived: dict, saved: dict, saved_arrays: dict |
         notes.append(f"resume: {old_total} -> {new_total} steps ({', '.join(k for k in _LENGTH_KEYS if k in changed)}):"
                      f" the schedules keep their values up to step {step} and their remaining steps "
                      f"{min(step, old_total)}-{old_total} are spread over steps {step}-{new_total} (no jump)")
-    if saved["derived"].get("global_batch") != derived["global_batch"]:
-        notes.append(f"resume: global batch {saved['derived'].get('global_batch')} -> {derived['global_batch']}: "
-                     f"peak lr {float(saved['derived']['peak_lr']):.3g} -> {float(derived['peak_lr']):.3g} "
+    if saved["derived"].get("global_batch") != derived.global_batch:
+        notes.append(f"resume: global batch {saved['derived'].get('global_batch')} -> {derived.global_batch}: "
+                     f"peak lr {float(saved['derived']['peak_lr']):.3g} -> {float(derived.peak_lr):.3g} "
                      "(optim.base_lr x sqrt(global batch / 1024))")
     if moved:
         notes.append(f"resume: at step {step} the schedules follow the new settings: {', '.join(moved)}")
@@ -179,7 +179,7 @@ def plan_schedules(cfg: Config, derived: dict, saved: dict, saved_arrays: dict |
     return Schedules(**arrays), notes
 
 
-def resume_run(run_dir: str | os.PathLike, cfg: Config, derived: dict, student, teacher, optimizer, losses: dict,
+def resume_run(run_dir: str | os.PathLike, cfg: Config, derived: Derived, student, teacher, optimizer, losses: dict,
                is_main: bool) -> Resumed | None:
     """Load the newest intact checkpoint of ``run_dir`` if its settings allow (every rank); None without one."""
     path = find_intact(run_dir, is_main)
@@ -196,7 +196,7 @@ def resume_run(run_dir: str | os.PathLike, cfg: Config, derived: dict, student, 
     if saved is not None:
         sched, notes = plan_schedules(cfg, derived, saved, arrays, step, path)
     else:
-        sched, notes = build_schedules(cfg, derived["peak_lr"], derived["total_steps"]), []
+        sched, notes = build_schedules(cfg, derived.peak_lr, derived.total_steps), []
         if is_main:
             log.warning("%s has no saved config: the settings were not compared", path)
     try:
@@ -208,6 +208,6 @@ def resume_run(run_dir: str | os.PathLike, cfg: Config, derived: dict, student, 
         raise RunError(f"--resume: cannot load {path} into this model ({said[:300]})") from exc
     if is_main:
         for line in notes:
-            print(line, flush=True)
-        print(f"resumed from {path} at step {loaded['step']}", flush=True)
+            log.info("%s", line)
+        log.info("resumed from %s at step %d", path, loaded["step"])
     return Resumed(path, loaded["step"], loaded["data"], sched)

@@ -8,12 +8,15 @@ deleted). Rank 0 looks and renames; every rank receives its verdict, so all refu
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 
 from .distributed import from_main
 from .errors import RunError
+
+log = logging.getLogger("virchow_fast.train")
 
 
 def run_marks(run_dir: str | os.PathLike) -> list[str]:
@@ -73,6 +76,6 @@ def prepare_run_dir(run_dir: str | os.PathLike, resume: bool, overwrite: bool, i
         raise RunError(detail)
     if kind == "moved":
         if is_main:
-            print(f"--overwrite: the earlier run in {run_dir} is now {detail}", flush=True)
+            log.warning("--overwrite: the earlier run in %s is now %s", run_dir, detail)
         return Path(detail)
     return None
