@@ -51,7 +51,8 @@ def _extra(p):
     p.add_argument("--batches", type=int, default=4, help="timed DALI batches")
     p.add_argument("--workers", default="0,1,2", help="loader worker counts to measure ('' = skip the loader rows)")
     p.add_argument("--loader-batch", type=int, default=8)
-    p.add_argument("--loader-batches", type=int, default=8, help="timed loader batches per worker count")
+    p.add_argument("--loader-batches", type=int, default=8, help="timed loader batches per window")
+    p.add_argument("--loader-windows", type=int, default=3, help="timed windows per worker count (best wall rate)")
     p.add_argument("--configs", default=",".join(CONFIGS), help="configs whose predicted GPU rate is used")
     p.add_argument("--gpu-rates", default="", help="name=tiles_s,... instead of the cost model's predictions")
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -179,7 +180,8 @@ def main() -> None:
     workers = [int(v) for v in args.workers.split(",") if v != ""]
     if workers:
         slide, index = bpipe.pipeline_slide(args.cache, crops.context_size)
-        loader_rows = bpipe.loader_rows(slide, index, args.loader_batch, args.loader_batches, workers)
+        loader_rows = bpipe.loader_rows(slide, index, args.loader_batch, args.loader_batches, workers,
+                                       repeats=args.loader_windows)
         print_table(loader_rows)
 
     cores = cores_rows(read_rows, aug_rows, data.mags, data.mag_weights, rates, args.gpus_per_node)

@@ -120,8 +120,10 @@ def test_loader_rows_end_to_end(tmp_path):
 
     slide = make_slide(tmp_path / "s.svs", 2048, 1536, 0.25, "full", seed=1)
     write_index(str(slide), tmp_path / "idx", IndexSettings(mags=(40.0, 20.0), mag_mpp=(0.25, 0.5)))
-    rows = bpipe.loader_rows(slide, tmp_path / "idx", batch=2, batches=1, workers=(0,), pipelines=("torch",))
+    rows = bpipe.loader_rows(slide, tmp_path / "idx", batch=2, batches=1, workers=(0,), pipelines=("torch",),
+                             repeats=2)
     assert len(rows) == 1 and rows[0]["tiles"] == 2 and rows[0]["tiles_s_per_cpu_s"] > 0
+    assert rows[0]["tiles_s_wall"] >= rows[0]["tiles_s_wall_worst"] > 0  # the best of two windows
     (cores,) = bdr.loader_cores_rows(rows, [{"name": "h", "tiles_s": 50.0}], gpus_per_node=4)
     assert cores["cores_per_gpu h"] == pytest.approx(50.0 / rows[0]["tiles_s_per_cpu_s"])
     assert cores["cores_per_node h"] == pytest.approx(4 * cores["cores_per_gpu h"])
