@@ -91,10 +91,20 @@ def predicted_rate(config: str, results: str | Path = RESULTS_DIR) -> dict:
 
 
 def gpu_rates(configs: list[str], override: str = "") -> list[dict]:
-    if override:
-        return [{"name": k, "tiles_s": float(v), "source": "--gpu-rates"}
-                for k, v in (item.split("=") for item in override.split(",") if item)]
-    return [predicted_rate(c) for c in configs]
+    """The GPU rates to size for: ``override`` ("name=tiles_s,...") or each config's predicted rate."""
+    if not override:
+        return [predicted_rate(c) for c in configs]
+    out = []
+    for item in (i for i in override.split(",") if i):
+        name, _, value = item.partition("=")
+        try:
+            rate = float(value)
+        except ValueError:
+            rate = -1.0
+        if not name or not rate > 0:
+            raise SystemExit(f"bench_data_rate: --gpu-rates {item!r}: expected name=tiles_per_s with tiles_per_s > 0")
+        out.append({"name": name, "tiles_s": rate, "source": "--gpu-rates"})
+    return out
 
 
 # -- the arithmetic ------------------------------------------------------------------------------
@@ -167,6 +177,8 @@ def main() -> None:
 
     allowed = sorted(os.sched_getaffinity(0))
     core = args.core if args.core is not None else allowed[-1]
+    if core not in allowed:
+        raise SystemExit(f"bench_data_rate: --core {core}: this process may run on CPUs {allowed} only")
     os.sched_setaffinity(0, {core})  # threads started from here on (DALI's, cuCIM's) inherit it
     w, h = (int(v) for v in args.size.split("x"))
     read_rows = bslides.read_rows(bslides.bench_slide(args.cache, w, h), args.reads, crops.context_size,

@@ -111,6 +111,9 @@ def test_gpu_rate_read_from_the_cost_model_json(tmp_path):
     assert bdr.rate_from_cost_json(p) == 81.5
     assert bdr.gpu_rates([], "a=100,b=33") == [{"name": "a", "tiles_s": 100.0, "source": "--gpu-rates"},
                                               {"name": "b", "tiles_s": 33.0, "source": "--gpu-rates"}]
+    for bad in ("a", "a=fast", "a=0", "=5"):
+        with pytest.raises(SystemExit, match="--gpu-rates"):
+            bdr.gpu_rates([], bad)
 
 
 def test_loader_rows_end_to_end(tmp_path):
