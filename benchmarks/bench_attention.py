@@ -39,9 +39,10 @@ rows, skipped = [], []
 def packed_inputs(cfg):
     lengths = cfg["crops"] * cfg["tiles"]
     T = sum(lengths)
-    q, k, v, do = (torch.randn(T, cfg["heads"], cfg["dim"], device=device, dtype=DTYPE) for _ in range(4))
+    qkv = torch.randn(T, 3, cfg["heads"], cfg["dim"], device=device, dtype=DTYPE)  # the model's packed projection
+    do = torch.randn(T, cfg["heads"], cfg["dim"], device=device, dtype=DTYPE)
     cu = F.pad(torch.tensor(lengths, device=device).cumsum(0), (1, 0)).to(torch.int32)
-    return lengths, cu, (q, k, v), do
+    return lengths, cu, (qkv,), do
 
 
 def measure(model, impl, fwd, inputs, do, flops_fwd, note=""):
@@ -109,7 +110,7 @@ def bench_model(model, cfg):
                    - reference.attention(*(t.float() for t in qkv), cu, max_len, scale)).abs().max().item()
         plan = A.launch_plan(lengths, H, D, DTYPE)
         issued = {k: plan[k]["flops_issued"] / plan[k]["flops_useful"] for k in ("fwd", "bwd")}
-        measure(model, "triton (ours, packed)", lambda q, k, v: A.attention(q, k, v, cu, max_len, scale),
+        measure(model, "triton (ours, packed)", lambda qkv: A.attention(qkv, cu, max_len, scale),
                 qkv, do, flops, ("interpreter; " if args.smoke else "") + f"max|o - ref32| {err:.1e}; issued/useful "
                 f"fwd {issued['fwd']:.2f} bwd {issued['bwd']:.2f} (default configs)")
         if rows and rows[-1]["impl"] == "triton (ours, packed)":  # the configs the timing runs picked
@@ -117,7 +118,7 @@ def bench_model(model, cfg):
     except ImportError as exc:
         skip(skipped, f"{model} triton", f"ImportError: {exc}")
 
-    ref = lambda q, k, v: reference.attention(q, k, v, cu, max_len, scale)  # noqa: E731
+    ref = lambda qkv: reference.attention(qkv, cu, max_len, scale)  # noqa: E731
     measure(model, "torch reference (eager)", ref, qkv, do, flops, "gather + SDPA default per length")
 
     # SDPA per backend on pre-batched crops: no packing copies charged to it
@@ -134,9 +135,9 @@ def bench_model(model, cfg):
 
     save()  # partial results survive a timeout in the compiled baselines below
     try:
-        from flash_attn import flash_attn_varlen_func
-        measure(model, "flash-attn varlen", lambda q, k, v: flash_attn_varlen_func(
-            q, k, v, cu, cu, max_len, max_len, softmax_scale=scale), qkv, do, flops)
+        from flash_attn import flash_attn_varlen_qkvpacked_func
+        measure(model, "flash-attn varlen", lambda qkv: flash_attn_varlen_qkvpacked_func(
+            qkv, cu, max_len, softmax_scale=scale), qkv, do, flops)
     except ImportError:
         skip(skipped, f"{model} flash-attn varlen", "flash_attn not installed")
 
@@ -155,8 +156,8 @@ def bench_model(model, cfg):
             T = seg.numel()
             mask = create_block_mask(lambda b, h, qi, ki: seg[qi] == seg[ki], None, None, T, T, device=device)
             flex = torch.compile(flex_attention)
-            return lambda q, k, v: flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                        block_mask=mask, scale=scale)[0].transpose(0, 1)
+            return lambda qkv: flex(*(t.transpose(0, 1)[None] for t in qkv.unbind(1)),
+                                    block_mask=mask, scale=scale)[0].transpose(0, 1)
         flex_fn = try_run(skipped, f"{model} FlexAttention", flex_setup)
         if flex_fn is not None:
             measure(model, "FlexAttention (block mask)", flex_fn, qkv, do, flops, "packed, compiled")

@@ -8,13 +8,14 @@ starts past their segment's end exit at once. The jit kernels are in ``_attentio
 Cost (segment length L, H heads, head dim D): forward 4 L^2 H D FLOPs per segment, backward
 14 L^2 H D issued (S recomputed in both backward kernels, dP in the dQ kernel, as in
 FlashAttention-2) for 8 useful; :func:`launch_plan` adds the tile and head-dim padding. Memory:
-reads q, k, v, writes o and the fp32 row log-sum-exp [H, T]; the backward reads q, k, v, o, do,
-lse and writes dq, dk, dv. Nothing of size L x L is ever stored. Only O and LSE are saved.
+reads qkv, writes o and the fp32 row log-sum-exp [H, T]; the backward reads qkv, o, do, lse and
+writes dqkv. Nothing of size L x L is ever stored. Only O and LSE are saved.
 
 Head dims that are not powers of two (80, 104) are split into power-of-two column chunks
 (:func:`head_chunks`: 64 + 16, 64 + 32 + 16) with one ``tl.dot`` per chunk: no padded copies in
-memory, at most 15 padded columns of MMA work. q, k, v may be strided views (e.g. the unbound
-[T, 3, H, D] qkv projection); only the last dim must be contiguous. Softmax statistics and all
+memory, at most 15 padded columns of MMA work. The op takes the packed [T, 3, H, D] qkv projection
+(any strides, unit last dim) and reads q, k, v as strided views of it; its backward writes dq, dk,
+dv into one [T, 3, H, D] gradient (no stack of three). Softmax statistics and all
 accumulators are fp32; ``tl.dot`` takes the input dtype (fp16 / bf16 tensor cores, full-precision
 fp32 for fp32 inputs).
 
@@ -198,9 +199,15 @@ def _consts(D: int, dtype: torch.dtype, *tensors: torch.Tensor) -> dict:
     return dict(HEAD_DIM=D, D0=d0, D1=d1, D2=d2, ALIGN=vec if ok else 1, DOT_PREC=prec)
 
 
-def _forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
-    """q, k, v: [T, H, D] -> o [T, H, D] (q.dtype, contiguous), lse [H, T] fp32."""
-    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, 3, H, D] -> q, k, v: [T, H, D] strided views (unit stride in D)."""
+    qkv = last_dim_contiguous(qkv)
+    return qkv[:, 0], qkv[:, 1], qkv[:, 2]
+
+
+def _forward(qkv, cu_seqlens, max_seqlen: int, scale: float):
+    """qkv: [T, 3, H, D] -> o [T, H, D] (qkv.dtype, contiguous), lse [H, T] fp32."""
+    q, k, v = _split(qkv)
     T, H, D = q.shape
     o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
@@ -215,16 +222,20 @@ def _forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale: float):
-    """-> dq, dk, dv: [T, H, D] each, contiguous, in q's dtype."""
-    do, q, k, v = (last_dim_contiguous(t) for t in (do, q, k, v))
+def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float):
+    """-> dqkv: [T, 3, H, D], contiguous, in qkv's dtype.
+
+    dq, dk and dv are written straight into their slices of one buffer: the gradient of the packed
+    projection output, with no stack of three separate gradients after the kernels.
+    """
+    do = last_dim_contiguous(do)
+    q, k, v = _split(qkv)
     T, H, D = q.shape
-    dq = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dk = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
-    dv = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    dqkv = torch.empty((T, 3, H, D), dtype=q.dtype, device=q.device)
     n_seg = cu_seqlens.numel() - 1
     if T == 0 or n_seg <= 0 or max_seqlen <= 0:
-        return dq, dk, dv
+        return dqkv.zero_()
+    dq, dk, dv = dqkv.unbind(1)
     consts = _consts(D, q.dtype, q, k, v, o, do, dq, dk, dv)
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     J._attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_M), H)](
@@ -239,7 +250,7 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale: float):
     _launch("dq", J._attn_bwd_dq_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H),
             (q, k, v, do, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
              scale * LOG2E, scale), consts, q.dtype, max_seqlen, q.device)
-    return dq, dk, dv
+    return dqkv
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,40 +258,38 @@ def _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale: float):
 # ------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("virchow_fast_triton::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                   max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, cu_seqlens, max_seqlen, scale)
+def _attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(qkv, cu_seqlens, max_seqlen, scale)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
-    T, H, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((H, T), dtype=torch.float32)
+def _(qkv, cu_seqlens, max_seqlen, scale):
+    T, _, H, D = qkv.shape
+    return qkv.new_empty((T, H, D)), qkv.new_empty((H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("virchow_fast_triton::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale)
+def _attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                   cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale)
 
 
 @_attention_bwd.register_fake
-def _(do, q, k, v, o, lse, cu_seqlens, max_seqlen, scale):
-    return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
+    return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    qkv, cu_seqlens, max_seqlen, scale = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+    ctx.save_for_backward(qkv, o, lse, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _autograd_backward(ctx, do, _dlse):
-    q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    qkv, o, lse, cu_seqlens = ctx.saved_tensors
+    return _attention_bwd(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale), None, None, None
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -290,25 +299,24 @@ _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 # Public function
 # ------------------------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-              max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
     """Non-causal attention over packed variable-length segments (same contract as the reference).
 
-    q, k, v: [T, H, D], fp32 / fp16 / bf16, same dtype; T = all segments back to back; D <= 256;
-        any token and head strides, unit stride in D.
-    cu_seqlens: [S + 1] int32 (int64 is converted) cumulative offsets on q's device.
+    qkv: [T, 3, H, D], fp32 / fp16 / bf16 (the packed projection output, viewed); T = all segments
+        back to back; D <= 256; any token, q/k/v and head strides, unit stride in D. Its gradient
+        comes back as one [T, 3, H, D] tensor.
+    cu_seqlens: [S + 1] int32 (int64 is converted) cumulative offsets on qkv's device.
     max_seqlen: the longest segment (sizes the launch grid; a larger value only costs idle programs).
     scale: softmax scale, default D ** -0.5.
-    Returns o: [T, H, D] in q's dtype (contiguous).
+    Returns o: [T, H, D] in qkv's dtype (contiguous).
     """
-    check_float("attention q", q)
-    if not (q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype and q.dim() == 3):
-        raise ValueError(f"attention: q, k, v must be [T, H, D] of one dtype; got "
-                         f"{tuple(q.shape)} {q.dtype}, {tuple(k.shape)} {k.dtype}, {tuple(v.shape)} {v.dtype}")
-    if q.shape[-1] > 256:
-        raise ValueError(f"attention: head dim {q.shape[-1]} > 256 not supported")
+    check_float("attention qkv", qkv)
+    if qkv.dim() != 4 or qkv.shape[1] != 3:
+        raise ValueError(f"attention: qkv must be [T, 3, H, D]; got {tuple(qkv.shape)}")
+    if qkv.shape[-1] > 256:
+        raise ValueError(f"attention: head dim {qkv.shape[-1]} > 256 not supported")
     if cu_seqlens.dtype != torch.int32:
         cu_seqlens = cu_seqlens.to(torch.int32)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    o, _ = _attention_fwd(q, k, v, cu_seqlens, int(max_seqlen), scale)
+    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    o, _ = _attention_fwd(qkv, cu_seqlens, int(max_seqlen), scale)
     return o

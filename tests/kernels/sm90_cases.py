@@ -84,11 +84,10 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
 
     def attention():
         getattr(A, "_chosen", {}).clear()  # a fresh process: the launcher times its candidates at these shapes
-        qkv = _grad(T, 3, s.heads, s.head_dim, dtype=bf16)
-        q, k, v = qkv.unbind(1)  # the model's qkv(x).view(T, 3, H, D).unbind(1): strided views
+        qkv = _grad(T, 3, s.heads, s.head_dim, dtype=bf16)  # the model's qkv(x).view(T, 3, H, D)
         lengths = torch.tensor(s.segments, dtype=torch.int32)
         cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        o = A.attention(q, k, v, cu, max(s.segments), s.head_dim ** -0.5)
+        o = A.attention(qkv, cu, max(s.segments), s.head_dim ** -0.5)
         o.backward(torch.empty_like(o))
 
     # bf16 residual stream and parameters (FSDP's bf16 compute copies, one GPU included), and the
@@ -114,7 +113,7 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
                 z.backward(torch.empty_like(z))
 
     return [
-        Case(f"attention-{s.model}", "attention", f"[{T}, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
+        Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
         Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32", layer_norm),
         Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16", swiglu),
         Case(f"residual_layer_scale-{s.model}", "residual_layer_scale",

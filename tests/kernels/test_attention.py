@@ -2,8 +2,9 @@
 
 Head dims 64 / 128 (one chunk), 80 (64 + 16) and 104 (64 + 32 + 16, last 8 columns masked); 54- and
 261-token segments mixed in one packed batch; 1-token, prime and empty segments; segment lengths
-on each side of a block boundary; strided q/k/v views of one qkv tensor; strides that are not
-16-byte multiples (the unaligned path). The interpreter runs small blocks (32 x 32) so short
+on each side of a block boundary; the packed [T, 3, H, D] qkv (the model's projection), also as a
+view of a wider one; strides that are not 16-byte multiples (the unaligned path); one d(qkv)
+gradient, no stack. The interpreter runs small blocks (32 x 32) so short
 segments cover several full blocks and a padded last one; one case runs 64 x 64 blocks.
 """
 import math
@@ -30,31 +31,45 @@ def _cu(lengths, device):
     return torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
 
 
-def _check(lengths, H, D, dtype, device, close, scale=None, packed_qkv=False, head_pad=0):
+def _check(lengths, H, D, dtype, device, close, scale=None, head_pad=0, qkv_pad=0):
+    """The kernel's o and d(qkv) against the fp32 reference's, on one packed [T, 3, H, D] qkv.
+
+    head_pad > 0: head stride D + head_pad (not a multiple of 16 bytes); qkv_pad > 0: q, k, v
+    further apart than H (D + head_pad) elements (a view of a wider projection).
+    """
     T = sum(lengths)
     cu = _cu(lengths, device)
     max_len = max(lengths)
-    if packed_qkv:  # the model's layout: one [T, 3, H, D] projection, unbound into strided views
-        qkv = torch.randn(T, 3, H, D, device=device, dtype=dtype)
-        q, k, v = qkv.unbind(1)
-    else:  # head_pad > 0: head stride D + head_pad, not a multiple of 16 bytes
-        q, k, v = (torch.randn(T, H, D + head_pad, device=device, dtype=dtype)[..., :D] for _ in range(3))
+    qkv = torch.randn(T, 3 + qkv_pad, H, D + head_pad, device=device, dtype=dtype)[:, :3, :, :D]
     do = torch.randn(T, H, D, device=device, dtype=dtype)
 
-    ins = [t.detach().clone().requires_grad_() if head_pad == 0 else t.detach().requires_grad_()
-           for t in (q, k, v)]
-    o = attn.attention(*ins, cu, max_len, scale)
-    grads = torch.autograd.grad(o, ins, do)
+    ins = qkv.detach().requires_grad_()  # the strided view itself: the kernel reads its strides
+    o = attn.attention(ins, cu, max_len, scale)
+    (dqkv,) = torch.autograd.grad(o, ins, do)
 
-    ref_ins = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    o_ref = reference.attention(*ref_ins, cu, max_len, scale)
-    ref_grads = torch.autograd.grad(o_ref, ref_ins, do.float())
+    ref_in = qkv.detach().float().requires_grad_()
+    o_ref = reference.attention(ref_in, cu, max_len, scale)
+    (dqkv_ref,) = torch.autograd.grad(o_ref, ref_in, do.float())
 
     tol = TOL[dtype]
     assert o.dtype == dtype and o.shape == (T, H, D)
+    assert dqkv.dtype == dtype and dqkv.shape == (T, 3, H, D)
     close(o, o_ref, tol["o"], "o")
-    for name, g, gr in zip(("dq", "dk", "dv"), grads, ref_grads, strict=True):
-        close(g, gr, tol["grad"], name)
+    for i, name in enumerate(("dq", "dk", "dv")):
+        close(dqkv[:, i], dqkv_ref[:, i], tol["grad"], name)
+
+
+def test_backward_returns_one_packed_gradient(device):
+    """The op's backward yields d(qkv) itself: no unbind / stack node in the graph (the model's call)."""
+    qkv = torch.randn(12, 3, 2, 16, device=device, requires_grad=True)
+    o = attn.attention(qkv, _cu([5, 7], device), 7)
+    names, todo = set(), [o.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is not None:
+            names.add(type(fn).__name__)
+            todo.extend(f for f, _ in fn.next_functions)
+    assert not any("Stack" in n or "Unbind" in n for n in names), names
 
 
 @pytest.mark.usefixtures("poison_outputs")
@@ -93,8 +108,8 @@ def test_single_segment_prime_length(dtype, device, close):
 
 
 @pytest.mark.usefixtures("poison_outputs")
-def test_short_and_empty_segments_packed_qkv(device, close):
-    _check([1, 0, 5, 67], 3, 104, torch.float32, device, close, packed_qkv=True)
+def test_short_and_empty_segments_wide_projection(device, close):
+    _check([1, 0, 5, 67], 3, 104, torch.float32, device, close, qkv_pad=1)
 
 
 @pytest.mark.usefixtures("poison_outputs")
@@ -108,11 +123,12 @@ def test_unaligned_strides(device, close):
 
 
 def test_int64_cu_seqlens_and_bad_shapes(device, close):
-    q, k, v = (torch.randn(20, 1, 16, device=device) for _ in range(3))
+    qkv = torch.randn(20, 3, 1, 16, device=device)
     cu = torch.tensor([0, 7, 20], device=device)
-    close(attn.attention(q, k, v, cu, 13), reference.attention(q, k, v, cu, 13), TOL[torch.float32]["o"], "o")
-    with pytest.raises(ValueError):
-        attn.attention(q, k[:, :, :8], v, cu, 13)
+    close(attn.attention(qkv, cu, 13), reference.attention(qkv, cu, 13), TOL[torch.float32]["o"], "o")
+    for bad in (qkv[:, :2], qkv[:, 0]):
+        with pytest.raises(ValueError, match=r"\[T, 3, H, D\]"):
+            attn.attention(bad, cu, 13)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,4 +181,4 @@ def test_plan_bytes_and_config_override():
 def test_attention_gpu(D, dtype, close):
     """Four tiles of the ViT-H crops: 4 x (2 x 261 + 8 x 54), 16 heads."""
     _check([261, 261] + [54] * 8 + [261, 261] + [54] * 8, 16, D, dtype, torch.device("cuda"), close)
-    _check(([261] * 2 + [54] * 8) * 2, 16, D, dtype, torch.device("cuda"), close, packed_qkv=True)
+    _check(([261] * 2 + [54] * 8) * 2, 16, D, dtype, torch.device("cuda"), close, head_pad=8)

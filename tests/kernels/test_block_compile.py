@@ -32,8 +32,8 @@ def restore_ops():
 def test_opcheck_custom_ops(device):
     """Schema, fake (meta) functions, autograd registration and AOT dispatch of every custom op."""
     cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=device)
-    q, k, v = (torch.randn(12, 2, 24, device=device, requires_grad=True) for _ in range(3))
-    torch.library.opcheck(attn_k._attention_fwd, (q, k, v, cu, 7, 0.2))
+    qkv = torch.randn(12, 3, 2, 24, device=device, requires_grad=True)
+    torch.library.opcheck(attn_k._attention_fwd, (qkv, cu, 7, 0.2))
     x = torch.randn(7, 40, device=device, requires_grad=True)
     w, b = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, b, 1e-6))

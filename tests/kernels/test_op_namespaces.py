@@ -51,7 +51,7 @@ def swiglu(mode):
     return dict(x=e(T, 2 * H2), dy=e(T, H2))
 def attention(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
-    return dict(q=e(T, HEADS, D), k=e(T, HEADS, D), v=e(T, HEADS, D), o=e(T, HEADS, D), do=e(T, HEADS, D),
+    return dict(qkv=e(T, 3, HEADS, D), o=e(T, HEADS, D), do=e(T, HEADS, D),
                 lse=torch.empty(HEADS, T), cu_seqlens=torch.empty(S + 1, dtype=torch.int32), max_seqlen=6,
                 scale=0.3)
 def head(mode, op):

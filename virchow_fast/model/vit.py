@@ -50,8 +50,9 @@ class Attention(nn.Module):
                 host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
         """x: [T, C] packed tokens -> [T, C]. host_offsets: cu_seqlens as ints (see ops.attention)."""
         t, c = x.shape
-        q, k, v = self.qkv(x).view(t, 3, self.num_heads, self.head_dim).unbind(1)
-        o = ops.attention(q, k, v, cu_seqlens, max_seqlen, self.head_dim ** -0.5, host_offsets=host_offsets)
+        # packed, not unbound: the op's backward returns one [T, 3, H, D] gradient (no stack of dq, dk, dv)
+        qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
+        o = ops.attention(qkv, cu_seqlens, max_seqlen, self.head_dim ** -0.5, host_offsets=host_offsets)
         return self.proj(o.reshape(t, c))
 
 

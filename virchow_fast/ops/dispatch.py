@@ -133,16 +133,16 @@ def _dispatch(op: str, device: torch.device) -> Callable:
     return fn
 
 
-def attention(q, k, v, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
-    """Packed varlen attention; see :func:`reference.attention` for shapes.
+def attention(qkv, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
+    """Packed varlen attention of the [T, 3, H, D] qkv projection; see :func:`reference.attention`.
 
     host_offsets: cu_seqlens as a sequence of ints, when the caller knows them; the torch backend
     then groups segments by length from them instead of reading cu_seqlens back from the device.
     """
-    fn = _dispatch("attention", q.device)
+    fn = _dispatch("attention", qkv.device)
     if host_offsets is not None and fn is implementation("attention", "torch"):
         cu_seqlens = host_offsets
-    return fn(q, k, v, cu_seqlens, max_seqlen, scale)
+    return fn(qkv, cu_seqlens, max_seqlen, scale)
 
 
 def layer_norm(x, weight, bias, eps):

@@ -18,34 +18,36 @@ AllReduce = Optional[Callable[[torch.Tensor], None]]  # in-place sum across rank
 # Backbone
 # ---------------------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-              max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+              scale: float | None = None) -> torch.Tensor:
     """Non-causal attention over packed variable-length segments.
 
-    q, k, v: [T, H, D] (T = total tokens of all segments, back to back).
+    qkv: [T, 3, H, D], the packed q, k, v projection (T = total tokens of all segments, back to back).
     cu_seqlens: [S + 1] int32 cumulative segment offsets (0, len0, len0 + len1, ...), or the same
     offsets as a sequence of ints (no read from the device).
-    Each segment attends only to itself. Returns o: [T, H, D] in q's dtype.
+    Each segment attends only to itself. Returns o: [T, H, D] in qkv's dtype; the gradient of qkv is
+    one [T, 3, H, D] tensor.
 
     Cost: 4 T L H D FLOPs for a segment length L; eagerly it also writes and reads the
     [H, L, L] score matrix per segment (SDPA's math path), which a flash kernel never stores.
     Segments of equal length are batched into one SDPA call.
     """
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    T, _, H, D = qkv.shape
+    scale = D ** -0.5 if scale is None else scale
     offsets = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
-    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
-    out = torch.empty_like(q)
+    lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    out = qkv.new_empty((T, H, D))
     by_len: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         by_len.setdefault(n, []).append(i)
     for n, segs in by_len.items():
         if n == 0:
             continue
-        idx = torch.cat([torch.arange(offsets[s], offsets[s] + n, device=q.device) for s in segs])
-        def gather(t):
-            return t.index_select(0, idx).view(len(segs), n, *t.shape[1:]).transpose(1, 2)
-        o = F.scaled_dot_product_attention(gather(q), gather(k), gather(v), scale=scale)
-        out.index_copy_(0, idx, o.transpose(1, 2).reshape(len(segs) * n, *q.shape[1:]))
+        idx = torch.cat([torch.arange(offsets[s], offsets[s] + n, device=qkv.device) for s in segs])
+        # [B, n, 3, H, D] -> q, k, v: [B, H, n, D]
+        q, k, v = qkv.index_select(0, idx).view(len(segs), n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        out.index_copy_(0, idx, o.transpose(1, 2).reshape(len(segs) * n, H, D))
     return out
 
 

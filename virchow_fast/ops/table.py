@@ -39,7 +39,7 @@ _NOT_MEASURED = ("expected order, not yet measured on a GPU (no device lent so f
                  "benchmarks/gpu_check.sh measures it")
 
 TABLE: dict[str, Op] = {op.name: op for op in (
-    Op("attention", "packed varlen attention over cu_seqlens segments (block-diagonal)",
+    Op("attention", "packed varlen attention of the [T, 3, H, D] qkv projection over cu_seqlens segments",
        torch="virchow_fast.ops.reference:attention",
        triton="virchow_fast.kernels.attention:attention",
        auto=("triton", "torch"),

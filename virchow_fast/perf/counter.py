@@ -260,10 +260,10 @@ class CostCounter(TorchDispatchMode):
             kind = GEMM
         elif name.endswith(("attention_fwd", "attention_bwd")):
             backward = name.endswith("bwd")
-            q = args[1] if backward else args[0]
-            cu, max_len = (args[6], args[7]) if backward else (args[3], args[4])
-            lengths = split_segments(q.shape[0], cu.numel() - 1, int(max_len), self.segment_lengths)
-            flops, issued = attention_launch_flops(lengths, q.shape[1], q.shape[2], q.dtype, backward)
+            qkv = args[1] if backward else args[0]  # [T, 3, H, D]
+            cu, max_len = (args[4], args[5]) if backward else (args[1], args[2])
+            lengths = split_segments(qkv.shape[0], cu.numel() - 1, int(max_len), self.segment_lengths)
+            flops, issued = attention_launch_flops(lengths, qkv.shape[2], qkv.shape[3], qkv.dtype, backward)
             kind = KERNEL_MMA
         elif ".head_row" in name or ".head_col" in name:
             flops = issued = _head_pass_flops(name, args)
