@@ -81,7 +81,7 @@ def trainer_step(cfg, info, student, teacher, optimizer, loss_fn):
     from virchow_fast.train.step import Trainee, train_step
 
     derived = derive(cfg, info.world_size)
-    sched = build_schedules(cfg, derived["peak_lr"], derived["total_steps"])
+    sched = build_schedules(cfg, derived.peak_lr, derived.total_steps)
     trainee = Trainee(cfg=cfg, info=info, student=student, teacher=teacher, optimizer=optimizer, loss_fn=loss_fn)
 
     def step(batch, i: int, prefetch=None) -> dict:

@@ -59,14 +59,14 @@ def test_missing_file_and_bad_override_syntax(tmp_path):
 def test_derived_values_and_resolved_file(tmp_path):
     cfg = load_config("configs/vit_h14_virchow2.yaml")
     d = derive(cfg, world_size=128)
-    assert d["global_batch"] == 32 * 128
-    assert d["peak_lr"] == pytest.approx(2e-4 * (4096 / 1024) ** 0.5)
-    assert d["total_steps"] == cfg.train.epochs * cfg.train.steps_per_epoch
-    assert (d["global_tokens"], d["local_tokens"]) == (261, 54)
+    assert d.global_batch == 32 * 128
+    assert d.peak_lr == pytest.approx(2e-4 * (4096 / 1024) ** 0.5)
+    assert d.total_steps == cfg.train.epochs * cfg.train.steps_per_epoch
+    assert (d.global_tokens, d.local_tokens) == (261, 54)
     save_resolved(cfg, d, tmp_path / "resolved.yaml")
     saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert saved["config"]["model"]["embed_dim"] == 1280
-    assert saved["derived"]["peak_lr"] == pytest.approx(d["peak_lr"])
+    assert saved["derived"]["peak_lr"] == pytest.approx(d.peak_lr)
     # the saved config loads back to the same values
     again = load_config(_write(tmp_path, yaml.safe_dump(saved["config"])))
     assert again == cfg

@@ -89,7 +89,7 @@ def test_freeze_backbone_steps_zero_backbone_lr_only():
     from virchow_fast.train.schedules import build_schedules
 
     cfg = tiny_config("train.freeze_backbone_steps=1", "train.steps_per_epoch=3")
-    sched = build_schedules(cfg, derive(cfg)["peak_lr"], 3)
+    sched = build_schedules(cfg, derive(cfg).peak_lr, 3)
     assert sched.backbone_lr[0] == 0.0 and sched.backbone_lr[1] == sched.lr[1] > 0
     assert sched.lr[0] > 0
     cfg0 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, freeze_backbone_steps=0))

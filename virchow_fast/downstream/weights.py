@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, ModelConfig, _build
+from ..config import ConfigError, ModelConfig, build_section
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
@@ -72,7 +72,7 @@ def model_config_from(state: dict[str, torch.Tensor], meta: dict, path: Path) ->
     the shapes of the weights plus the head count from ``model_args`` or the architecture name."""
     if isinstance(meta.get("virchow_fast", {}).get("model"), dict):
         try:
-            return _build(ModelConfig, meta["virchow_fast"]["model"], "virchow_fast.model")
+            return build_section(ModelConfig, meta["virchow_fast"]["model"], "virchow_fast.model")
         except ConfigError as exc:
             raise WeightsError(f"{path}: config.json: {exc}") from None
     try:
@@ -121,7 +121,7 @@ def run_config(run_dir: Path):
     if not resolved.is_file():
         raise WeightsError(f"{run_dir}: not a virchow-fast run directory (no resolved_config.yaml)")
     try:
-        return _build(Config, (yaml.safe_load(resolved.read_text()) or {}).get("config", {}), "")
+        return build_section(Config, (yaml.safe_load(resolved.read_text()) or {}).get("config", {}), "")
     except (ConfigError, yaml.YAMLError) as exc:
         raise WeightsError(f"{resolved}: {str(exc).splitlines()[0]}") from None
 
