@@ -54,3 +54,46 @@ def test_mfu_counts_model_flops_and_hfu_adds_recompute():
     assert rate["mfu"] == pytest.approx(16.0 * model / 1e15)  # per device: 16 tiles/s
     assert rate["hfu"] > rate["mfu"]
     assert detect_peak_tflops(torch.device("cpu")) is None
+
+
+def test_hfu_counts_the_policy_auto_resolved_to():
+    """With activation_checkpointing: auto the run passes the resolved policy: HFU follows it, not auto."""
+    import dataclasses
+
+    cfg = load_config("configs/vit_h14_virchow2.yaml", ["data.batch_size=32", "train.peak_tflops=1000",
+                                                         "parallel.activation_checkpointing=auto", "train.device=cpu"])
+    model = flops_per_tile(cfg)
+    full = dataclasses.replace(cfg.parallel, activation_checkpointing="full")
+    assert flops_per_tile_step(cfg, full) == (model, pytest.approx(flops_per_tile(cfg, recompute=True)))
+    rate = Throughput(cfg, 1, torch.device("cpu"), full)(seconds=1.0)
+    assert rate["hfu"] == pytest.approx(32.0 * flops_per_tile(cfg, recompute=True) / 1e15)
+    off = dataclasses.replace(cfg.parallel, activation_checkpointing="off")
+    assert Throughput(cfg, 1, torch.device("cpu"), off)(seconds=1.0)["hfu"] == pytest.approx(32.0 * model / 1e15)
+
+
+def test_run_passes_the_resolved_policy_to_throughput(tmp_path, monkeypatch):
+    """The run resolves auto once and gives the policy it built the networks with to Throughput."""
+    import dataclasses
+
+    from faults import config
+
+    from virchow_fast.train import loop
+
+    seen = {}
+
+    def resolve(cfg, info):
+        seen["resolved"] = dataclasses.replace(cfg.parallel, activation_checkpointing="full")
+        return seen["resolved"]
+
+    class Stop(Exception):
+        pass
+
+    def throughput(cfg, world_size, device, parallel=None):
+        seen["throughput"] = parallel
+        raise Stop  # the networks are built: nothing after this is under test
+
+    monkeypatch.setattr(loop, "resolve_activation_checkpointing", resolve)
+    monkeypatch.setattr(loop, "Throughput", throughput)
+    with pytest.raises(Stop):
+        loop.run(config(tmp_path, "parallel.activation_checkpointing=auto"))
+    assert seen["throughput"] is seen["resolved"]

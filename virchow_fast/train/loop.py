@@ -79,8 +79,10 @@ def run(cfg: Config, resume: bool = False, overwrite: bool = False) -> Path:
         shutdown_distributed(barrier=clean)
 
 
-def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
+def build(cfg: Config, info, parallel=None) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimizer, SSLLoss]:
     """Student, teacher (parallelized per ``cfg.parallel``), optimizer and losses on ``info.device``.
+
+    parallel: ``cfg.parallel`` already resolved (resolve_activation_checkpointing), else resolved here.
 
     See train/networks.py for how the networks are built (whole, or sharded from the meta device);
     the seed gives the same weights either way. Also used by benchmarks/bench_step.py.
@@ -90,7 +92,7 @@ def build(cfg: Config, info) -> tuple[SSLNetwork, SSLNetwork, torch.optim.Optimi
         log.info("ops on %s: %s", info.device.type,
                  ", ".join(f"{op}={backend}" for op, backend in ops.plan(info.device).items()))
     # whole on one process; under FSDP built on the meta device and initialised shard by shard
-    student, teacher = build_networks(cfg, info, resolve_activation_checkpointing(cfg, info))
+    student, teacher = build_networks(cfg, info, parallel or resolve_activation_checkpointing(cfg, info))
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
@@ -108,7 +110,8 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, derived, run_dir / "resolved_config.yaml")
-    student, teacher, optimizer, loss_fn = build(cfg, info)
+    parallel = resolve_activation_checkpointing(cfg, info)  # once: the HFU below counts the policy auto picked
+    student, teacher, optimizer, loss_fn = build(cfg, info, parallel)
     params = [p for p in student.parameters() if p.requires_grad]
     losses_dict = {"dino": loss_fn.dino, "ibot": loss_fn.ibot}
     total_steps = derived.total_steps
@@ -128,7 +131,7 @@ def _run(cfg: Config, resume: bool, info, stop: StopRequest, overwrite: bool = F
     metrics = MetricsWriter(run_dir / "metrics.jsonl", start_step, info.is_main)
     monitor = TrainingEval.maybe(cfg, info)  # eval.every: kNN accuracy and RankMe of the teacher
     bar = _progress(total_steps, start_step, info.is_main)
-    throughput = Throughput(cfg, info.world_size, info.device)
+    throughput = Throughput(cfg, info.world_size, info.device, parallel)
 
     keeper = CheckpointKeeper(run_dir, cfg.train.keep_checkpoints, info.is_main)  # prunes once a step confirms
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import Config
+from ..config import Config, ParallelConfig
 from ..model.info import flops_per_tile
 from .parallelize import recomputed_blocks
 
@@ -42,10 +42,14 @@ def detect_peak_tflops(device: torch.device, precision: str = "bf16") -> float |
     return None
 
 
-def flops_per_tile_step(cfg: Config) -> tuple[float, float]:
-    """(model FLOPs, hardware FLOPs with checkpointing's recompute) per tile per training step."""
+def flops_per_tile_step(cfg: Config, parallel: ParallelConfig | None = None) -> tuple[float, float]:
+    """(model FLOPs, hardware FLOPs with checkpointing's recompute) per tile per training step.
+
+    parallel: the run's resolved parallel settings (``activation_checkpointing: auto`` replaced by
+    the policy it picked, train/parallelize.py); default ``cfg.parallel``, where auto counts as off.
+    """
     model = flops_per_tile(cfg, recompute=False)
-    frac = len(recomputed_blocks(cfg.parallel, cfg.model.depth)) / cfg.model.depth
+    frac = len(recomputed_blocks(parallel or cfg.parallel, cfg.model.depth)) / cfg.model.depth
     return model, model + frac * (flops_per_tile(cfg, recompute=True) - model)
 
 
@@ -62,10 +66,11 @@ def peak_memory_gib(device: torch.device, reset: bool = True) -> float:
 class Throughput:
     """Tiles/s, MFU and HFU of a step from its wall time."""
 
-    def __init__(self, cfg: Config, world_size: int, device: torch.device):
+    def __init__(self, cfg: Config, world_size: int, device: torch.device, parallel: ParallelConfig | None = None):
+        """parallel: the resolved parallel settings the networks were built with (see flops_per_tile_step)."""
         self.tiles = cfg.data.batch_size * world_size
         self.world = world_size
-        self.model_flops, self.hw_flops = flops_per_tile_step(cfg)
+        self.model_flops, self.hw_flops = flops_per_tile_step(cfg, parallel)
         peak = cfg.train.peak_tflops if cfg.train.peak_tflops > 0 else \
             detect_peak_tflops(device, cfg.parallel.mixed_precision)
         self.peak = peak * 1e12 if peak else None
