@@ -83,6 +83,36 @@ def test_tiles_command_bad_inputs_and_rerun(slides, tmp_path):
     assert "0 indexed, 3 already done" in res.output
 
 
+def test_tiles_takes_its_settings_from_the_config(slides, tmp_path):
+    """--config / --set data.* decide the index; a short option sets its key; train finds the index current."""
+    from virchow_fast.cli import main
+    from virchow_fast.config import load_config
+    from virchow_fast.data.factory import index_settings
+    from virchow_fast.data.index import index_file, index_state
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("data:\n  source: slides\n  paths: [%s]\n  index_dir: %s\n  mags: [20.0]\n"
+                        "  mag_weights: [1.0]\n  mag_mpp: [0.5]\n  min_tissue: 0.5\n  crops:\n    context_size: 256\n"
+                        % (slides["generic"], tmp_path / "idx"))
+    res = CliRunner().invoke(main, ["tiles", "--config", str(cfg_file)])  # slides and folder from the config
+    assert res.exit_code == 0 and "tiles: 1 indexed" in res.output, res.output
+    data = load_config(str(cfg_file)).data
+    assert index_state(str(slides["generic"]), tmp_path / "idx", index_settings(data)) == "current"
+    with np.load(index_file(str(slides["generic"]), tmp_path / "idx")) as z:
+        assert int(z["context"]) == 256 and float(z["min_tissue"]) == 0.5
+        assert z["settings_mags"].tolist() == [20.0] and set(z["mag"].tolist()) == {20.0}
+    # --set and a short option on top of the config: each changes its key, the rest stays the config's
+    res = CliRunner().invoke(main, ["tiles", "--config", str(cfg_file), "--set", "data.min_tissue=0.9",
+                                    "--context", "300"])
+    assert res.exit_code == 0 and "1 rebuilt" in res.output, res.output
+    with np.load(index_file(str(slides["generic"]), tmp_path / "idx")) as z:
+        assert int(z["context"]) == 300 and float(z["min_tissue"]) == 0.9 and z["settings_mags"].tolist() == [20.0]
+    # the config's validation refuses an impossible value, in one line naming the option and the key
+    res = CliRunner().invoke(main, ["tiles", "--config", str(cfg_file), "--mags", "20,20"])
+    assert res.exit_code != 0 and res.output.strip().splitlines() == [
+        f"Error: --mags 20,20: {cfg_file}: data.mags: must be distinct, got [20.0, 20.0]"], res.output
+
+
 def _rank(rank, store, slide, idx, bad, out):
     import time
 

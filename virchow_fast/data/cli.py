@@ -1,71 +1,125 @@
-"""``virchow-fast tiles``: index slides (and optionally write shards). Parses, checks and delegates."""
+"""``virchow-fast tiles``: index slides (and optionally write shards) with the settings of a config.
+
+The index settings are the config's ``data`` section (``--config``, ``--set data.*=...``): the same
+magnifications, context size, tissue threshold and mpp that ``train`` reads, so an index built here
+is current for a run of that config. The short options are ``--set`` spelled for the command line;
+they have no defaults of their own. Impossible values fail in the config's validation, in one line.
+"""
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 
 import click
 
+# short option -> the config key it sets
+SHORTHANDS = {
+    "--mags": "data.mags",
+    "--mag-mpp": "data.mag_mpp",
+    "--context": "data.crops.context_size",
+    "--min-tissue": "data.min_tissue",
+    "--mpp": "data.mpp",
+    "--workers": "data.num_workers",
+}
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
+
+def _value(text: str, is_list: bool):
+    """The option's text as the value for its key: numbers where it reads as numbers, else the text
+    itself (the config then refuses it, naming the key)."""
+    if is_list:
+        try:
+            return [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            return text
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def shorthand_overrides(given: dict[str, str]) -> list[str]:
+    """``--set`` items for the short options the user gave (``given``: option -> its text).
+
+    ``--mags`` also sets one sampling weight per magnification (the index does not use them, the
+    config's check wants one each) and, without ``--mag-mpp``, ``data.mag_mpp`` = 10 / mag.
+    """
+    values = {SHORTHANDS[opt]: _value(text, opt in ("--mags", "--mag-mpp")) for opt, text in given.items()}
+    mags = values.get("data.mags")
+    if isinstance(mags, list) and mags:
+        values["data.mag_weights"] = [1.0] * len(mags)
+        if "data.mag_mpp" not in values and all(m != 0 for m in mags):
+            values["data.mag_mpp"] = [10.0 / m for m in mags]
+    return [f"{key}={json.dumps(value)}" for key, value in values.items()]  # JSON is YAML
+
+
+def load_tiles_config(config: str | None, overrides: tuple[str, ...], given: dict[str, str], slides: tuple[str, ...]):
+    """The config ``tiles`` works with; a :class:`click.ClickException` (one line) when it is impossible.
+
+    The line names the short option when the failing key is one the user set with it.
+    """
+    from ..config import ConfigError, load_config
+
+    items = list(overrides) + shorthand_overrides(given)
+    if slides:
+        items += ["data.source=slides", f"data.paths={json.dumps(list(slides))}"]
+    quiet = logging.getLogger("virchow_fast.config")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warnings are about training (warmups vs epochs), not about an index
     try:
-        values = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise click.ClickException(f"{option} {text!r}: expected comma-separated numbers") from None
-    if not values:
-        raise click.ClickException(f"{option} {text!r}: needs at least one number")
-    return values
-
-
-def settings_from_options(mags: str, mag_mpp: str, context: int, min_tissue: float, mpp: float):
-    """:class:`.index.IndexSettings` from the options, each impossible value refused with one line."""
-    import math
-
-    from .index import IndexSettings
-
-    m = _floats(mags, "--mags")
-    if any(not (math.isfinite(x) and x > 0) for x in m) or len(set(m)) != len(m):
-        raise click.ClickException(f"--mags {mags!r}: magnifications must be distinct positive numbers")
-    mpp_list = _floats(mag_mpp, "--mag-mpp") if mag_mpp else tuple(10.0 / x for x in m)
-    if len(mpp_list) != len(m):
-        raise click.ClickException(f"--mag-mpp {mag_mpp!r}: needs one value per magnification ({len(m)})")
-    if any(not (math.isfinite(x) and x > 0) for x in mpp_list):
-        raise click.ClickException(f"--mag-mpp {mag_mpp!r}: microns per pixel must be positive")
-    if not 16 <= context <= 16384:
-        raise click.ClickException(f"--context {context}: the context side must be 16 to 16384 px")
-    if not (math.isfinite(min_tissue) and 0.0 <= min_tissue <= 1.0):
-        raise click.ClickException(f"--min-tissue {min_tissue}: a tissue fraction must be in [0, 1]")
-    if not (math.isfinite(mpp) and mpp >= 0):
-        raise click.ClickException(f"--mpp {mpp}: must be > 0 (or 0: only slides with an mpp in their metadata)")
-    return IndexSettings(m, mpp_list, context, min_tissue, mpp or None)
+        cfg = load_config(config, items)
+    except ConfigError as exc:
+        said = [f"{opt} {given[opt]}" for opt in given if re.search(re.escape(SHORTHANDS[opt]) + r"\b", str(exc))]
+        raise click.ClickException(": ".join([", ".join(said)] * bool(said) + [str(exc)])) from None
+    finally:
+        quiet.setLevel(level)
+    if not slides and cfg.data.source != "slides":
+        raise click.ClickException("tiles: name SLIDE_OR_DIR... (or use a config with data.source: slides and "
+                                   "its data.paths)")
+    return cfg
 
 
 @click.command("tiles")
-@click.argument("slides", nargs=-1, required=True)
-@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="output folder")
-@click.option("--mags", default="40,20,10,5", show_default=True, help="magnifications to index")
-@click.option("--mag-mpp", default="", help="um/px per magnification (default 10 / mag)")
-@click.option("--context", default=392, show_default=True, help="context tile side in px (ECT)")
-@click.option("--min-tissue", default=0.65, show_default=True, help="keep tiles with at least this tissue fraction")
-@click.option("--mpp", default=0.0, help="um/px for slides whose metadata has none")
-@click.option("--workers", default=2, show_default=True, help="parallel processes")
+@click.argument("slides", nargs=-1)
+@click.option("--config", "config", help="YAML config file or a shipped config's name (default: the defaults)")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")
+@click.option("--out", "out", type=click.Path(file_okay=False), help="output folder (default: data.index_dir)")
+@click.option("--mags", help="magnifications to index, e.g. 40,20 (data.mags; data.mag_mpp = 10 / mag)")
+@click.option("--mag-mpp", help="um/px per magnification (data.mag_mpp)")
+@click.option("--context", help="context tile side in px (data.crops.context_size)")
+@click.option("--min-tissue", help="keep tiles with at least this tissue fraction (data.min_tissue)")
+@click.option("--mpp", help="um/px for slides whose metadata has none (data.mpp; 0 = refuse such slides)")
+@click.option("--workers", help="parallel processes (data.num_workers; at least 1)")
 @click.option("--shards", is_flag=True, help="also write WebDataset shards of JPEG contexts (+ DALI index files)")
-@click.option("--samples-per-shard", default=1000, show_default=True)
-def tiles(slides, out, mags, mag_mpp, context, min_tissue, mpp, workers, shards, samples_per_shard) -> None:
-    """Tile index (npz per slide + thumbnail PNG) of SLIDE_OR_DIR... into --out.
+@click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1))
+def tiles(slides, config, overrides, out, mags, mag_mpp, context, min_tissue, mpp, workers, shards,
+          samples_per_shard) -> None:
+    """Tile index (npz per slide + thumbnail PNG) of SLIDE_OR_DIR... (default: data.paths) into --out.
 
     Exits non-zero when a named path is missing or no slide gave a tile.
     """
     import numpy as np
 
+    from ..logs import ensure_logging
+    from .factory import index_settings
     from .records import DataError
     from .tiling import index_slides
 
-    settings = settings_from_options(mags, mag_mpp, context, min_tissue, mpp)
-    if workers < 1 or samples_per_shard < 1:
-        raise click.ClickException("--workers and --samples-per-shard must be >= 1")
-    index_dir = Path(out)
+    ensure_logging()
+    values = {"--mags": mags, "--mag-mpp": mag_mpp, "--context": context, "--min-tissue": min_tissue,
+              "--mpp": mpp, "--workers": workers}
+    given = {opt: text for opt, text in values.items() if text is not None}
+    data = load_tiles_config(config, overrides, given, slides).data
+    slides = tuple(slides) or tuple(data.paths)
+    if not (out or data.index_dir):
+        raise click.ClickException("tiles: --out (or data.index_dir in the config) names the output folder")
+    index_dir = Path(out or data.index_dir)
+    workers = max(1, data.num_workers)
     try:
-        rep = index_slides(list(slides), index_dir, settings, workers=workers)
+        rep = index_slides(list(slides), index_dir, index_settings(data), workers=workers)
     except DataError as exc:
         raise click.ClickException(str(exc)) from None
     for _, line in rep.missing:
