@@ -127,3 +127,13 @@ def test_warmups_longer_than_the_training_warn(tmp_path, caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="virchow_fast"):
         load_config(path, ["optim.warmup_epochs=2"])
     assert not caplog.records
+
+
+def test_choices_are_literals_and_yaml_bare_on_off_reads_as_the_word():
+    """YAML 1.1 reads a bare on/off as a bool: for a choice field that offers the word it is the word."""
+    cfg = load_config("debug", ["parallel.activation_checkpointing=off", "parallel.fsdp=on", "optim.fused=off"])
+    assert (cfg.parallel.activation_checkpointing, cfg.parallel.fsdp, cfg.optim.fused) == ("off", "on", "off")
+    with pytest.raises(ConfigError, match=r"parallel.activation_checkpointing: True is not one of off, selective"):
+        load_config("debug", ["parallel.activation_checkpointing=on"])
+    with pytest.raises(ConfigError, match=r"data.source: 'disk' is not one of synthetic, slides, shards, demo"):
+        load_config("debug", ["data.source=disk"])

@@ -32,7 +32,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return build_section(tp, value, where)
     if origin is typing.Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, bool) and {"on", "off"} <= set(choices):  # YAML 1.1 reads a bare on/off as a bool
+        if isinstance(value, bool) and ("on" if value else "off") in choices:  # YAML 1.1: a bare on/off is a bool
             value = "on" if value else "off"
         if value not in choices:
             raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, choices))}")
