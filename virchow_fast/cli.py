@@ -59,7 +59,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, overwrite: bool
 def info(config: str, overrides: tuple[str, ...]) -> None:
     """Parameter counts (meta device), tokens per crop and FLOPs per tile per step."""
     cfg = _load(config, overrides)
-    from .model.info import model_info, format_info
+    from .model.info import format_info, model_info
 
     click.echo(format_info(model_info(cfg)))
 
