@@ -18,9 +18,6 @@ class StderrHandler(logging.StreamHandler):
     """Writes to whatever ``sys.stderr`` is at emit time (pytest's capture, a notebook's redirect),
     not to the stream that was current when the handler was made."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
