@@ -62,17 +62,36 @@ class SSLLoss(torch.nn.Module):
         return {"loss": total, "dino": dino, "ibot": ibot, "reg": reg}
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks (fp32 scalar on the gradients' device, plain tensor); clips in
-    place when max_norm > 0. Never read on the host here: the step reads it with its statistics."""
+def fused_clip(optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether ``optimizer`` applies the clip as it reads the gradients: torch's fused Adam / AdamW
+    divide every gradient by their ``grad_scale`` tensor inside the update kernel."""
+    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
+                   optimizer: torch.optim.Optimizer | None = None) -> torch.Tensor:
+    """Total gradient norm over all ranks (fp32 scalar on the gradients' device, plain tensor); clips when
+    max_norm > 0. Never read on the host here: the step reads it with its statistics.
+
+    Clipping scales every gradient by min(1, max_norm / (norm + 1e-6)) (torch's clip_grad_norm_). With a
+    fused ``optimizer`` (:func:`fused_clip`) the gradients are left alone and the optimizer's
+    ``grad_scale`` is set to the inverse factor, so its update reads each gradient once, already clipped,
+    instead of after a multiply pass over all of them; the caller resets it after ``optimizer.step()``.
+    Otherwise they are scaled in place.
+    """
     grads = [p.grad for p in params if p.grad is not None]
+    if optimizer is not None and fused_clip(optimizer):
+        optimizer.grad_scale = None
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
     total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
     if hasattr(total, "full_tensor"):  # FSDP2: DTensor with a pending sum over shards
         total = total.full_tensor()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        if optimizer is not None and fused_clip(optimizer):
+            optimizer.grad_scale = (total.float() + 1e-6).div(max_norm).clamp(min=1.0)
+        else:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
@@ -141,7 +160,7 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool | 
     centers = [b.clone() for b in t.loss_fn.buffers()]  # a skipped step must not move them
     out = t.loss_fn(t.student, t.teacher, batch, s["teacher_temp"], info.reducer, info.world_size)
     out["loss"].backward()
-    grad_norm = clip_grad_norm(t.params, cfg.optim.clip_grad)
+    grad_norm = clip_grad_norm(t.params, cfg.optim.clip_grad, t.optimizer)
     if prefetch is not None:
         prefetch()
     pending = stop_pending() if callable(stop_pending) else stop_pending
@@ -151,7 +170,7 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool | 
                                     "(lr too high?); stopped without saving them: lower optim.base_lr and --resume")
     finite = all(math.isfinite(v) for v in terms.values()) and math.isfinite(norm)
     if finite and not stop:
-        t.optimizer.step()
+        t.optimizer.step()  # with a fused optimizer the clip is applied here (its grad_scale)
         ema_step(t.teacher, t.student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
         t.weights_bad = nonfinite_count(t.params)  # queued on the device, read with the next step's statistics
     else:
@@ -159,6 +178,8 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool | 
             for b, saved in zip(t.loss_fn.buffers(), centers, strict=True):
                 b.copy_(saved)
     t.optimizer.zero_grad(set_to_none=True)
+    if fused_clip(t.optimizer):
+        t.optimizer.grad_scale = None  # this step's clip factor: no later step() may reuse it
     if sync and info.device.type == "cuda":
         torch.cuda.synchronize(info.device)
     return StepResult(terms, norm, stop, finite, s)
