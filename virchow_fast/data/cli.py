@@ -87,14 +87,14 @@ def load_tiles_config(config: str | None, overrides: tuple[str, ...], given: dic
 @click.option("--config", "config", help="YAML config file or a shipped config's name (default: the defaults)")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="override a config key (repeatable)")
 @click.option("--out", "out", type=click.Path(file_okay=False), help="output folder (default: data.index_dir)")
-@click.option("--mags", help="magnifications to index, e.g. 40,20 (data.mags; data.mag_mpp = 10 / mag)")
-@click.option("--mag-mpp", help="um/px per magnification (data.mag_mpp)")
-@click.option("--context", help="context tile side in px (data.crops.context_size)")
-@click.option("--min-tissue", help="keep tiles with at least this tissue fraction (data.min_tissue)")
-@click.option("--mpp", help="um/px for slides whose metadata has none (data.mpp; 0 = refuse such slides)")
-@click.option("--workers", help="parallel processes (data.num_workers; at least 1)")
+@click.option("--mags", metavar="MAG,...", help="magnifications, e.g. 40,20 (data.mags; data.mag_mpp = 10 / mag)")
+@click.option("--mag-mpp", metavar="MPP,...", help="um/px per magnification (data.mag_mpp)")
+@click.option("--context", metavar="PX", help="context tile side in px (data.crops.context_size)")
+@click.option("--min-tissue", metavar="FRACTION", help="least tissue fraction of a tile (data.min_tissue)")
+@click.option("--mpp", metavar="MPP", help="um/px of slides without one (data.mpp; 0 = refuse them)")
+@click.option("--workers", metavar="N", help="parallel processes (data.num_workers; at least 1)")
 @click.option("--shards", is_flag=True, help="also write WebDataset shards of JPEG contexts (+ DALI index files)")
-@click.option("--samples-per-shard", default=1000, show_default=True, type=click.IntRange(min=1))
+@click.option("--samples-per-shard", default=1000, show_default=True, help="samples per shard (no config key)")
 def tiles(slides, config, overrides, out, mags, mag_mpp, context, min_tissue, mpp, workers, shards,
           samples_per_shard) -> None:
     """Tile index (npz per slide + thumbnail PNG) of SLIDE_OR_DIR... (default: data.paths) into --out.
@@ -109,6 +109,8 @@ def tiles(slides, config, overrides, out, mags, mag_mpp, context, min_tissue, mp
     from .tiling import index_slides
 
     ensure_logging()
+    if samples_per_shard < 1:
+        raise click.ClickException(f"--samples-per-shard {samples_per_shard}: must be >= 1")
     values = {"--mags": mags, "--mag-mpp": mag_mpp, "--context": context, "--min-tissue": min_tissue,
               "--mpp": mpp, "--workers": workers}
     given = {opt: text for opt, text in values.items() if text is not None}
