@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The test suite on the CPU (GPU cases run when a GPU is present and are skipped, visibly, when not).
+# Lint, then the test suite on the CPU (GPU cases run when a GPU is present and are skipped, visibly, when not).
 # Default: everything, the `slow` cases included. Extra arguments go to pytest (e.g. -m "not slow").
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
+echo "virchow-fast: ruff (E, F, W, B, I at 120 columns; pyproject.toml)"
+ruff check --no-cache .
 set +e
 python -m pytest -ra "$@"
 rc=$?

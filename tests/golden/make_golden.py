@@ -39,7 +39,8 @@ def main() -> None:
         steps = run_debug(Path(tmp) / "run")
     GOLDEN.write_text(json.dumps({"config": "configs/debug.yaml", "torch": torch.__version__, "steps": steps},
                                  indent=1) + "\n")
-    print(f"wrote {GOLDEN.relative_to(ROOT)}: {len(steps)} steps, loss {steps[0]['loss']:.4f} -> {steps[-1]['loss']:.4f}")
+    first, last = steps[0]["loss"], steps[-1]["loss"]
+    print(f"wrote {GOLDEN.relative_to(ROOT)}: {len(steps)} steps, loss {first:.4f} -> {last:.4f}")
 
 
 if __name__ == "__main__":

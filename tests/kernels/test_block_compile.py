@@ -83,7 +83,7 @@ def test_block_compiles_fullgraph(backend, device, restore_ops):
     torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dx, dx_ref, atol=1e-5, rtol=1e-5)
     for name, g in grads_ref.items():
-        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(grads[name], g, atol=1e-5, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_compiled_graph_calls_the_kernels(device, restore_ops):

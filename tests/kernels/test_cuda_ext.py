@@ -154,7 +154,7 @@ def test_layer_norm_matches_reference(dtype, rows, cols):
     y_r = ref.layer_norm(x32, w32, b32, 1e-6)
     grads_r = torch.autograd.grad(y_r, [x32, w32, b32], dy.float())
     torch.testing.assert_close(y.float(), y_r, **LN_TOL[dtype])
-    for got, want in zip(grads, grads_r):
+    for got, want in zip(grads, grads_r, strict=True):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.float(), want, rtol=LN_TOL[dtype]["rtol"], atol=LN_TOL[dtype]["atol"] * scale)
 

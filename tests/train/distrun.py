@@ -91,7 +91,7 @@ def assert_losses_close(got: list[dict], want: list[dict], rel: float, abs_: flo
     """Same steps and per-step terms within tolerance; returns the largest relative difference seen."""
     assert [r["step"] for r in got] == [r["step"] for r in want]
     worst = 0.0
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         for key in keys:
             diff = abs(a[key] - b[key])
             worst = max(worst, diff / max(abs(b[key]), 1e-12))

@@ -4,8 +4,8 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
-
 from distrun import assert_losses_close, cached, launch, metrics
+
 from virchow_fast.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 
 
@@ -43,7 +43,7 @@ def test_checkpoints_complete_or_absent_keep_last_n_and_restore(tmp_path):
     got = load_checkpoint(latest_checkpoint(tmp_path), *other)
     assert got == {"step": 6, "data": {"next_step": 6}}
     for a, b in zip(list(student.parameters()) + list(teacher.parameters()),
-                    list(other[0].parameters()) + list(other[1].parameters())):
+                    list(other[0].parameters()) + list(other[1].parameters()), strict=True):
         assert torch.equal(a, b)
     assert torch.equal(other[3]["dino"].center, torch.ones(4))
     assert torch.equal(other[2].state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])

@@ -8,7 +8,6 @@ in every run (4 x 2, or 1 x 8), so the per-step losses agree to the order of the
 import shutil
 
 import pytest
-
 from distrun import assert_losses_close, cached, launch, metrics
 
 pytestmark = pytest.mark.slow

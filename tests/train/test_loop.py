@@ -75,7 +75,7 @@ def test_killed_run_resumes_to_identical_losses(uninterrupted, tmp_path):
     assert "resumed from" in resumed.stdout + resumed.stderr
     got, want = _losses(out), _losses(uninterrupted)
     assert [r["step"] for r in got] == list(range(8))
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         for key in ("loss", "dino", "ibot", "reg", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["step"], key)
 

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from distrun import ROOT, TINY, environment
 
 pytestmark = pytest.mark.slow

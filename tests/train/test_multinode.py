@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-
 from distrun import DRIVER, ROOT, TILES, TINY, assert_losses_close, cached, environment, metrics
 
 pytestmark = pytest.mark.slow

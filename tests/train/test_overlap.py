@@ -46,8 +46,8 @@ def test_schedule_on_one_rank():
 def test_schedule_on_two_ranks():
     from distrun import environment
 
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__],
-                         env=environment(), capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__]
+    res = subprocess.run(cmd, env=environment(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
 

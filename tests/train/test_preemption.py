@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from distrun import TINY, assert_losses_close, cached, command, environment, launch, metrics
+
 from virchow_fast.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.slow

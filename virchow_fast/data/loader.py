@@ -106,15 +106,15 @@ class _StepDataset(Dataset):
             index = (step * self.world + self.rank) * b + i
             rng = np.random.default_rng([self.seed, index])
             context, mag = self.source(index, rng)
-            g, l = multicrop(context, rng, cfg.crops)
-            globals_.append(g)
-            locals_.append(l)
+            glob, loc = multicrop(context, rng, cfg.crops)
+            globals_.append(glob)
+            locals_.append(loc)
             mags.append(mag)
         # crop-major layout: [n_crops, B, ...] -> [n_crops * B, ...]
         g = torch.stack(globals_, 1).flatten(0, 1)
-        l = torch.stack(locals_, 1).flatten(0, 1)
+        loc = torch.stack(locals_, 1).flatten(0, 1)
         masks = batch_masks(cfg, self.patch, self.seed, step, self.rank, self.world)
-        return Batch(g, l, torch.from_numpy(masks), torch.tensor(mags, dtype=torch.float32), step)
+        return Batch(g, loc, torch.from_numpy(masks), torch.tensor(mags, dtype=torch.float32), step)
 
 
 class _From:

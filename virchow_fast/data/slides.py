@@ -1,6 +1,7 @@
 """Whole-slide reading: cuCIM first, OpenSlide for what cuCIM cannot open.
 
-Decisions that follow the measured behaviour of the readers (docs/design.md, "What the slide readers do with bad files"):
+Decisions that follow the measured behaviour of the readers (docs/design.md, "What the slide readers do with
+bad files"):
 - mpp comes from the Aperio description, then the backend's resolution (OpenSlide's
   ``openslide.mpp-x``, cuCIM's spacing only with a real unit: an empty unit is "no mpp", never
   1 um/px). No mpp and none given -> :class:`SlideError`, one line naming the file.
