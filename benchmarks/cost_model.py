@@ -43,12 +43,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="folder with measured bench_profile JSON")
     args = p.parse_args(argv)
 
+    import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    import logging
+    # the trace is noisy (fake tensors, meta devices): quiet while it runs, and restore what the
+    # caller had (tests and notebooks call main() in their own process)
+    previous = logging.root.manager.disable
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            return _run(args)
+        finally:
+            logging.disable(previous)
 
-    logging.disable(logging.WARNING)
+
+def _run(args) -> int:
     from virchow_fast.config import ConfigError, load_config
     from virchow_fast.perf.cost import H200, collective_times, measured_profiles, summarize
     from virchow_fast.perf.memory import choose_policy, memory_estimate

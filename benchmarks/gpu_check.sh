@@ -16,6 +16,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_check.sh     # default OUT: benchmarks/results/gpu_check_<utc>
 #   GPU_CHECK_BUDGET_S=510                         # total seconds (default 510, so a 600 s call returns)
 #   GPU_CHECK_ONLY="bench_attention build_cuda_ext" # a rerun: only these steps (+ env, install), the rest SKIPPED
+#   GPU_CHECK_INSTALL=no                           # use the environment as it is (the CPU tests set this)
 #   bash benchmarks/gpu_check.sh --prepare-wheels  # here, with a registry: pytest wheels into .whl/
 #                                                  # (carry .whl to a machine without pytest)
 #
@@ -89,6 +90,10 @@ PYEOF
 # builds it last). Skipped when this tree is already what `import virchow_fast` finds.
 install() {
   local here
+  if [ "${GPU_CHECK_INSTALL:-yes}" = "no" ]; then  # the CPU tests: never re-point the caller's environment
+    echo "SUMMARY install: not run (GPU_CHECK_INSTALL=no); virchow_fast is imported as installed"
+    return 0
+  fi
   here=$(cd /tmp && "$PY" -c "import os, virchow_fast.kernels as k; print(os.path.dirname(os.path.dirname(k.__file__)))" 2>/dev/null)
   if [ "$here" = "$PWD" ] || [ "$here" = "$PWD/virchow_fast" ]; then
     echo "SUMMARY install: virchow_fast already installed from this tree, not reinstalled"

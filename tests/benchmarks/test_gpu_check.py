@@ -40,7 +40,10 @@ def _h200_env(tmp_path: Path, budget_s: int, **extra) -> dict:
     if shutil.which("python", path=path):
         pytest.skip(f"this machine has a system 'python' at {shutil.which('python', path=path)}")
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONHOME", "PYTHON")}
+    # GPU_CHECK_INSTALL=no: the script's `pip install -e .` would re-point the caller's environment at
+    # this tree (a test must not change the environment it runs in); the real run installs
     env.update(PATH=path, PYTHONPATH=str(BLOCKER), VF_BLOCK_IMPORTS_LOG=str(tmp_path / "blocked.log"),
+               GPU_CHECK_INSTALL="no",
                OUT=str(tmp_path / "out"), GPU_CHECK_BUDGET_S=str(budget_s), OMP_NUM_THREADS="1", **extra)
     return env
 
