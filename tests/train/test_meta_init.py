@@ -27,7 +27,10 @@ def _run(nproc: int, out: Path, overrides: list[str], compare: bool) -> list[dic
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"])
     cmd = launcher + [str(SCRIPT), str(ROOT / "configs" / "debug.yaml"), str(out), "compare" if compare else "-",
                       *overrides]
-    res = subprocess.run(cmd, env=environment(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # a fixed mmap threshold: glibc's dynamic one lets freed temporaries stay in the heap, so peak RSS
+    # would measure the allocator's history (seen: 0.6 to 1.6 GB for the same one-process build)
+    env = environment(MALLOC_MMAP_THRESHOLD_="131072")
+    res = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(nproc)]
 
