@@ -7,6 +7,12 @@ importing any kernel module still gets it.
 """
 from __future__ import annotations
 
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -56,3 +62,24 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: tuple[float
 def close():
     """close(actual, expected, (atol, rtol), name): compare in fp32; any NaN fails."""
     return _assert_close
+
+
+@pytest.fixture(scope="session")
+def built_extension(tmp_path_factory) -> str:
+    """virchow_fast._C built once per session by ``setup.py build_ext`` (csrc_build: sm_90a + sm_80);
+    the tests that need it share it (an nvcc build takes minutes on 2 cores). Skips without nvcc."""
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    import csrc_build
+
+    nvcc = os.path.join(csrc_build.cuda_home() or "/usr/local/cuda", "bin", "nvcc")
+    if not os.path.exists(nvcc) or torch.version.cuda is None:
+        pytest.skip("needs nvcc (CUDA_HOME) and a CUDA build of torch")
+    out = tmp_path_factory.mktemp("cuda_ext")
+    env = dict(os.environ, MAX_JOBS="1", OMP_NUM_THREADS="1")
+    env.pop("VIRCHOW_FAST_NO_CUDA_EXT", None)
+    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(out / "lib"),
+                          "--build-temp", str(out / "tmp")], cwd=root, env=env, capture_output=True, text=True)
+    built = glob.glob(str(out / "lib" / "virchow_fast" / "_C*.so"))
+    assert res.returncode == 0 and built, (res.stdout + res.stderr)[-6000:]
+    return built[0]

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACES = {"triton": "virchow_fast_triton", "cuda": "virchow_fast_cuda"}
@@ -123,22 +122,10 @@ def test_kernel_sources_name_only_their_namespace():
 
 
 @pytest.mark.slow
-def test_every_backend_in_one_process(tmp_path):
-    """Builds virchow_fast._C (as tests/kernels/test_cuda_ext.py does), loads it next to every
-    Triton registration in one process and runs every op's fake from both namespaces."""
-    sys.path.insert(0, str(ROOT))
-    import csrc_build
-
-    nvcc = os.path.join(csrc_build.cuda_home() or "/usr/local/cuda", "bin", "nvcc")
-    if not os.path.exists(nvcc) or torch.version.cuda is None:
-        pytest.skip("needs nvcc (CUDA_HOME) and a CUDA build of torch")
-    env = dict(os.environ, MAX_JOBS="1", OMP_NUM_THREADS="1")
-    env.pop("VIRCHOW_FAST_NO_CUDA_EXT", None)
-    res = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
-                          "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True)
-    built = glob.glob(str(tmp_path / "lib" / "virchow_fast" / "_C*.so"))
-    assert res.returncode == 0 and built, (res.stdout + res.stderr)[-6000:]
-    res = _run(built[0])
+def test_every_backend_in_one_process(built_extension):
+    """Loads the built virchow_fast._C next to every Triton registration in one process and runs
+    every op's fake from both namespaces."""
+    res = _run(built_extension)
     assert res.returncode == 0, f"exit {res.returncode}:\n{res.stderr[-4000:]}"
     checked = res.stdout.split("checked", 1)[1].split()
     for op in ("layer_norm_fwd", "layer_norm_bwd", "softmax_center", "sinkhorn_col_sums", "sinkhorn_normalize_rows_"):
