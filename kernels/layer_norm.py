@@ -10,9 +10,15 @@ C is a compile-time constant and rows are dense (row stride C; a strided input i
 the compiler knows every row start's alignment and moves 128 bits per access for any C that is a
 multiple of 8 elements, not only for multiples of 16.
 
+:func:`layer_norm_branch` is the pre-norm branch point of a block, ``(LayerNorm(x), x)``: the
+backward kernel also takes the residual stream's gradient and adds it into dx (4 R C e), which
+saves autograd's separate sum of x's two gradients (3 R C e more).
+
 Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
@@ -54,6 +60,7 @@ def _ln_fwd_kernel(
 @triton.jit
 def _ln_bwd_kernel(
     DY,  # [R, C] upstream gradient
+    DRES,  # [R, C] gradient of the pass-through x, added to dx (unused without HAS_RES)
     X,  # [R, C] forward input
     W,  # [C]
     Mean,  # [R] fp32
@@ -62,7 +69,7 @@ def _ln_bwd_kernel(
     DW_partial,  # [G, C] fp32 (out), one row per program
     DB_partial,  # [G, C] fp32 (out)
     R, rows_per_program,
-    C: tl.constexpr, BLOCK_C: tl.constexpr,
+    C: tl.constexpr, BLOCK_C: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
@@ -82,6 +89,8 @@ def _ln_bwd_kernel(
         c1 = tl.sum(xhat * wdy, axis=0) / C
         c2 = tl.sum(wdy, axis=0) / C
         dx = (wdy - (xhat * c1 + c2)) * rstd
+        if HAS_RES:  # the residual stream's own gradient, summed here instead of in a separate add
+            dx += tl.load(DRES + r * C + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r * C + cols, dx.to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         db += dy
@@ -114,9 +123,10 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, e
     return y, mean, rstd
 
 
-def _backward(dy, x, weight, mean, rstd):
-    """-> dx [R, C] (x.dtype), dw [C] fp32, db [C] fp32."""
+def _backward(dy, x, weight, mean, rstd, dres=None):
+    """-> dx [R, C] (x.dtype), dw [C] fp32, db [C] fp32; ``dres`` [R, C] (or None) is added to dx."""
     dy, x = dy.contiguous(), x.contiguous()
+    dres = None if dres is None else dres.contiguous()
     R, C = x.shape
     dx = torch.empty((R, C), dtype=x.dtype, device=x.device)
     g = num_programs(x.device, R)
@@ -126,8 +136,8 @@ def _backward(dy, x, weight, mean, rstd):
         return dx, dw_partial.zero_().sum(0), db_partial.zero_().sum(0)
     block_c = next_pow2(C)
     _ln_bwd_kernel[(g,)](
-        dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
-        R, triton.cdiv(R, g), C=C, BLOCK_C=block_c, num_warps=_warps(block_c),
+        dy, dres if dres is not None else dy, x, weight, mean, rstd, dx, dw_partial, db_partial,
+        R, triton.cdiv(R, g), C=C, BLOCK_C=block_c, HAS_RES=dres is not None, num_warps=_warps(block_c),
     )
     return dx, dw_partial.sum(0), db_partial.sum(0)
 
@@ -151,12 +161,12 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("virchow_fast_triton::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, weight, mean, rstd)
+                    rstd: torch.Tensor, dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, weight, mean, rstd, dres)
 
 
 @_layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd):
+def _(dy, x, weight, mean, rstd, dres):
     C = x.shape[1]
     return x.new_empty(x.shape), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
@@ -171,11 +181,41 @@ def _setup_context(ctx, inputs, output):
 
 def _autograd_backward(ctx, dy, _dmean, _drstd):
     x, weight, mean, rstd = ctx.saved_tensors
-    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd)
+    dx, dw, db = _layer_norm_bwd(dy, x, weight, mean, rstd, None)
     return dx, dw.to(weight.dtype), db.to(ctx.bias_dtype) if ctx.has_bias else None, None
 
 
 _layer_norm_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+class _LayerNormBranch(torch.autograd.Function):
+    """(LayerNorm(x), x) for a pre-norm branch point: x goes on as the residual stream.
+
+    Autograd would sum the two gradients of x (the residual path's and the norm's dx) in a separate
+    add, which reads both and writes the sum (3 R C e). Returning x itself from this function makes
+    both gradients arrive at one backward, and the LayerNorm backward kernel adds the residual one
+    as it writes dx (one more read: R C e), so the add is gone.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x2 = x.reshape(-1, x.shape[-1])
+        y, mean, rstd = _layer_norm_fwd(x2, weight, bias, eps)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.has_bias, ctx.bias_dtype, ctx.shape = bias is not None, None if bias is None else bias.dtype, x.shape
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero tensor to read)
+        return y.view(x.shape), x
+
+    @staticmethod
+    def backward(ctx, dy, dres):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        if dy is None:  # only the residual stream was used
+            return dres, None, None, None
+        C = x2.shape[1]
+        dres = None if dres is None else dres.reshape(-1, C)
+        dx, dw, db = _layer_norm_bwd(dy.reshape(-1, C), x2, weight, mean, rstd, dres)
+        return (dx.view(ctx.shape), dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+                db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -192,3 +232,17 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     C = x.shape[-1]
     y, _, _ = _layer_norm_fwd(x.reshape(-1, C), weight, bias, float(eps))
     return y.view(x.shape)
+
+
+def layer_norm_branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layer_norm(x, ...), x): the norm of a pre-norm branch and the residual stream it branches from.
+
+    Same values as the reference's; the backward returns x's two gradients summed by the LayerNorm
+    backward kernel (no separate add).
+    """
+    check_float("layer_norm x", x)
+    return _LayerNormBranch.apply(x, weight, bias, float(eps))
+
+
+layer_norm.branch = layer_norm_branch  # what ops.layer_norm_branch runs on this backend

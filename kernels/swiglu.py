@@ -1,9 +1,14 @@
-"""SwiGLU on the packed fc1 output: SiLU(first half) * second half, forward and backward.
+"""SwiGLU on the packed fc1 output with fc1's bias fused: SiLU(g) * v, [g, v] = x + bias, fwd and bwd.
 
-Spec: :func:`virchow_fast.ops.reference.swiglu` (timm SwiGLUPacked). Traffic per row of width
-2H (e bytes): forward reads 2H, writes H (3 H e); backward reads x (2H) and dy (H), writes dx
-(2H): 5 H e. Nothing but x is saved; SiLU is recomputed in the backward (free next to the
-memory traffic). All arithmetic is fp32 after the loads.
+Spec: :func:`virchow_fast.ops.reference.swiglu` (timm SwiGLUPacked). The model calls it on
+``x @ W1^T`` with fc1's bias, so neither the bias add nor its gradient is a pass of its own.
+Traffic per row of width 2H (e bytes): forward reads 2H, writes H (3 H e); backward reads x (2H)
+and dy (H), writes dx (2H): 5 H e. The bias ([2H], read once per program, from L2) adds nothing
+to the row traffic; its gradient, the column sums of dx, is accumulated in fp32 registers over
+each program's rows and written once, one fp32 [2H] row per program (bounded, no atomics), instead
+of a separate full read of dx. Nothing but x (and the bias) is saved; x + bias and SiLU are
+recomputed in the backward (free next to the memory traffic). All arithmetic is fp32 after the
+loads.
 
 H is a compile-time constant and the outputs (and dy) are dense rows of H / 2H: the compiler then
 knows that every row start is a multiple of 8 elements (H = 3416 and 5464 are multiples of 8 but
@@ -14,11 +19,13 @@ Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, last_dim_contiguous, next_pow2
+from ._common import check_float, last_dim_contiguous, next_pow2, num_programs
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -27,15 +34,19 @@ from ._common import check_float, last_dim_contiguous, next_pow2
 @triton.jit
 def _swiglu_fwd_kernel(
     X,  # [R, 2H]: gate = X[:, :H], value = X[:, H:], row stride stride_x
+    B,  # [2H] fc1 bias (unused without HAS_BIAS)
     Y,  # [R, H] (out), dense rows
     stride_x,
-    H: tl.constexpr, BLOCK: tl.constexpr,
+    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
     g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(X + row * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        g += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        v += tl.load(B + H + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * v
     tl.store(Y + row * H + cols, y.to(Y.dtype.element_ty), mask=mask)
 
@@ -44,22 +55,43 @@ def _swiglu_fwd_kernel(
 def _swiglu_bwd_kernel(
     DY,  # [R, H], dense rows
     X,  # [R, 2H] forward input, row stride stride_x
+    B,  # [2H] fc1 bias (unused without HAS_BIAS)
     DX,  # [R, 2H] (out), dense rows
-    stride_x,
-    H: tl.constexpr, BLOCK: tl.constexpr,
+    DB_partial,  # [P, 2H] fp32 (out), one row per program along the rows (unused without HAS_BIAS)
+    stride_x, R, rows_per_program,
+    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < H
-    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    v = tl.load(X + row * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY + row * H + cols, mask=mask, other=0.0).to(tl.float32)
-    sig = tl.sigmoid(g)
-    silu = g * sig
-    dg = dy * v * sig * (1.0 + g * (1.0 - sig))
-    dv = dy * silu
-    tl.store(DX + row * (2 * H) + cols, dg.to(DX.dtype.element_ty), mask=mask)
-    tl.store(DX + row * (2 * H) + H + cols, dv.to(DX.dtype.element_ty), mask=mask)
+    bg = tl.zeros([BLOCK], dtype=tl.float32)
+    bv = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_BIAS:
+        bg = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+        bv = tl.load(B + H + cols, mask=mask, other=0.0).to(tl.float32)
+    dbg = tl.zeros([BLOCK], dtype=tl.float32)
+    dbv = tl.zeros([BLOCK], dtype=tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64: the loop variable inherits it
+    row_end = tl.minimum(row_start + rows_per_program, R)
+    for r in range(row_start, row_end):
+        g = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(X + r * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * H + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            g += bg
+            v += bv
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dg = dy * v * sig * (1.0 + g * (1.0 - sig))
+        dv = dy * silu
+        tl.store(DX + r * (2 * H) + cols, dg.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + r * (2 * H) + H + cols, dv.to(DX.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            dbg += dg
+            dbv += dv
+    if HAS_BIAS:
+        tl.store(DB_partial + pid * (2 * H) + cols, dbg, mask=mask)
+        tl.store(DB_partial + pid * (2 * H) + H + cols, dbv, mask=mask)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -70,28 +102,39 @@ def _block(h: int) -> int:
     return min(next_pow2(h), 1024)
 
 
-def _forward(x: torch.Tensor) -> torch.Tensor:
-    """x: [R, 2H] -> y: [R, H] in x's dtype."""
+def _forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [R, 2H]; bias: [2H] or None -> y: [R, H] in x's dtype."""
     x = last_dim_contiguous(x)
+    bias = None if bias is None else bias.contiguous()
     R, H = x.shape[0], x.shape[1] // 2
     y = torch.empty((R, H), dtype=x.dtype, device=x.device)
     if R == 0 or H == 0:
         return y
     block = _block(H)
-    _swiglu_fwd_kernel[(R, triton.cdiv(H, block))](x, y, x.stride(0), H=H, BLOCK=block, num_warps=4)
+    _swiglu_fwd_kernel[(R, triton.cdiv(H, block))](
+        x, bias if bias is not None else x, y, x.stride(0),
+        H=H, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
     return y
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """dy: [R, H], x: [R, 2H] -> dx: [R, 2H] in x's dtype."""
+def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
+    """dy: [R, H], x: [R, 2H], bias: [2H] or None -> dx [R, 2H] (x.dtype), dbias [2H] fp32
+    (zeros without bias)."""
     dy, x = dy.contiguous(), last_dim_contiguous(x)
+    bias = None if bias is None else bias.contiguous()
     R, H = x.shape[0], x.shape[1] // 2
     dx = torch.empty((R, 2 * H), dtype=x.dtype, device=x.device)
+    p = num_programs(x.device, R)
+    partial = torch.empty((p, 2 * H), dtype=torch.float32, device=x.device)
+    if R == 0 or H == 0 or bias is None:
+        partial.zero_()
     if R == 0 or H == 0:
-        return dx
+        return dx, partial.sum(0)
     block = _block(H)
-    _swiglu_bwd_kernel[(R, triton.cdiv(H, block))](dy, x, dx, x.stride(0), H=H, BLOCK=block, num_warps=4)
-    return dx
+    _swiglu_bwd_kernel[(p, triton.cdiv(H, block))](
+        dy, x, bias if bias is not None else x, dx, partial, x.stride(0), R, triton.cdiv(R, p),
+        H=H, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
+    return dx, partial.sum(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -99,32 +142,35 @@ def _backward(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("virchow_fast_triton::swiglu_fwd", mutates_args=())
-def _swiglu_fwd(x: torch.Tensor) -> torch.Tensor:
-    return _forward(x)
+def _swiglu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return _forward(x, bias)
 
 
 @_swiglu_fwd.register_fake
-def _(x):
+def _(x, bias):
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
 
 @torch.library.custom_op("virchow_fast_triton::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return _backward(dy, x)
+def _swiglu_bwd(dy: torch.Tensor, x: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, bias)
 
 
 @_swiglu_bwd.register_fake
-def _(dy, x):
-    return x.new_empty(x.shape)
+def _(dy, x, bias):
+    return x.new_empty(x.shape), x.new_empty(x.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
+    x, bias = inputs
+    ctx.save_for_backward(x, bias)
 
 
 def _autograd_backward(ctx, dy):
-    (x,) = ctx.saved_tensors
-    return _swiglu_bwd(dy, x)
+    x, bias = ctx.saved_tensors
+    dx, dbias = _swiglu_bwd(dy, x, bias)
+    return dx, None if bias is None else dbias.to(bias.dtype)
 
 
 _swiglu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -134,10 +180,20 @@ _swiglu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # Public function
 # ------------------------------------------------------------------------------------------------
 
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU(x[..., :H]) * x[..., H:] for x: [..., 2H] (fp32 / fp16 / bf16) -> [..., H] in x's dtype."""
+def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(g) * v, [g, v] = (x + bias) split in halves (same contract as the reference).
+
+    x: [..., 2H] (fp32 / fp16 / bf16); bias: [2H] (fp32 / fp16 / bf16, may differ from x) or None.
+    Returns [..., H] in x's dtype; the backward gives dx in x's dtype and dbias in bias's dtype
+    (column sums of d(x + bias) over all rows, accumulated in fp32).
+    """
     check_float("swiglu x", x)
     if x.shape[-1] % 2:
         raise ValueError(f"swiglu: last dim {x.shape[-1]} is odd; expected packed [gate, value]")
-    y = _swiglu_fwd(x.reshape(-1, x.shape[-1]))
+    if bias is not None:
+        check_float("swiglu bias", bias)
+        if bias.shape != x.shape[-1:]:
+            raise ValueError(f"swiglu: bias {tuple(bias.shape)} does not match x {tuple(x.shape)}; "
+                             f"expected [{x.shape[-1]}]")
+    y = _swiglu_fwd(x.reshape(-1, x.shape[-1]), bias)
     return y.view(*x.shape[:-1], x.shape[-1] // 2)

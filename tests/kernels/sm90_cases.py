@@ -92,15 +92,17 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
 
     # bf16 residual stream and parameters (FSDP's bf16 compute copies, one GPU included), and the
     # fp32 residual stream with fp32 parameters of parallel.fsdp: off under autocast
-    def layer_norm():
+    def layer_norm():  # the block's branch points (the residual gradient added in the backward) and the final norm
         for dt in (bf16, torch.float32):
             x, w, b = _grad(T, C, dtype=dt), _grad(C, dtype=dt), _grad(C, dtype=dt)
             y = L.layer_norm(x, w, b, 1e-6)
             y.backward(torch.empty_like(y))
+            y, passed = L.layer_norm_branch(x, w, b, 1e-6)
+            torch.autograd.backward([y, passed], [torch.empty_like(y), torch.empty_like(passed)])
 
     def swiglu():
         x = _grad(T, 2 * s.hidden, dtype=bf16)
-        y = S.swiglu(x)
+        y = S.swiglu(x, _grad(2 * s.hidden, dtype=bf16))  # the model passes fc1's bias
         y.backward(torch.empty_like(y))
 
     def residual():  # teacher (no drop path) and student (per-crop keep factor, drop path 0.4)
@@ -109,15 +111,15 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         for dt in (bf16, torch.float32):  # residual stream (and gamma, keep) dtype; the branch is bf16
             for keep in (None, torch.empty(len(s.segments), dtype=dt)):
                 x, y, g = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16), _grad(C, dtype=dt)
-                z = R.residual_layer_scale(x, y, g, keep, seg_ids)
+                z = R.residual_layer_scale(x, y, g, keep, seg_ids, bias=_grad(C, dtype=dt))  # proj / fc2's bias
                 z.backward(torch.empty_like(z))
 
     return [
         Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
-        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32", layer_norm),
-        Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16", swiglu),
+        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32, plain and branch", layer_norm),
+        Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16 + bias", swiglu),
         Case(f"residual_layer_scale-{s.model}", "residual_layer_scale",
-             f"[{T}, {C}] x bf16 and fp32, y bf16", residual),
+             f"[{T}, {C}] x bf16 and fp32, y bf16 + bias", residual),
     ]
 
 

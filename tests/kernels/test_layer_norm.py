@@ -62,3 +62,76 @@ def test_layer_norm_no_bias_and_strided_rows(device, close):
 @pytest.mark.parametrize("shape", [(30528, 1280), (30528, 1664), (4099, 1664)], ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm_gpu(shape, dtype, close):
     _check(shape, dtype, torch.device("cuda"), close)
+
+
+def _check_branch(shape, dtype, device, close, has_bias=True, uses=("norm", "residual")):
+    """layer_norm_branch's (y, x) and x's summed gradient vs the reference's LayerNorm plus autograd's add."""
+    C = shape[-1]
+    x = torch.randn(shape, device=device, dtype=dtype) * 2 + 0.5
+    w = (torch.randn(C, device=device) * 0.5 + 1).requires_grad_()
+    b = (torch.randn(C, device=device) * 0.1).requires_grad_() if has_bias else None
+    dy, dres = torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype)
+    params = [w] + ([b] if has_bias else [])
+
+    def loss(y, passed):  # what uses each output downstream
+        terms = []
+        if "norm" in uses:
+            terms.append((y.float() * dy.float()).sum())
+        if "residual" in uses:
+            terms.append((passed.float() * dres.float()).sum())
+        return sum(terms)
+
+    xk = x.clone().requires_grad_()
+    y, passed = ln.layer_norm_branch(xk * 1, w, b, 1e-6)  # "* 1": a non-leaf input, as in the model
+    grads = torch.autograd.grad(loss(y, passed), [xk] + params, allow_unused=True)
+    xr = x.float().requires_grad_()
+    yr = reference.layer_norm(xr, w, b, 1e-6)
+    ref_grads = torch.autograd.grad(loss(yr, xr), [xr] + params, allow_unused=True)
+
+    tol = TOL[dtype]
+    assert passed.dtype == dtype and torch.equal(passed, x)
+    close(y, yr, tol["y"], "y")
+    close(grads[0], ref_grads[0], tol["dx"], "dx (norm + residual)")
+    for name, g, gr in zip(("dw", "db")[:len(params)], grads[1:], ref_grads[1:], strict=True):
+        if gr is None:  # the norm's output unused: no weight gradient either way
+            assert g is None or not g.any(), name
+        else:
+            close(g, gr, tol["dw"], name)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 1280), (37, 1280), (2, 7, 1664), (5, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_branch_sums_both_gradients(shape, dtype, device, close):
+    _check_branch(shape, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("uses", [("norm",), ("residual",)], ids=lambda u: u[0] + "_only")
+def test_layer_norm_branch_one_output_used(uses, device, close):
+    _check_branch((13, 100), torch.float32, device, close, has_bias=False, uses=uses)
+
+
+def test_layer_norm_branch_kernel_does_the_add(device):
+    """With both gradients, the backward is one kernel call (the LayerNorm backward with the
+    residual's gradient as input), not a LayerNorm backward plus an add."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(9, 64, device=device, requires_grad=True)
+    w, b = torch.randn(64, device=device, requires_grad=True), torch.randn(64, device=device, requires_grad=True)
+    y, passed = ln.layer_norm_branch(x * 1, w, b, 1e-6)
+    loss = (y * 2).sum() + (passed * 3).sum()
+    with Ops() as seen:
+        loss.backward()
+    assert any("layer_norm_bwd" in n for n in seen.names), seen.names
+    adds = [n for n in seen.names if n.startswith(("aten.add.Tensor", "aten.add_.Tensor"))]
+    assert not adds, adds

@@ -1,4 +1,4 @@
-"""Fused residual + LayerScale kernel vs ops/reference.py: forward, dx, dy, dgamma."""
+"""Fused residual + LayerScale (+ branch bias) kernel vs ops/reference.py: forward, dx, dy, dgamma, dbias."""
 import pytest
 import torch
 
@@ -15,23 +15,28 @@ TOL = {
 }
 
 
-def _check(shape, dtype, x_dtype, device, close):
+def _check(shape, dtype, x_dtype, device, close, bias_on=False):
     C = shape[-1]
     x = torch.randn(shape, device=device, dtype=x_dtype)
     y = torch.randn(shape, device=device, dtype=dtype)
     gamma = (torch.rand(C, device=device) + 0.5).requires_grad_()
+    params = [gamma]
+    bias = None
+    if bias_on:  # in the residual stream's dtype, as the model's parameters
+        bias = torch.randn(C, device=device, dtype=x_dtype).requires_grad_()
+        params.append(bias)
     xk, yk = x.clone().requires_grad_(), y.clone().requires_grad_()
-    z = rls.residual_layer_scale(xk, yk, gamma)
+    z = rls.residual_layer_scale(xk, yk, gamma, bias=bias)
     dz = torch.randn_like(z)
-    grads = torch.autograd.grad(z, [xk, yk, gamma], dz)
+    grads = torch.autograd.grad(z, [xk, yk] + params, dz)
     xr, yr = x.clone().requires_grad_(), y.float().requires_grad_()
-    zr = reference.residual_layer_scale(xr, yr, gamma)
-    ref_grads = torch.autograd.grad(zr, [xr, yr, gamma], dz.float().to(zr.dtype))
+    zr = reference.residual_layer_scale(xr, yr, gamma, bias=bias)
+    ref_grads = torch.autograd.grad(zr, [xr, yr] + params, dz.float().to(zr.dtype))
     assert z.dtype == torch.promote_types(torch.promote_types(x_dtype, dtype), gamma.dtype)
-    assert [g.dtype for g in grads] == [x_dtype, dtype, gamma.dtype]
+    assert [g.dtype for g in grads] == [x_dtype, dtype] + [p.dtype for p in params]
     tol = TOL[dtype]
     close(z, zr, tol["z"], "z")
-    for name, g, gr in zip(("dx", "dy", "dgamma"), grads, ref_grads, strict=True):
+    for name, g, gr in zip(("dx", "dy", "dgamma", "dbias")[:len(grads)], grads, ref_grads, strict=True):
         close(g, gr, tol["grad"], name)
 
 
@@ -92,11 +97,65 @@ def test_drop_path_bad_seg_ids(device):
         rls.residual_layer_scale(x, x, None, torch.ones(2, device=device), torch.zeros(5, dtype=torch.long))
 
 
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+@pytest.mark.parametrize("keep_on", [True, False], ids=["keep", "no_keep"])
+@pytest.mark.parametrize("gamma_on", [True, False], ids=["gamma", "no_gamma"])
+@pytest.mark.parametrize("shape", [(1, 1280), (37, 1664), (2, 5, 100), (61, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_branch_bias(shape, dtype, gamma_on, keep_on, device, close):
+    """The branch's output bias fused: z = x + keep[seg] * gamma * (y + b); z, dx, dy, dgamma and
+    dbias (the column sums of dy) against the fp32 reference, bias alone (no gamma, no keep)
+    included. Dropped crops still get exactly x and zero dy."""
+    x, y, gamma, keep, seg = _keep_case(shape, dtype, device, 5, gamma_on)
+    C, R = shape[-1], seg.numel()
+    seg[0] = 0  # a dropped crop (keep[0] = 0) and, with more than one row, a kept one (keep[1] = 1 / 0.6)
+    if R > 1:
+        seg[-1] = 1
+    if not keep_on:
+        keep, seg = None, None
+    bias = torch.randn(C, device=device, dtype=dtype).requires_grad_()
+    xk, yk = x.clone().requires_grad_(), y.clone().requires_grad_()
+    params = ([gamma] if gamma_on else []) + [bias]
+    z = rls.residual_layer_scale(xk, yk, gamma, keep, seg, bias)
+    dz = torch.randn_like(z)
+    grads = torch.autograd.grad(z, [xk, yk] + params, dz)
+    xr, yr, br = x.float().requires_grad_(), y.float().requires_grad_(), bias.detach().float().requires_grad_()
+    zr = reference.residual_layer_scale(xr, yr, gamma, None if keep is None else keep.float(), seg, br)
+    ref_grads = torch.autograd.grad(zr, [xr, yr] + params[:-1] + [br], dz.float())
+    dt = torch.promote_types(dtype, torch.float32 if gamma_on else dtype)
+    assert z.dtype == dt and [g.dtype for g in grads] == [dtype, dtype] + [p.dtype for p in params]
+    tol = TOL[dtype]
+    close(z, zr, tol["z"], "z")
+    names = ("dx", "dy") + (("dgamma",) if gamma_on else ()) + ("dbias",)
+    for name, g, gr in zip(names, grads, ref_grads, strict=True):
+        close(g, gr, tol["grad"], name)
+    if keep_on:
+        dropped = (keep[seg] == 0).view(shape[:-1])
+        assert dropped.any() and (R == 1 or (~dropped).any())
+        assert torch.equal(z[dropped], x[dropped].to(z.dtype)) and not grads[1][dropped].any()
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_branch_bias_fp32_stream(dtype, device, close):
+    """fp32 residual stream and parameters, branch y in any dtype (fsdp off under autocast)."""
+    _check((37, 1664), dtype, torch.float32, device, close, bias_on=True)
+
+
+def test_bad_bias_shape(device):
+    x = torch.randn(6, 8, device=device)
+    with pytest.raises(ValueError, match="bias"):
+        rls.residual_layer_scale(x, x, None, bias=torch.zeros(7, device=device))
+    with pytest.raises(ValueError, match="bias"):
+        rls.residual_layer_scale(x, x, torch.ones(8, device=device), bias=torch.zeros(1, 8, device=device))
+
+
 @pytest.mark.gpu  # larger shapes; skipped without CUDA (tests/conftest.py)
+@pytest.mark.parametrize("bias_on", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", list(TOL), ids=str)
 @pytest.mark.parametrize("shape", [(30528, 1280), (31808, 1664)], ids=lambda s: "x".join(map(str, s)))
-def test_residual_layer_scale_gpu(shape, dtype, close):
-    _check(shape, dtype, torch.float32, torch.device("cuda"), close)
+def test_residual_layer_scale_gpu(shape, dtype, bias_on, close):
+    _check(shape, dtype, torch.float32, torch.device("cuda"), close, bias_on)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

@@ -47,7 +47,7 @@ def rows(mode):
                 seg_ids=e(T, dtype=torch.int32), eps=1e-6)
 def swiglu(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
-    return dict(x=e(T, 2 * H2), dy=e(T, H2))
+    return dict(x=e(T, 2 * H2), dy=e(T, H2), bias=e(2 * H2))
 def attention(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(qkv=e(T, 3, HEADS, D), o=e(T, HEADS, D), do=e(T, HEADS, D),

@@ -61,26 +61,38 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         None if bias is None else bias.float(), eps).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU(first half) * second half of the packed fc1 output (timm SwiGLUPacked).
+def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """SiLU(g) * v, [g, v] = (x + bias) split in halves: the packed fc1 output (timm SwiGLUPacked)
+    with fc1's bias added here rather than in the matmul.
 
-    x: [..., 2H] -> [..., H]. Traffic: read 2 H, write H per row (3 R H e); backward reads
-    x and dy, writes dx (5 R H e).
+    x: [..., 2H]; bias: [2H] or None -> [..., H] in x's dtype, computed in fp32. Traffic: read 2 H,
+    write H per row (3 R H e); the bias ([2H]) adds nothing to the row traffic. Backward reads x
+    and dy, writes dx (5 R H e) and also returns dbias, the fp32 column sums of dx over all rows
+    (in bias's dtype), with no extra pass when fused.
     """
-    gate, value = x.chunk(2, dim=-1)
-    return (F.silu(gate.float()) * value.float()).to(x.dtype)
+    xf = x.float()
+    if bias is not None:
+        xf = xf + bias.float()
+    gate, value = xf.chunk(2, dim=-1)
+    return (F.silu(gate) * value).to(x.dtype)
 
 
 def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None,
-                         keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """x + keep[seg] * gamma * y: LayerScale, per-crop stochastic depth, then the residual add.
+                         keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x + keep[seg] * gamma * (y + bias): the branch's output bias, LayerScale, per-crop stochastic
+    depth, then the residual add.
 
     x, y: [..., C]; gamma: [C] or None; keep: [S] factor of each packed crop (0 or 1 / (1 - p)) or
-    None; seg_ids: [R] crop of each of the R = x.numel() / C rows. Computed as (y * gamma) * keep,
-    in torch's promoted dtype.
-    Traffic: eagerly 7 R C e forward (each product a pass); fused, read x, y, write z (3 R C e);
-    backward reads dz, y, writes dy (3 R C e) plus dgamma.
+    None; seg_ids: [R] crop of each of the R = x.numel() / C rows; bias: [C] or None (the bias of
+    the Linear that produced y, run without it). Computed as ((y + bias) * gamma) * keep, in
+    torch's promoted dtype. The bias gradient is the column sum of dy over all rows.
+    Traffic: eagerly 7 R C e forward (each product a pass), 9 with the bias add; fused, read x, y,
+    write z (3 R C e) with or without the bias; backward reads dz, y, writes dy (3 R C e) and sums
+    dgamma and dbias from those same rows (no extra pass over [R, C]).
     """
+    if bias is not None:
+        y = y + bias
     if gamma is not None:
         y = y * gamma
     if keep is not None:
