@@ -38,12 +38,16 @@ def test_opcheck_custom_ops(device):
     w, b = torch.randn(40, device=device, requires_grad=True), torch.randn(40, device=device, requires_grad=True)
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, b, 1e-6))
     torch.library.opcheck(ln_k._layer_norm_fwd, (x, w, None, 1e-6))
-    torch.library.opcheck(sw_k._swiglu_fwd, (torch.randn(5, 18, device=device, requires_grad=True),))
+    xs = torch.randn(5, 18, device=device, requires_grad=True)
+    torch.library.opcheck(sw_k._swiglu_fwd, (xs, torch.randn(18, device=device, requires_grad=True)))
+    torch.library.opcheck(sw_k._swiglu_fwd, (xs, None))
     y = torch.randn(7, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, None, None))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, None, None, None))
     keep, seg = torch.tensor([0.0, 2.5], device=device), torch.tensor([0, 1, 1, 0, 1, 0, 0], device=device)
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg))
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, keep, seg))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg, None))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, keep, seg, None))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg, b))
+    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, None, None, b))
 
 
 def _block_case(device):
@@ -87,12 +91,15 @@ def test_block_compiles_fullgraph(backend, device, restore_ops):
 
 
 def test_compiled_graph_calls_the_kernels(device, restore_ops):
-    """The Dynamo graph holds our custom ops (not the torch reference) when triton is configured."""
+    """The Dynamo graph holds our custom ops (not the torch reference) when triton is configured (the
+    LayerNorm at a branch point inside the subgraph of its autograd.Function)."""
     block, x, args = _block_case(device)
     seen = []
 
-    def capture(gm, example_inputs):
-        seen.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+    def capture(gm, example_inputs):  # the graph and its subgraphs (an autograd.Function's forward is one)
+        for sub in gm.modules():
+            if isinstance(sub, torch.fx.GraphModule):
+                seen.extend(str(node.target) for node in sub.graph.nodes if node.op == "call_function")
         return gm.forward
 
     ops.configure(TRITON)

@@ -27,6 +27,10 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
+    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x), x) at a pre-norm branch point; x's two gradients are summed in the norm's backward."""
+        return ops.layer_norm_branch(x, self.weight, self.bias, self.eps)
+
 
 class LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
@@ -47,25 +51,34 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
-        """x: [T, C] packed tokens -> [T, C]. host_offsets: cu_seqlens as ints (see ops.attention)."""
+                host_offsets: tuple[int, ...] | None = None, proj_bias: bool = True) -> torch.Tensor:
+        """x: [T, C] packed tokens -> [T, C]. host_offsets: cu_seqlens as ints (see ops.attention).
+
+        proj_bias=False leaves out proj's bias (the block adds it in its fused residual op).
+        """
         t, c = x.shape
         # packed, not unbound: the op's backward returns one [T, 3, H, D] gradient (no stack of dq, dk, dv)
         qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
         o = ops.attention(qkv, cu_seqlens, max_seqlen, self.head_dim ** -0.5, host_offsets=host_offsets)
-        return self.proj(o.reshape(t, c))
+        return F.linear(o.reshape(t, c), self.proj.weight, self.proj.bias if proj_bias else None)
 
 
 class SwiGLU(nn.Module):
-    """fc1 emits [gate, value] packed (timm SwiGLUPacked); fc2 maps SiLU(gate) * value back."""
+    """fc1 emits [gate, value] packed (timm SwiGLUPacked); fc2 maps SiLU(gate) * value back.
+
+    fc1's bias is added inside ops.swiglu (its backward returns the bias gradient from the pass it
+    makes anyway, instead of a separate reduction over the [T, 2H] gradient).
+    """
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(ops.swiglu(self.fc1(x)))
+    def forward(self, x: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
+        """fc2_bias=False leaves out fc2's bias (the block adds it in its fused residual op)."""
+        h = ops.swiglu(F.linear(x, self.fc1.weight), self.fc1.bias)
+        return F.linear(h, self.fc2.weight, self.fc2.bias if fc2_bias else None)
 
 
 class Block(nn.Module):
@@ -87,18 +100,25 @@ class Block(nn.Module):
         return (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
 
     @staticmethod
-    def _residual(x: torch.Tensor, y: torch.Tensor, ls: nn.Module, keep: torch.Tensor | None,
-                  seg_ids: torch.Tensor) -> torch.Tensor:
-        """x + keep[seg_ids] * ls(y): LayerScale and drop path fused into one op (ops.residual_layer_scale)."""
+    def _residual(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, ls: nn.Module,
+                  keep: torch.Tensor | None, seg_ids: torch.Tensor) -> torch.Tensor:
+        """x + keep[seg_ids] * ls(y + bias): the branch's output bias, LayerScale and drop path fused
+        into one op (ops.residual_layer_scale), whose backward also returns the bias gradient."""
         gamma = ls.gamma if isinstance(ls, LayerScale) else None
-        return ops.residual_layer_scale(x, y, gamma, keep, seg_ids if keep is not None else None)
+        return ops.residual_layer_scale(x, y, gamma, keep, seg_ids if keep is not None else None, bias)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Pre-norm block. Each branch point returns (norm(x), x) from one op, so the residual stream's
+        gradient and the norm's are summed inside the norm's backward; the proj and fc2 biases go into
+        the residual op. Same values as timm's ``x + drop_path(ls(branch(norm(x))))``."""
         n_seg = cu_seqlens.numel() - 1
-        x = self._residual(x, self.attn(self.norm1(x), cu_seqlens, max_seqlen, host_offsets), self.ls1,
-                           self._keep(seg_ids, n_seg, x), seg_ids)
-        return self._residual(x, self.mlp(self.norm2(x)), self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
+        h, x = self.norm1.branch(x)
+        y = self.attn(h, cu_seqlens, max_seqlen, host_offsets, proj_bias=False)
+        x = self._residual(x, y, self.attn.proj.bias, self.ls1, self._keep(seg_ids, n_seg, x), seg_ids)
+        h, x = self.norm2.branch(x)
+        y = self.mlp(h, fc2_bias=False)
+        return self._residual(x, y, self.mlp.fc2.bias, self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
 
 
 class VisionTransformer(nn.Module):

@@ -150,15 +150,29 @@ def layer_norm(x, weight, bias, eps):
     return _dispatch("layer_norm", x.device)(x, weight, bias, eps)
 
 
-def swiglu(x):
-    """SiLU(first half) * second half; see :func:`reference.swiglu`."""
-    return _dispatch("swiglu", x.device)(x)
+def layer_norm_branch(x, weight, bias, eps):
+    """(LayerNorm(x), x) at a pre-norm branch point: x goes on as the residual stream.
+
+    Same values as ``(layer_norm(x, ...), x)``. On a backend whose ``layer_norm`` has a fused
+    ``branch`` (triton), the two gradients of x (residual path and norm) are summed inside the norm's
+    backward kernel; elsewhere autograd sums them.
+    """
+    fn = _dispatch("layer_norm", x.device)
+    branch = getattr(fn, "branch", None)
+    if branch is not None:
+        return branch(x, weight, bias, eps)
+    return fn(x, weight, bias, eps), x
 
 
-def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None):
-    """x + keep[seg_ids] * gamma * y: the residual add fused with LayerScale and per-crop stochastic
-    depth; see :func:`reference.residual_layer_scale`."""
-    return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids)
+def swiglu(x, bias=None):
+    """SiLU(first half) * second half of x + bias (fc1's bias, or None); see :func:`reference.swiglu`."""
+    return _dispatch("swiglu", x.device)(x, bias)
+
+
+def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None, bias=None):
+    """x + keep[seg_ids] * gamma * (y + bias): the residual add fused with the branch's output bias,
+    LayerScale and per-crop stochastic depth; see :func:`reference.residual_layer_scale`."""
+    return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids, bias)
 
 
 def prototype_loss(*args, **kwargs):
@@ -171,5 +185,5 @@ def teacher_probs(*args, **kwargs):
     return _dispatch("teacher_probs", args[0].device)(*args, **kwargs)
 
 
-__all__ = list(OPS) + ["configure", "backend_for", "plan", "implementation", "check_choice", "reference", "OPS",
+__all__ = list(OPS) + ["layer_norm_branch", "configure", "backend_for", "plan", "implementation", "check_choice", "reference", "OPS",
                        "BACKENDS", "TABLE"]
