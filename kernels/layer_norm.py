@@ -161,7 +161,8 @@ def _(x, weight, bias, eps):
 
 @torch.library.custom_op("virchow_fast_triton::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                    rstd: torch.Tensor, dres: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    rstd: torch.Tensor, dres: Optional[torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(dy, x, weight, mean, rstd, dres)
 
 

@@ -238,18 +238,25 @@ def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor |
     """
     if gamma is None and keep is None and bias is None:
         return x + y
-    check_float("residual_layer_scale x", x)
-    check_float("residual_layer_scale y", y)
+    seg_ids = check_args("residual_layer_scale", x, y, gamma, keep, seg_ids, bias)
+    C = x.shape[-1]
+    return _rls_fwd(x.reshape(-1, C), y.reshape(-1, C), gamma, keep, seg_ids, bias).view(x.shape)
+
+
+def check_args(name, x, y, gamma, keep, seg_ids, bias):
+    """Dtypes and shapes of a residual op's arguments (one ValueError line naming them); returns
+    seg_ids (None without keep)."""
+    check_float(f"{name} x", x)
+    check_float(f"{name} y", y)
     if bias is not None:
-        check_float("residual_layer_scale bias", bias)
+        check_float(f"{name} bias", bias)
     C = x.shape[-1]
     if (x.shape != y.shape or (gamma is not None and gamma.shape != x.shape[-1:])
             or (bias is not None and bias.shape != x.shape[-1:])):
-        raise ValueError(f"residual_layer_scale: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+        raise ValueError(f"{name}: x {tuple(x.shape)}, y {tuple(y.shape)}, "
                          f"gamma {None if gamma is None else tuple(gamma.shape)}, "
                          f"bias {None if bias is None else tuple(bias.shape)} (gamma and bias: [C])")
     if keep is not None and (seg_ids is None or seg_ids.shape != (x.numel() // max(C, 1),) or keep.dim() != 1):
-        raise ValueError(f"residual_layer_scale: keep {tuple(keep.shape)} needs seg_ids [{x.numel() // max(C, 1)}], "
+        raise ValueError(f"{name}: keep {tuple(keep.shape)} needs seg_ids [{x.numel() // max(C, 1)}], "
                          f"got {None if seg_ids is None else tuple(seg_ids.shape)}")
-    seg_ids = seg_ids if keep is not None else None
-    return _rls_fwd(x.reshape(-1, C), y.reshape(-1, C), gamma, keep, seg_ids, bias).view(x.shape)
+    return seg_ids if keep is not None else None

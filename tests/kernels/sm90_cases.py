@@ -24,7 +24,7 @@ IBOT_MASKED_FRACTION = 0.15  # mean masked patches per global crop: half the cro
 @dataclasses.dataclass
 class Case:
     name: str  # "<family>-<model>-<detail>", a pytest id
-    family: str  # attention, layer_norm, swiglu, residual_layer_scale, head_loss
+    family: str  # attention, layer_norm, swiglu, residual_layer_scale, residual_layer_norm, head_loss
     shape: str
     run: Callable[[], None]
 
@@ -77,6 +77,7 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
     from virchow_fast.kernels import attention as A
     from virchow_fast.kernels import layer_norm as L
     from virchow_fast.kernels import layer_scale as R
+    from virchow_fast.kernels import residual_norm as RN
     from virchow_fast.kernels import swiglu as S
 
     bf16, T, C = torch.bfloat16, s.tokens, s.width
@@ -114,12 +115,24 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
                 z = R.residual_layer_scale(x, y, g, keep, seg_ids, bias=_grad(C, dtype=dt))  # proj / fc2's bias
                 z.backward(torch.empty_like(z))
 
+    def residual_norm():  # the attention branch's residual add with norm2 fused, teacher and student
+        lengths = torch.tensor(s.segments)
+        seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), lengths)
+        for dt in (bf16, torch.float32):
+            for keep in (None, torch.empty(len(s.segments), dtype=dt)):
+                x, y = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16)
+                g, b, w, lnb = (_grad(C, dtype=dt) for _ in range(4))
+                z, h = RN.residual_layer_norm(x, y, g, keep, seg_ids if keep is not None else None, b, w, lnb, 1e-6)
+                torch.autograd.backward([z, h], [torch.empty_like(z), torch.empty_like(h)])
+
     return [
         Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
         Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32, plain and branch", layer_norm),
         Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16 + bias", swiglu),
         Case(f"residual_layer_scale-{s.model}", "residual_layer_scale",
              f"[{T}, {C}] x bf16 and fp32, y bf16 + bias", residual),
+        Case(f"residual_layer_norm-{s.model}", "residual_layer_norm",
+             f"[{T}, {C}] x bf16 and fp32, y bf16 + bias, then LayerNorm", residual_norm),
     ]
 
 

@@ -42,9 +42,9 @@ if sys.argv[1] != "-":
 T, C, H2, HEADS, D, S, R, K, B = 12, 16, 8, 2, 8, 3, 5, 32, 8
 def rows(mode):
     e = lambda *s, dtype=torch.bfloat16: torch.empty(*s, dtype=dtype)
-    return dict(x=e(T, C), y=e(T, C), dy=e(T, C), dz=e(T, C), weight=e(C), bias=e(C), gamma=e(C),
-                mean=e(T, dtype=torch.float32), rstd=e(T, dtype=torch.float32), keep=e(S, dtype=torch.float32),
-                seg_ids=e(T, dtype=torch.int32), eps=1e-6)
+    return dict(x=e(T, C), y=e(T, C), dy=e(T, C), dz=e(T, C), dh=e(T, C), z=e(T, C), dres=e(T, C), weight=e(C),
+                bias=e(C), ln_bias=e(C), gamma=e(C), mean=e(T, dtype=torch.float32), rstd=e(T, dtype=torch.float32),
+                keep=e(S, dtype=torch.float32), seg_ids=e(T, dtype=torch.int32), eps=1e-6, x_dtype=torch.bfloat16)
 def swiglu(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(x=e(T, 2 * H2), dy=e(T, H2), bias=e(2 * H2))

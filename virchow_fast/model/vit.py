@@ -109,14 +109,19 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Pre-norm block. Each branch point returns (norm(x), x) from one op, so the residual stream's
-        gradient and the norm's are summed inside the norm's backward; the proj and fc2 biases go into
-        the residual op. Same values as timm's ``x + drop_path(ls(branch(norm(x))))``."""
+        """Pre-norm block; same values as timm's ``x + drop_path(ls(branch(norm(x))))`` twice.
+
+        norm1 returns (norm1(x), x) from one op, so the residual stream's gradient and the norm's are
+        summed in the norm's backward; the attention branch's residual add and norm2 are one op
+        (z is not read back); the proj and fc2 biases go into the residual ops.
+        """
         n_seg = cu_seqlens.numel() - 1
         h, x = self.norm1.branch(x)
         y = self.attn(h, cu_seqlens, max_seqlen, host_offsets, proj_bias=False)
-        x = self._residual(x, y, self.attn.proj.bias, self.ls1, self._keep(seg_ids, n_seg, x), seg_ids)
-        h, x = self.norm2.branch(x)
+        gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
+        keep = self._keep(seg_ids, n_seg, x)
+        x, h = ops.residual_layer_norm(x, y, gamma, keep, seg_ids if keep is not None else None, self.attn.proj.bias,
+                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
         y = self.mlp(h, fc2_bias=False)
         return self._residual(x, y, self.mlp.fc2.bias, self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
 

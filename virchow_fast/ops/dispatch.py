@@ -175,6 +175,12 @@ def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None, bias=None):
     return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids, bias)
 
 
+def residual_layer_norm(x, y, gamma, keep, seg_ids, bias, weight, ln_bias, eps):
+    """(z, LayerNorm(z)) with z = x + keep[seg_ids] * gamma * (y + bias): a block's first residual
+    add and its norm2 in one op; see :func:`reference.residual_layer_norm`."""
+    return _dispatch("residual_layer_norm", x.device)(x, y, gamma, keep, seg_ids, bias, weight, ln_bias, eps)
+
+
 def prototype_loss(*args, **kwargs):
     """DINO / iBOT head loss from bottleneck features; see :func:`reference.prototype_loss`."""
     return _dispatch("prototype_loss", args[0].device)(*args, **kwargs)
@@ -185,5 +191,5 @@ def teacher_probs(*args, **kwargs):
     return _dispatch("teacher_probs", args[0].device)(*args, **kwargs)
 
 
-__all__ = list(OPS) + ["layer_norm_branch", "configure", "backend_for", "plan", "implementation", "check_choice", "reference", "OPS",
-                       "BACKENDS", "TABLE"]
+__all__ = list(OPS) + ["layer_norm_branch", "configure", "backend_for", "plan", "implementation", "check_choice",
+                       "reference", "OPS", "BACKENDS", "TABLE"]

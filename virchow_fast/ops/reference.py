@@ -100,6 +100,22 @@ def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor |
     return x + y
 
 
+def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, keep: torch.Tensor | None,
+                        seg_ids: torch.Tensor | None, bias: torch.Tensor | None, weight: torch.Tensor,
+                        ln_bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z, LayerNorm(z)), z = :func:`residual_layer_scale` (x, y, gamma, keep, seg_ids, bias): a
+    block's first residual add and the LayerNorm of its second branch (norm2) as one op.
+
+    z's dtype is the promoted one of the residual op; the LayerNorm (weight, ln_bias: [C]) normalises
+    z as stored and returns z's dtype. Traffic: separately the residual op (3 R C e) and the
+    LayerNorm (2 R C e) forward; fused, read x, y, write z, h (4 R C e). Backward: separately the
+    LayerNorm backward with the residual gradient added (4 R C e) and the residual backward (3);
+    fused, read z, dh, dz, y, write dx, dy (6 R C e).
+    """
+    z = residual_layer_scale(x, y, gamma, keep, seg_ids, bias)
+    return z, layer_norm(z, weight, ln_bias, eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # DINO / iBOT heads: teacher centering and prototype cross-entropy
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,13 @@ TABLE: dict[str, Op] = {op.name: op for op in (
        triton="virchow_fast.kernels.layer_scale:residual_layer_scale",
        auto=("triton", "torch"),
        evidence=_NOT_MEASURED + "; moves 3 instead of about 5 row-widths each way (benchmarks/cost_model.py)"),
+    Op("residual_layer_norm", "residual_layer_scale and the LayerNorm after it (a block's norm2) in one pass: "
+       "(z, LayerNorm(z))",
+       torch="virchow_fast.ops.reference:residual_layer_norm",
+       triton="virchow_fast.kernels.residual_norm:residual_layer_norm",
+       auto=("triton", "torch"),
+       evidence=_NOT_MEASURED + "; z is not read back: 4 instead of 5 row-widths forward, 6 instead of 7 "
+                "backward (benchmarks/cost_model.py)"),
     Op("prototype_loss", "DINO / iBOT head loss from bottleneck features, logits never stored",
        torch="virchow_fast.ops.reference:prototype_loss",
        triton="virchow_fast.kernels.prototype_loss:prototype_loss",

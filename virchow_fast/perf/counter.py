@@ -218,6 +218,8 @@ class CostCounter(TorchDispatchMode):
             return "optimizer and EMA"
         if "attention" in name:
             return "attention"
+        if "residual_layer_norm" in name:  # the residual op with the next LayerNorm fused in
+            return "residual/LayerScale/drop path"
         if "layer_norm" in name:
             return "norms"
         if "swiglu" in name:
