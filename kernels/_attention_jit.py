@@ -146,8 +146,10 @@ def _attn_fwd_kernel(
 def _attn_bwd_delta_kernel(
     Out, DO,  # [T, H, D], token stride stride_*t, head stride stride_*h
     DELTA,  # [H, T] fp32 (out): rowsum(dO * O)
+    DBV,  # [P, H, HEAD_DIM] fp32 (out, with HAS_DB): per program, the column sums of dO (v's bias gradient)
     stride_ot, stride_oh, stride_dot, stride_doh, stride_delta, T,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
+    HAS_DB: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
@@ -156,9 +158,20 @@ def _attn_bwd_delta_kernel(
     o = tl.load(_ptrs(Out + h * _hint(stride_oh, ALIGN), tok, _hint(stride_ot, ALIGN), 0, BLOCK_D),
                 mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
     do = tl.load(_ptrs(DO + h * _hint(stride_doh, ALIGN), tok, _hint(stride_dot, ALIGN), 0, BLOCK_D),
-                 mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+                 mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0).to(tl.float32)
+    delta = tl.sum(o.to(tl.float32) * do, axis=1)
     tl.store(DELTA + h * stride_delta + tok, delta, mask=m_mask)
+    if HAS_DB:  # o = P (v + b_v) with rows of P summing to 1, so d b_v = sum over tokens of dO
+        cols = tl.arange(0, BLOCK_D)
+        row = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + h
+        tl.store(DBV + row * HEAD_DIM + cols, tl.sum(do, axis=0), mask=cols < HEAD_DIM)
+
+
+@triton.jit
+def _store_col_sums(DB, row, acc, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: tl.constexpr, scale):
+    """Column sums of an fp32 [rows, W] chunk (times ``scale``) into row ``row`` of DB [P, HEAD_DIM]."""
+    cols = C0 + tl.arange(0, W)
+    tl.store(DB + row * HEAD_DIM + cols, tl.sum(acc, axis=0) * scale, mask=cols < HEAD_DIM)
 
 
 @triton.jit
@@ -302,19 +315,29 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # [T, H, D] each
     LSE, DELTA,  # [H, T] fp32, head stride stride_lse
     DQ,  # [T, H, D] (out), token stride stride_dqt, head stride stride_dqh
+    DBQ,  # [P, HEAD_DIM] fp32 (out, with HAS_DB): per program, the column sums of its dQ rows (q's bias gradient)
     CU,  # [S + 1] int32
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lse,
     qk_scale, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_DB: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
     h = tl.program_id(2).to(tl.int64)
+    # every program owns one row of DBQ (grid order: head, segment, query block), written even when empty
+    db_row = (h * tl.num_programs(1) + seg) * tl.num_programs(0) + pid_m
     start = tl.load(CU + seg)
     seqlen = tl.load(CU + seg + 1) - start
     if pid_m * BLOCK_M >= seqlen:
+        if HAS_DB:
+            _store_col_sums(DBQ, db_row, tl.zeros([1, D0], dtype=tl.float32), 0, D0, HEAD_DIM, 1.0)
+            if D1 > 0:
+                _store_col_sums(DBQ, db_row, tl.zeros([1, D1], dtype=tl.float32), D0, D1, HEAD_DIM, 1.0)
+            if D2 > 0:
+                _store_col_sums(DBQ, db_row, tl.zeros([1, D2], dtype=tl.float32), D0 + D1, D2, HEAD_DIM, 1.0)
         return
     Q += h * _hint(stride_qh, ALIGN)
     K += h * _hint(stride_kh, ALIGN)
@@ -353,3 +376,9 @@ def _attn_bwd_dq_kernel(
     if D2 > 0:
         tl.store(_ptrs(DQ, tok_m, stride_dqt, D0 + D1, D2), (dq2 * scale).to(ty),
                  mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM))
+    if HAS_DB:  # rows past the segment are zero in dq (their P is masked to 0)
+        _store_col_sums(DBQ, db_row, dq0, 0, D0, HEAD_DIM, scale)
+        if D1 > 0:
+            _store_col_sums(DBQ, db_row, dq1, D0, D1, HEAD_DIM, scale)
+        if D2 > 0:
+            _store_col_sums(DBQ, db_row, dq2, D0 + D1, D2, HEAD_DIM, scale)

@@ -158,8 +158,9 @@ def _meta(c: tuple[int, ...]) -> dict:
 
 
 def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dtype, max_seqlen: int,
-            device: torch.device) -> None:
-    """Launch ``kernel[grid(meta)](*args, **consts, **meta)`` with the chosen configuration.
+            device: torch.device) -> dict:
+    """Launch ``kernel[grid(meta)](*args, **consts, **meta)`` with the chosen configuration; returns
+    its meta (BLOCK_M, BLOCK_N, num_warps, num_stages).
 
     The kernels only write their outputs, so timing a candidate by running it is harmless.
     """
@@ -183,6 +184,7 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
         _chosen[key] = choice
     meta = _meta(choice)
     kernel[grid(meta)](*args, **consts, **meta)
+    return meta
 
 
 def _consts(D: int, dtype: torch.dtype, *tensors: torch.Tensor) -> dict:
@@ -222,11 +224,18 @@ def _forward(qkv, cu_seqlens, max_seqlen: int, scale: float):
     return o, lse
 
 
-def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float):
-    """-> dqkv: [T, 3, H, D], contiguous, in qkv's dtype.
+def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_grad: bool = False):
+    """-> dqkv: [T, 3, H, D], contiguous, in qkv's dtype; with ``bias_grad`` also the gradient of a
+    bias added to qkv, [3, H, D] fp32.
 
     dq, dk and dv are written straight into their slices of one buffer: the gradient of the packed
     projection output, with no stack of three separate gradients after the kernels.
+
+    The bias gradient is the column sums of dq, dk, dv over all tokens, from sums the kernels make
+    anyway: dk's is exactly zero (a key bias shifts each query's scores by one constant, which the
+    softmax ignores); dv's is the column sums of dO (o = P (v + b_v) and each row of P sums to 1),
+    taken by the delta kernel as it reads dO; dq's is summed by each dQ program over its rows. Each
+    program writes one fp32 partial row (no atomics: deterministic); no pass re-reads dqkv.
     """
     do = last_dim_contiguous(do)
     q, k, v = _split(qkv)
@@ -234,23 +243,36 @@ def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float):
     dqkv = torch.empty((T, 3, H, D), dtype=q.dtype, device=q.device)
     n_seg = cu_seqlens.numel() - 1
     if T == 0 or n_seg <= 0 or max_seqlen <= 0:
-        return dqkv.zero_()
+        dqkv.zero_()
+        return (dqkv, torch.zeros((3, H, D), dtype=torch.float32, device=q.device)) if bias_grad else dqkv
     dq, dk, dv = dqkv.unbind(1)
     consts = _consts(D, q.dtype, q, k, v, o, do, dq, dk, dv)
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
-    J._attn_bwd_delta_kernel[(triton.cdiv(T, DELTA_BLOCK_M), H)](
-        o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T,
-        HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=next_pow2(max(D, 16)), ALIGN=consts["ALIGN"],
+    n_delta = triton.cdiv(T, DELTA_BLOCK_M)
+    dbv = torch.empty((n_delta, H, D) if bias_grad else (1,), dtype=torch.float32, device=q.device)
+    J._attn_bwd_delta_kernel[(n_delta, H)](
+        o, do, delta, dbv, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T,
+        HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=next_pow2(max(D, 16)), ALIGN=consts["ALIGN"], HAS_DB=bias_grad,
     )
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     _launch("dkdv", J._attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_seg, H),
             (q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), lse.stride(0),
              scale * LOG2E, scale), consts, q.dtype, max_seqlen, q.device)
-    _launch("dq", J._attn_bwd_dq_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H),
-            (q, k, v, do, lse, delta, dq, cu_seqlens, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
-             scale * LOG2E, scale), consts, q.dtype, max_seqlen, q.device)
-    return dqkv
+    # one partial row per dQ program: sized for the candidate with the most programs (the smallest
+    # BLOCK_M); the launch that runs last fills the first H * S * blocks rows
+    min_bm = min(_meta(c)["BLOCK_M"] for c in candidates("dq", q.dtype, D))
+    dbq = torch.empty((H * n_seg * triton.cdiv(max_seqlen, min_bm), D) if bias_grad else (1,),
+                      dtype=torch.float32, device=q.device)
+    meta = _launch("dq", J._attn_bwd_dq_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H),
+                   (q, k, v, do, lse, delta, dq, dbq, cu_seqlens, *strides, dq.stride(0), dq.stride(1),
+                    lse.stride(0), scale * LOG2E, scale), {**consts, "HAS_DB": bias_grad}, q.dtype, max_seqlen,
+                   q.device)
+    if not bias_grad:
+        return dqkv
+    rows = H * n_seg * triton.cdiv(max_seqlen, meta["BLOCK_M"])
+    db_q = dbq[:rows].view(H, -1, D).sum(1)
+    return dqkv, torch.stack([db_q, torch.zeros_like(db_q), dbv.sum(0)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,6 +317,46 @@ def _autograd_backward(ctx, do, _dlse):
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("virchow_fast_triton::attention_bwd_bias", mutates_args=())
+def _attention_bwd_bias(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                        cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, bias_grad=True)
+
+
+@_attention_bwd_bias.register_fake
+def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
+    T, _, H, D = qkv.shape
+    return qkv.new_empty(qkv.shape), qkv.new_empty((3, H, D), dtype=torch.float32)
+
+
+class _QKVAttention(torch.autograd.Function):
+    """o = attention(linear(x, weight, bias).view(T, 3, H, D)): the qkv projection and attention.
+
+    The forward is the projection (one GEMM, bias in its epilogue) and the attention op. The
+    backward runs the attention backward that also returns the bias gradient (see ``_backward``)
+    and the projection's two GEMMs, so the [T, 3C] gradient is never re-read for its column sums.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale):
+        T = x.shape[0]
+        qkv = torch.nn.functional.linear(x, weight, bias).view(T, 3, num_heads, -1)
+        o, lse = _attention_fwd(qkv, cu_seqlens, max_seqlen, scale)
+        ctx.save_for_backward(x, weight, qkv, o, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.scale, ctx.bias_dtype = max_seqlen, scale, None if bias is None else bias.dtype
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        x, weight, qkv, o, lse, cu_seqlens = ctx.saved_tensors
+        dqkv, dbias = _attention_bwd_bias(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        d2 = dqkv.view(x.shape[0], -1)
+        dx = d2 @ weight if ctx.needs_input_grad[0] else None
+        dw = d2.t() @ x if ctx.needs_input_grad[1] else None
+        db = dbias.reshape(-1).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
+
+
 # ------------------------------------------------------------------------------------------------
 # Public function
 # ------------------------------------------------------------------------------------------------
@@ -320,3 +382,29 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scal
     scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
     o, _ = _attention_fwd(qkv, cu_seqlens, int(max_seqlen), scale)
     return o
+
+
+def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+                  cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+    """attention(linear(x, weight, bias).view(T, 3, H, D), ...): the block's qkv projection and attention.
+
+    x: [T, C]; weight: [3C, C]; bias: [3C] or None. Same values as the two ops; the backward gets
+    the bias gradient from the attention kernels' own sums (no pass over the [T, 3C] gradient).
+    Returns o: [T, H, D].
+    """
+    check_float("attention x", x)
+    T, C = x.shape
+    if (weight.shape[0] % (3 * num_heads) or weight.shape[1] != C
+            or (bias is not None and bias.shape != weight.shape[:1])):
+        raise ValueError(f"attention_qkv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
+                         f"{None if bias is None else tuple(bias.shape)} for {num_heads} heads")
+    D = weight.shape[0] // (3 * num_heads)
+    if D > 256:
+        raise ValueError(f"attention: head dim {D} > 256 not supported")
+    if cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    scale = D ** -0.5 if scale is None else float(scale)
+    return _QKVAttention.apply(x, weight, bias, int(num_heads), cu_seqlens, int(max_seqlen), scale)
+
+
+attention.qkv = attention_qkv  # what ops.attention_qkv runs on this backend

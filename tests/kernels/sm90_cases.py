@@ -90,6 +90,9 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         o = A.attention(qkv, cu, max(s.segments), s.head_dim ** -0.5)
         o.backward(torch.empty_like(o))
+        # the model's path (ops.attention_qkv): the backward that also sums the qkv bias gradient
+        o, lse = A._attention_fwd(qkv.detach(), cu, max(s.segments), s.head_dim ** -0.5)
+        A._attention_bwd_bias(torch.empty_like(o), qkv.detach(), o, lse, cu, max(s.segments), s.head_dim ** -0.5)
 
     # bf16 residual stream and parameters (FSDP's bf16 compute copies, one GPU included), and the
     # fp32 residual stream with fp32 parameters of parallel.fsdp: off under autocast

@@ -182,3 +182,80 @@ def test_attention_gpu(D, dtype, close):
     """Four tiles of the ViT-H crops: 4 x (2 x 261 + 8 x 54), 16 heads."""
     _check([261, 261] + [54] * 8 + [261, 261] + [54] * 8, 16, D, dtype, torch.device("cuda"), close)
     _check(([261] * 2 + [54] * 8) * 2, 16, D, dtype, torch.device("cuda"), close, head_pad=8)
+
+
+def _check_qkv(lengths, H, D, dtype, device, close, has_bias=True):
+    """attention_qkv (projection + attention, the bias gradient from the kernels' own sums) against
+    the reference's linear + attention: o and the gradients of x, weight and bias."""
+    torch.manual_seed(1)
+    T, C = sum(lengths), H * D
+    cu = _cu(lengths, device)
+    x = torch.randn(T, C, device=device, dtype=dtype)
+    w = (torch.randn(3 * C, C, device=device) / C ** 0.5).to(dtype).requires_grad_()
+    b = (torch.randn(3 * C, device=device)).to(dtype).requires_grad_() if has_bias else None
+    do = torch.randn(T, H, D, device=device, dtype=dtype)
+    params = [w] + ([b] if has_bias else [])
+
+    xk = x.clone().requires_grad_()
+    o = attn.attention_qkv(xk, w, b, H, cu, max(lengths))
+    grads = torch.autograd.grad(o, [xk] + params, do)
+
+    xr = x.float().requires_grad_()
+    wr, br = w.detach().float().requires_grad_(), (b.detach().float().requires_grad_() if has_bias else None)
+    qkv_r = torch.nn.functional.linear(xr, wr, br).view(T, 3, H, D)
+    o_ref = reference.attention(qkv_r, cu, max(lengths))
+    ref_grads = torch.autograd.grad(o_ref, [xr, wr] + ([br] if has_bias else []), do.float())
+
+    # the same op unfused, in the same dtype: projection, then the attention op, autograd's bias sum
+    xp = x.clone().requires_grad_()
+    o_plain = attn.attention(torch.nn.functional.linear(xp, w, b).view(T, 3, H, D), cu, max(lengths))
+    plain = torch.autograd.grad(o_plain, [xp] + params, do)
+
+    tol = TOL[dtype]
+    # o, dx and dweight come from the same kernels and GEMMs as the unfused ops: identical
+    assert torch.equal(o, o_plain) and torch.equal(grads[0], plain[0]) and torch.equal(grads[1], plain[1])
+    # against the fp32 reference (bf16 / fp16 also round the projection's output): the [C] and
+    # [3C, C] sums over T rows are checked relative to their largest entry
+    close(o, o_ref, tol["o"] if dtype == torch.float32 else tol["grad"], "o")
+    close(grads[0], ref_grads[0], tol["grad"], "dx")
+
+    def close_sum(a, r, name):
+        close(a, r, (tol["grad"][1] * r.abs().max().item(), tol["grad"][1]), name)
+
+    close_sum(grads[1], ref_grads[1], "dweight")
+    if has_bias:
+        db, db_ref = grads[2].view(3, C), ref_grads[2].view(3, C)
+        close_sum(db[0], db_ref[0], "dbias q")
+        assert not db[1].any()  # a key bias never changes the softmax: its gradient is exactly 0
+        assert db_ref[1].abs().max() <= 1e-3 * db_ref[2].abs().max()  # (the reference's is rounding noise)
+        close_sum(db[2], db_ref[2], "dbias v")
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("D", [80, 104])
+def test_qkv_projection_and_bias_gradient(D, dtype, device, close):
+    """Segments of several 32-row blocks, a padded last block and a 1-token crop; 2 heads."""
+    _check_qkv([37, 5, 70, 1], 2, D, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_qkv_projection_without_bias_and_64_row_blocks(device, close, monkeypatch):
+    _check_qkv([54, 67], 1, 64, torch.float32, device, close, has_bias=False)
+    monkeypatch.setattr(attn, "INTERPRET_CANDIDATE", (64, 64, 4, 1))
+    _check_qkv([54, 67, 3], 2, 80, torch.float32, device, close)
+
+
+def test_qkv_bad_shapes(device):
+    x = torch.randn(5, 32, device=device)
+    with pytest.raises(ValueError, match="attention_qkv"):
+        attn.attention_qkv(x, torch.randn(96, 32, device=device), torch.randn(95, device=device), 2,
+                           _cu([5], device), 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("D", [80, 104])
+def test_qkv_projection_gpu(D, dtype, close):
+    """Two tiles of the ViT-H crops, 16 heads (the launcher's tuned configurations)."""
+    _check_qkv(([261] * 2 + [54] * 8) * 2, 16, D, dtype, torch.device("cuda"), close)

@@ -57,9 +57,10 @@ class Attention(nn.Module):
         proj_bias=False leaves out proj's bias (the block adds it in its fused residual op).
         """
         t, c = x.shape
-        # packed, not unbound: the op's backward returns one [T, 3, H, D] gradient (no stack of dq, dk, dv)
-        qkv = self.qkv(x).view(t, 3, self.num_heads, self.head_dim)
-        o = ops.attention(qkv, cu_seqlens, max_seqlen, self.head_dim ** -0.5, host_offsets=host_offsets)
+        # qkv packed [T, 3, H, D], not unbound: the backward returns one gradient (no stack of dq, dk, dv);
+        # projection and attention are one op, so the qkv bias gradient comes from the attention kernels
+        o = ops.attention_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, cu_seqlens, max_seqlen,
+                              self.head_dim ** -0.5, host_offsets=host_offsets)
         return F.linear(o.reshape(t, c), self.proj.weight, self.proj.bias if proj_bias else None)
 
 

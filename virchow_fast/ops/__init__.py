@@ -14,7 +14,8 @@ from .table import BACKENDS, RENAMED, TABLE
 OPS = tuple(TABLE)
 
 _LAZY = {"reference": "virchow_fast.ops.reference"}
-_DISPATCH = OPS + ("layer_norm_branch", "configure", "backend_for", "plan", "implementation", "check_choice")
+_DISPATCH = OPS + ("attention_qkv", "layer_norm_branch",
+                   "configure", "backend_for", "plan", "implementation", "check_choice")
 
 
 def __getattr__(name: str):

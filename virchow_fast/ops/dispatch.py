@@ -145,6 +145,21 @@ def attention(qkv, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
     return fn(qkv, cu_seqlens, max_seqlen, scale)
 
 
+def attention_qkv(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
+    """attention(linear(x, weight, bias).view(T, 3, H, D), ...): the qkv projection and attention.
+
+    Same values as the two ops. On a backend whose ``attention`` has a fused ``qkv`` (triton), the
+    backward takes the bias gradient from the attention kernels' own sums; elsewhere autograd sums
+    the [T, 3C] gradient.
+    """
+    fn = _dispatch("attention", x.device)
+    fused = getattr(fn, "qkv", None)
+    if fused is not None:
+        return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
+    qkv = torch.nn.functional.linear(x, weight, bias).view(x.shape[0], 3, num_heads, -1)
+    return attention(qkv, cu_seqlens, max_seqlen, scale, host_offsets=host_offsets)
+
+
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim; see :func:`reference.layer_norm`."""
     return _dispatch("layer_norm", x.device)(x, weight, bias, eps)
@@ -191,5 +206,5 @@ def teacher_probs(*args, **kwargs):
     return _dispatch("teacher_probs", args[0].device)(*args, **kwargs)
 
 
-__all__ = list(OPS) + ["layer_norm_branch", "configure", "backend_for", "plan", "implementation", "check_choice",
-                       "reference", "OPS", "BACKENDS", "TABLE"]
+__all__ = list(OPS) + ["attention_qkv", "layer_norm_branch", "configure", "backend_for", "plan", "implementation",
+                       "check_choice", "reference", "OPS", "BACKENDS", "TABLE"]

@@ -260,8 +260,8 @@ class CostCounter(TorchDispatchMode):
         if packet in flop_registry:
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
-        elif name.endswith(("attention_fwd", "attention_bwd")):
-            backward = name.endswith("bwd")
+        elif name.endswith(("attention_fwd", "attention_bwd", "attention_bwd_bias")):
+            backward = "bwd" in name  # attention_bwd_bias: the backward that also sums the qkv bias gradient
             qkv = args[1] if backward else args[0]  # [T, 3, H, D]
             cu, max_len = (args[4], args[5]) if backward else (args[1], args[2])
             lengths = split_segments(qkv.shape[0], cu.numel() - 1, int(max_len), self.segment_lengths)
