@@ -351,8 +351,10 @@ class _QKVAttention(torch.autograd.Function):
         x, weight, qkv, o, lse, cu_seqlens = ctx.saved_tensors
         dqkv, dbias = _attention_bwd_bias(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
         d2 = dqkv.view(x.shape[0], -1)
-        dx = d2 @ weight if ctx.needs_input_grad[0] else None
-        dw = d2.t() @ x if ctx.needs_input_grad[1] else None
+        # in qkv's dtype, as autograd's own linear backward runs them (under autocast the forward's
+        # GEMM took bf16 copies of fp32 x and weight); autograd casts each gradient to its input's dtype
+        dx = (d2 @ weight.to(d2.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (d2.t() @ x.to(d2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbias.reshape(-1).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
 

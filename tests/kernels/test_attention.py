@@ -246,6 +246,32 @@ def test_qkv_projection_without_bias_and_64_row_blocks(device, close, monkeypatc
     _check_qkv([54, 67, 3], 2, 80, torch.float32, device, close)
 
 
+def test_qkv_projection_under_autocast(device, close):
+    """fp32 x and parameters under bf16 autocast (the ``parallel.fsdp: off`` path): the projection runs
+    in bf16 as autocast's linear does, the gradients come back in fp32, equal to the unfused ops'."""
+    torch.manual_seed(2)
+    T, C, H = 40, 64, 2
+    lengths = [17, 23]
+    cu = _cu(lengths, device)
+    x = torch.randn(T, C, device=device, requires_grad=True)
+    w = (torch.randn(3 * C, C, device=device) / C ** 0.5).requires_grad_()
+    b = torch.randn(3 * C, device=device, requires_grad=True)
+    do = torch.randn(T, H, C // H, device=device, dtype=torch.bfloat16)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        o = attn.attention_qkv(x, w, b, H, cu, max(lengths))
+        o_plain = attn.attention(torch.nn.functional.linear(x, w, b).view(T, 3, H, C // H), cu, max(lengths))
+    assert o.dtype == torch.bfloat16 and torch.equal(o, o_plain)
+    grads = torch.autograd.grad(o, [x, w, b], do)
+    plain = torch.autograd.grad(o_plain, [x, w, b], do)
+    assert [g.dtype for g in grads] == [torch.float32] * 3
+    torch.testing.assert_close(grads[0], plain[0], atol=1e-2, rtol=1e-2)  # autograd's dx stays in bf16's rounding
+    torch.testing.assert_close(grads[1], plain[1], atol=1e-2, rtol=1e-2)
+    db, db_plain = grads[2].view(3, C), plain[2].view(3, C)
+    torch.testing.assert_close(db[0], db_plain[0], atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(db[2], db_plain[2], atol=5e-2, rtol=2e-2)
+    assert not db[1].any()
+
+
 def test_qkv_bad_shapes(device):
     x = torch.randn(5, 32, device=device)
     with pytest.raises(ValueError, match="attention_qkv"):
