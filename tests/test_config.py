@@ -83,6 +83,12 @@ def test_derived_values_and_resolved_file(tmp_path):
     ("", ["loss.regularizer_weight=-0.05"], "loss.regularizer_weight: must be >= 0"),
     ("", ["loss.ibot_weight=-1"], "loss.ibot_weight: must be >= 0"),
     ("", ["loss.kde_kappa=0"], "loss.kde_kappa: must be positive"),
+    ("", ["optim.base_lr=1e38"], "optim.base_lr: must be in (0, 1], got 1e+38"),
+    ("", ["optim.min_lr=-1e-6"], "optim.min_lr: must be in [0, 1]"),
+    ("", ["optim.eps=0"], "optim.eps: must be positive"),
+    ("", ["optim.clip_grad=-3"], "optim.clip_grad: must be >= 0"),
+    ("optim: {weight_decay_end: -0.2}\n", [], "optim.weight_decay_end: must be >= 0"),
+    ("", ["optim.warmup_epochs=-1"], "optim.warmup_epochs: must be >= 0"),
 ])
 def test_impossible_values_name_file_and_key(tmp_path, text, overrides, needle):
     path = _write(tmp_path, text + "name: x\n")

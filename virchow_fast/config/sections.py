@@ -234,7 +234,13 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = _doc("fused AdamW: auto | on | off (auto = on for CUDA)", "auto")
 
     def check(self, where: str = "optim") -> None:
-        _check(self.base_lr > 0, f"{where}.base_lr", "must be positive")
+        # an AdamW step moves each weight by about lr: above 1 the first update already wrecks the weights
+        _check(0 < self.base_lr <= 1.0, f"{where}.base_lr", f"must be in (0, 1], got {self.base_lr}")
+        _check(0 <= self.min_lr <= 1.0, f"{where}.min_lr", f"must be in [0, 1], got {self.min_lr}")
+        _check(self.eps > 0, f"{where}.eps", f"must be positive, got {self.eps}")
+        for key in ("warmup_epochs", "weight_decay", "weight_decay_end", "clip_grad", "patch_embed_lr_mult",
+                    "freeze_last_layer_epochs"):
+            _check(getattr(self, key) >= 0, f"{where}.{key}", f"must be >= 0, got {getattr(self, key)}")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{where}.betas",
                "need two values in [0, 1)")
         _check(0 < self.layer_decay <= 1.0, f"{where}.layer_decay", "must be in (0, 1]")
