@@ -51,3 +51,32 @@ def test_refuses_to_overwrite_without_being_told(tiny_run, tmp_path):
     assert out.read_bytes() == before
     export(tiny_run, out, step=2, overwrite=True)
     assert out.read_bytes() != before
+
+
+def test_damaged_checkpoint_is_passed_over_or_named(tiny_run, tmp_path, capsys):
+    """A checkpoint whose file no longer matches its manifest (one flipped byte, same size) is never
+    read: the newest-checkpoint choice falls back to the one before it and says so; asking for that
+    step is one line naming the file; the run directory is left as it was."""
+    import shutil
+
+    from virchow_fast.logs import ensure_logging
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    newest = run / "checkpoints" / "step_00000002"
+    data = sorted(newest.glob("*.distcp"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    ensure_logging()
+    capsys.readouterr()
+    w = read_weights(run)
+    said = capsys.readouterr().err
+    assert w.step == 1 and "step_00000002" in said and "checksum" in said and "reading step_00000001" in said
+    key = "blocks.0.attn.qkv.weight"
+    assert torch.equal(w.state[key], read_weights(tiny_run, step=1).state[key])
+    with pytest.raises(WeightsError, match=r"step_00000002: damaged \(.*checksum.*\); choose another --step"):
+        export(run, tmp_path / "x" / "model.safetensors", step=2)
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before  # nothing renamed or removed

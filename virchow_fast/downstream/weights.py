@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -28,6 +29,9 @@ IMAGENET_STD = [0.229, 0.224, 0.225]
 ARCH_HEADS = {"vit_huge_patch14_224": 16, "vit_large_patch16_224": 16, "vit_large_patch14_224": 16,
               "vit_base_patch16_224": 12, "vit_base_patch14_224": 12, "vit_small_patch16_224": 6,
               "vit_small_patch14_224": 6, "vit_giant_patch14_224": 16}
+
+
+log = logging.getLogger("virchow_fast.weights")
 
 
 class WeightsError(ValueError):
@@ -127,18 +131,36 @@ def run_config(run_dir: Path):
 
 
 def choose_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The checkpoint of ``step``, else the newest one, that passes its manifest (sizes and checksums).
+
+    A damaged newest checkpoint is passed over for the one before it, with a warning naming it; a
+    damaged ``step`` is an error. Nothing in the run directory is renamed or changed (this only reads).
+    """
     from ..train.checkpoint import list_checkpoints
+    from ..train.integrity import verify
 
     found = list_checkpoints(run_dir)
     if not found:
         raise WeightsError(f"{run_dir}: no complete checkpoint in {run_dir / 'checkpoints'}")
-    if step is None:
-        return found[-1]
-    for ckpt in found:
-        if ckpt.name == f"step_{step:08d}":
+    have = ", ".join(str(int(c.name[5:])) for c in found)
+    if step is not None:
+        ckpt = next((c for c in found if c.name == f"step_{step:08d}"), None)
+        if ckpt is None:
+            raise WeightsError(f"{run_dir}: no complete checkpoint of step {step} (have: {have})")
+        problem, _ = verify(ckpt, collective=False)
+        if problem:
+            raise WeightsError(f"{ckpt}: damaged ({problem}); choose another --step (have: {have})")
+        return ckpt
+    damaged = []
+    for ckpt in reversed(found):
+        problem, _ = verify(ckpt, collective=False)
+        if problem is None:
+            if damaged:
+                log.warning("%s: damaged checkpoint(s) passed over (%s); reading %s", run_dir, "; ".join(damaged),
+                            ckpt.name)
             return ckpt
-    raise WeightsError(f"{run_dir}: no complete checkpoint of step {step} (have: "
-                       f"{', '.join(str(int(c.name[5:])) for c in found)})")
+        damaged.append(f"{ckpt.name}: {problem}")
+    raise WeightsError(f"{run_dir}: no intact checkpoint ({'; '.join(damaged)})")
 
 
 def read_checkpoint_backbone(ckpt: Path, which: str = "teacher") -> dict[str, torch.Tensor]:

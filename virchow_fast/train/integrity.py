@@ -77,13 +77,15 @@ def _check_files(root: Path, files: dict, names: list[str]) -> str | None:
     return None
 
 
-def verify(folder: str | os.PathLike) -> tuple[str | None, bool]:
-    """(what is wrong with the checkpoint ``folder`` or None, whether it had a manifest); call on every rank.
+def verify(folder: str | os.PathLike, collective: bool = True) -> tuple[str | None, bool]:
+    """(what is wrong with the checkpoint ``folder`` or None, whether it had a manifest).
 
-    Sizes are checked first (cheap); checksums are split over the ranks, the verdict shared.
+    collective: call on every rank; checksums are split over the ranks, the verdict shared. Without
+    it this process checks every file alone (a reader outside the training job). Sizes are checked
+    first (cheap).
     """
     root = Path(folder)
-    rank, world = _group()
+    rank, world = _group() if collective else (0, 1)
     problem, has_manifest = None, (root / MANIFEST).is_file()
     if has_manifest:
         try:
