@@ -79,6 +79,20 @@ def test_layer_norm_bytes_are_its_reads_and_writes():
     assert rec.bytes == rows * cols * 2 + 2 * cols * 2 + rows * cols * 2 + 2 * rows * 4
 
 
+def test_mixed_dtype_matmul_is_an_error_not_a_price():
+    """Fake tensors run an mm of bf16 by fp32 (a CUDA kernel refuses it); the counter names it instead."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    with FakeTensorMode() as mode:
+        a, b = torch.empty(8, 16, dtype=torch.bfloat16), torch.empty(16, 4)
+        tracker = ModTracker()
+        with tracker, CostCounter(mode, tracker, []):
+            torch.mm(a, b.bfloat16())  # same dtypes: counted
+            with pytest.raises(RuntimeError, match=r"aten.mm on torch.bfloat16 and torch.float32 operands"):
+                torch.mm(a, b)
+
+
 def test_tiny_config_equals_hand_count():
     """Backbone FLOPs and AdamW bytes of a whole step of a hand-sized model, counted by hand."""
     cfg = load_config("configs/debug.yaml", HAND)

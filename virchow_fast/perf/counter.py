@@ -135,6 +135,23 @@ def _head_pass_flops(name: str, args) -> float:
     return flops
 
 
+# matmuls whose two operands must share a dtype on a device (fake tensors do not check it)
+_OPERANDS = {"aten.mm": (0, 1), "aten.bmm": (0, 1), "aten.addmm": (1, 2), "aten.baddbmm": (1, 2),
+             "aten.convolution": (0, 1)}
+
+
+def _check_operand_dtypes(name: str, args) -> None:
+    """A matmul on operands of two dtypes fails on CUDA ("expected ... the same dtype") but runs on data-free
+    tensors; the trace would price it (at TF32) instead of reporting the bug, so it stops here."""
+    pos = _OPERANDS.get(name)
+    if pos is None or len(args) <= max(pos):
+        return
+    a, b = args[pos[0]], args[pos[1]]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype != b.dtype:
+        raise RuntimeError(f"cost trace: {name} on {a.dtype} and {b.dtype} operands "
+                           f"{tuple(a.shape)} x {tuple(b.shape)}: a CUDA run fails here")
+
+
 class CostCounter(TorchDispatchMode):
     """Records an :class:`OpRecord` per op that runs under it (use with ``ModTracker`` active).
 
@@ -260,6 +277,7 @@ class CostCounter(TorchDispatchMode):
         if packet in flop_registry:
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
+            _check_operand_dtypes(name, args)
         elif name.endswith(("attention_fwd", "attention_bwd", "attention_bwd_bias")):
             backward = "bwd" in name  # attention_bwd_bias: the backward that also sums the qkv bias gradient
             qkv = args[1] if backward else args[0]  # [T, 3, H, D]
