@@ -377,13 +377,18 @@ def attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scal
     check_float("attention qkv", qkv)
     if qkv.dim() != 4 or qkv.shape[1] != 3:
         raise ValueError(f"attention: qkv must be [T, 3, H, D]; got {tuple(qkv.shape)}")
-    if qkv.shape[-1] > 256:
-        raise ValueError(f"attention: head dim {qkv.shape[-1]} > 256 not supported")
-    if cu_seqlens.dtype != torch.int32:
-        cu_seqlens = cu_seqlens.to(torch.int32)
-    scale = qkv.shape[-1] ** -0.5 if scale is None else float(scale)
+    cu_seqlens, scale = _launch_inputs(qkv.shape[-1], cu_seqlens, scale)
     o, _ = _attention_fwd(qkv, cu_seqlens, int(max_seqlen), scale)
     return o
+
+
+def _launch_inputs(head_dim: int, cu_seqlens: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, float]:
+    """(int32 cu_seqlens, softmax scale) for the custom ops; a head dim the kernels cannot take is an error."""
+    if head_dim > 256:
+        raise ValueError(f"attention: head dim {head_dim} > 256 not supported")
+    if cu_seqlens.dtype != torch.int32:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+    return cu_seqlens, head_dim ** -0.5 if scale is None else float(scale)
 
 
 def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
@@ -400,12 +405,7 @@ def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             or (bias is not None and bias.shape != weight.shape[:1])):
         raise ValueError(f"attention_qkv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)} for {num_heads} heads")
-    D = weight.shape[0] // (3 * num_heads)
-    if D > 256:
-        raise ValueError(f"attention: head dim {D} > 256 not supported")
-    if cu_seqlens.dtype != torch.int32:
-        cu_seqlens = cu_seqlens.to(torch.int32)
-    scale = D ** -0.5 if scale is None else float(scale)
+    cu_seqlens, scale = _launch_inputs(weight.shape[0] // (3 * num_heads), cu_seqlens, scale)
     return _QKVAttention.apply(x, weight, bias, int(num_heads), cu_seqlens, int(max_seqlen), scale)
 
 

@@ -31,6 +31,29 @@ from ._common import check_float, next_pow2, num_programs
 # ------------------------------------------------------------------------------------------------
 
 @triton.jit
+def _ln_row(x, W, B, cols, mask, eps, C: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(y, mean, rstd) of one fp32 row ``x`` (zero past C): the forward's arithmetic, fp32 statistics."""
+    mean = tl.sum(x, axis=0) / C
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
+    y = xc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y, mean, rstd
+
+
+@triton.jit
+def _ln_row_grad(x, dy, w, mean, rstd, mask, C: tl.constexpr):
+    """(dx, xhat) of one fp32 row: the LayerNorm input gradient (w: fp32 weight row) and the
+    normalised input, for the dW / db sums."""
+    xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+    wdy = w * dy
+    c1 = tl.sum(xhat * wdy, axis=0) / C
+    c2 = tl.sum(wdy, axis=0) / C
+    return (wdy - (xhat * c1 + c2)) * rstd, xhat
+
+
+@triton.jit
 def _ln_fwd_kernel(
     X,  # [R, C] x
     Y,  # [R, C] y (out)
@@ -45,13 +68,7 @@ def _ln_fwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, axis=0) / C
-    xc = tl.where(mask, x - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / C + eps)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    y = xc * rstd * w
-    if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y, mean, rstd = _ln_row(x, W, B, cols, mask, eps, C, HAS_BIAS)
     tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -82,13 +99,7 @@ def _ln_bwd_kernel(
     for r in range(row_start, row_end):
         x = tl.load(X + r * C + cols, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(DY + r * C + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + r)
-        rstd = tl.load(Rstd + r)
-        xhat = tl.where(mask, (x - mean) * rstd, 0.0)
-        wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / C
-        c2 = tl.sum(wdy, axis=0) / C
-        dx = (wdy - (xhat * c1 + c2)) * rstd
+        dx, xhat = _ln_row_grad(x, dy, w, tl.load(Mean + r), tl.load(Rstd + r), mask, C)
         if HAS_RES:  # the residual stream's own gradient, summed here instead of in a separate add
             dx += tl.load(DRES + r * C + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r * C + cols, dx.to(DX.dtype.element_ty), mask=mask)

@@ -49,6 +49,25 @@ def _row_scale(G, KEEP, SEG, row, cols, mask, HAS_GAMMA: tl.constexpr, HAS_KEEP:
 
 
 @triton.jit
+def _row_grad(dz, r, Y, KEEP, SEG, DY, g, b, dg, db, cols, mask, C: tl.constexpr, HAS_GAMMA: tl.constexpr,
+              HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The backward of row ``r`` from its fp32 gradient dz: stores dy = keep * gamma * dz, returns the
+    dgamma and dbias sums with this row added (g: gamma row or ones; b: bias row, read with gamma)."""
+    if HAS_KEEP:
+        dz = dz * tl.load(KEEP + tl.load(SEG + r)).to(tl.float32)
+    dy = dz * g
+    tl.store(DY + r * C + cols, dy.to(DY.dtype.element_ty), mask=mask)
+    if HAS_BIAS:
+        db += dy
+    if HAS_GAMMA:
+        y = tl.load(Y + r * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += b
+        dg += dz * y
+    return dg, db
+
+
+@triton.jit
 def _rls_fwd_kernel(
     X,  # [R, C] residual stream
     Y,  # [R, C] branch output
@@ -101,17 +120,7 @@ def _rls_bwd_kernel(
     row_end = tl.minimum(row_start + rows_per_program, R)
     for r in range(row_start, row_end):
         dz = tl.load(DZ + r * C + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_KEEP:
-            dz = dz * tl.load(KEEP + tl.load(SEG + r)).to(tl.float32)
-        dy = dz * g
-        tl.store(DY + r * C + cols, dy.to(DY.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
-            db += dy
-        if HAS_GAMMA:
-            y = tl.load(Y + r * C + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_BIAS:
-                y += b
-            dg += dz * y
+        dg, db = _row_grad(dz, r, Y, KEEP, SEG, DY, g, b, dg, db, cols, mask, C, HAS_GAMMA, HAS_KEEP, HAS_BIAS)
     if HAS_GAMMA:
         tl.store(DG_partial + pid * C + cols, dg, mask=mask)
     if HAS_BIAS:

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ._common import next_pow2, num_programs
-from .layer_norm import _warps
-from .layer_scale import _dummy, _out_dtype, _row_scale, check_args
+from .layer_norm import _ln_row, _ln_row_grad, _warps
+from .layer_scale import _dummy, _out_dtype, _row_grad, _row_scale, check_args
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -57,13 +57,8 @@ def _rn_fwd_kernel(
     s = _row_scale(G, KEEP, SEG, row, cols, mask, HAS_GAMMA, HAS_KEEP)
     z = (x + s * y).to(Z.dtype.element_ty)
     tl.store(Z + row * C + cols, z, mask=mask)
-    zf = tl.where(mask, z.to(tl.float32), 0.0)  # normalise z as stored
-    mean = tl.sum(zf, axis=0) / C
-    zc = tl.where(mask, zf - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(zc * zc, axis=0) / C + eps)
-    h = zc * rstd * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_LN_BIAS:
-        h += tl.load(LNB + cols, mask=mask, other=0.0).to(tl.float32)
+    h, mean, rstd = _ln_row(tl.where(mask, z.to(tl.float32), 0.0), W, LNB, cols, mask, eps, C,  # z as stored
+                            HAS_LN_BIAS)
     tl.store(Hn + row * C + cols, h.to(Hn.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
     tl.store(Rstd + row, rstd)
@@ -93,7 +88,7 @@ def _rn_bwd_kernel(
     if HAS_GAMMA:
         g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
     b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_BIAS:
+    if HAS_GAMMA and HAS_BIAS:  # the bias enters only dgamma's (y + b)
         b = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
     dg = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -104,25 +99,12 @@ def _rn_bwd_kernel(
     for r in range(row_start, row_end):
         z = tl.load(Z + r * C + cols, mask=mask, other=0.0).to(tl.float32)
         dh = tl.load(DH + r * C + cols, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(Mean + r)
-        rstd = tl.load(Rstd + r)
-        zhat = tl.where(mask, (z - mean) * rstd, 0.0)
-        wdh = w * dh
-        c1 = tl.sum(zhat * wdh, axis=0) / C
-        c2 = tl.sum(wdh, axis=0) / C
-        dz = (wdh - (zhat * c1 + c2)) * rstd + tl.load(DZ + r * C + cols, mask=mask, other=0.0).to(tl.float32)
+        dz, zhat = _ln_row_grad(z, dh, w, tl.load(Mean + r), tl.load(Rstd + r), mask, C)
+        dz += tl.load(DZ + r * C + cols, mask=mask, other=0.0).to(tl.float32)  # the residual stream's gradient
         tl.store(DX + r * C + cols, dz.to(DX.dtype.element_ty), mask=mask)
         dw += dh * zhat
         dlnb += dh
-        dzk = dz
-        if HAS_KEEP:
-            dzk = dz * tl.load(KEEP + tl.load(SEG + r)).to(tl.float32)
-        dy = dzk * g
-        tl.store(DY + r * C + cols, dy.to(DY.dtype.element_ty), mask=mask)
-        if HAS_BIAS:
-            db += dy
-        if HAS_GAMMA:
-            dg += dzk * (tl.load(Y + r * C + cols, mask=mask, other=0.0).to(tl.float32) + b)
+        dg, db = _row_grad(dz, r, Y, KEEP, SEG, DY, g, b, dg, db, cols, mask, C, HAS_GAMMA, HAS_KEEP, HAS_BIAS)
     tl.store(DW_partial + pid * C + cols, dw, mask=mask)
     tl.store(DLNB_partial + pid * C + cols, dlnb, mask=mask)
     if HAS_GAMMA:

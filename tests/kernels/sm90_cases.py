@@ -109,9 +109,9 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         y = S.swiglu(x, _grad(2 * s.hidden, dtype=bf16))  # the model passes fc1's bias
         y.backward(torch.empty_like(y))
 
+    seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), torch.tensor(s.segments))  # crop of each token
+
     def residual():  # teacher (no drop path) and student (per-crop keep factor, drop path 0.4)
-        lengths = torch.tensor(s.segments)
-        seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), lengths)
         for dt in (bf16, torch.float32):  # residual stream (and gamma, keep) dtype; the branch is bf16
             for keep in (None, torch.empty(len(s.segments), dtype=dt)):
                 x, y, g = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16), _grad(C, dtype=dt)
@@ -119,8 +119,6 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
                 z.backward(torch.empty_like(z))
 
     def residual_norm():  # the attention branch's residual add with norm2 fused, teacher and student
-        lengths = torch.tensor(s.segments)
-        seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), lengths)
         for dt in (bf16, torch.float32):
             for keep in (None, torch.empty(len(s.segments), dtype=dt)):
                 x, y = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16)

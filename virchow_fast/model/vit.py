@@ -105,8 +105,12 @@ class Block(nn.Module):
                   keep: torch.Tensor | None, seg_ids: torch.Tensor) -> torch.Tensor:
         """x + keep[seg_ids] * ls(y + bias): the branch's output bias, LayerScale and drop path fused
         into one op (ops.residual_layer_scale), whose backward also returns the bias gradient."""
-        gamma = ls.gamma if isinstance(ls, LayerScale) else None
-        return ops.residual_layer_scale(x, y, gamma, keep, seg_ids if keep is not None else None, bias)
+        return ops.residual_layer_scale(x, y, Block._gamma(ls), keep, seg_ids if keep is not None else None, bias)
+
+    @staticmethod
+    def _gamma(ls: nn.Module) -> torch.Tensor | None:
+        """LayerScale's gamma, or None where the block has none (layerscale_init 0)."""
+        return ls.gamma if isinstance(ls, LayerScale) else None
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                 seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -119,10 +123,9 @@ class Block(nn.Module):
         n_seg = cu_seqlens.numel() - 1
         h, x = self.norm1.branch(x)
         y = self.attn(h, cu_seqlens, max_seqlen, host_offsets, proj_bias=False)
-        gamma = self.ls1.gamma if isinstance(self.ls1, LayerScale) else None
         keep = self._keep(seg_ids, n_seg, x)
-        x, h = ops.residual_layer_norm(x, y, gamma, keep, seg_ids if keep is not None else None, self.attn.proj.bias,
-                                       self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        x, h = ops.residual_layer_norm(x, y, self._gamma(self.ls1), keep, seg_ids if keep is not None else None,
+                                       self.attn.proj.bias, self.norm2.weight, self.norm2.bias, self.norm2.eps)
         y = self.mlp(h, fc2_bias=False)
         return self._residual(x, y, self.mlp.fc2.bias, self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
 
