@@ -115,6 +115,20 @@ def bench_model(model, cfg):
                 f"fwd {issued['fwd']:.2f} bwd {issued['bwd']:.2f} (default configs)")
         if rows and rows[-1]["impl"] == "triton (ours, packed)":  # the configs the timing runs picked
             rows[-1]["note"] += "; chosen " + ", ".join(f"{key[0]} {cfg}" for key, cfg in A._chosen.items())
+
+        class WithBiasSums(torch.autograd.Function):  # the backward ops.attention_qkv runs (projection left out)
+            @staticmethod
+            def forward(ctx, qkv):
+                o, lse = A._attention_fwd(qkv, cu, max_len, scale)
+                ctx.save_for_backward(qkv, o, lse)
+                return o
+
+            @staticmethod
+            def backward(ctx, do):
+                qkv, o, lse = ctx.saved_tensors
+                return A._attention_bwd_bias(do, qkv, o, lse, cu, max_len, scale)[0]
+        measure(model, "triton (ours, packed), backward with the qkv bias sums", WithBiasSums.apply, qkv, do, flops,
+                "the model's path (ops.attention_qkv) without its projection GEMMs")
     except ImportError as exc:
         skip(skipped, f"{model} triton", f"ImportError: {exc}")
 

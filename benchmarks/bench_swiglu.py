@@ -2,8 +2,9 @@
 
 Rows: all tokens of one GPU step (30528 for ViT-H, fc1 width 2 x 3416; 31808 for ViT-G, 2 x 5464),
 bf16. Bytes: forward reads 2H, writes H per row (3 R H e); backward reads x and dy, writes dx
-(5 R H e). Side by side: our Triton kernel, the torch reference eagerly and under torch.compile,
-and Liger's SiLU-mul when installed; the roof is the measured copy bandwidth.
+(5 R H e). Side by side: our Triton kernel, also with fc1's bias added in it and its gradient
+summed in the backward (the model's call), the torch reference eagerly (with and without the bias)
+and under torch.compile, and Liger's SiLU-mul when installed; the roof is the measured copy bandwidth.
 
     python benchmarks/bench_swiglu.py              # GPU
     python benchmarks/bench_swiglu.py --cpu-smoke  # tiny shapes, Triton interpreter (automatic without CUDA)
@@ -24,21 +25,25 @@ rows, skipped = [], []
 
 
 def impls():
+    """{name: fn(x, bias)}: ``bias`` is fc1's, which the model passes (rows without it ignore it)."""
     out = {}
     try:
         from virchow_fast.kernels.swiglu import swiglu as triton_swiglu
-        out["triton (ours)"] = triton_swiglu
+        out["triton (ours)"] = lambda x, b: triton_swiglu(x)
+        out["triton (ours) + fc1 bias, the model's call"] = triton_swiglu
     except ImportError as exc:
         skip(skipped, "triton", f"ImportError: {exc}")
-    out["torch reference (eager)"] = reference.swiglu
+    out["torch reference (eager)"] = lambda x, b: reference.swiglu(x)
+    out["torch reference (eager) + fc1 bias"] = reference.swiglu
     if args.compile:
-        out["torch.compile(reference)"] = torch.compile(reference.swiglu)
+        compiled = torch.compile(reference.swiglu)
+        out["torch.compile(reference)"] = lambda x, b: compiled(x)
     else:
         skip(skipped, "torch.compile(reference)", "compile baselines off (--compile to run them)")
     try:
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
 
-        def liger(x):
+        def liger(x, b):
             gate, value = x.chunk(2, dim=-1)
             return LigerSiLUMulFunction.apply(gate, value)
         out["Liger (SiLU-mul on chunk views)"] = liger
@@ -57,11 +62,13 @@ for model, (R, W) in SHAPES.items():
     x = torch.randn(R, W, device=device, dtype=DTYPE)
     dy = torch.randn(R, H, device=device, dtype=DTYPE)
     xg = x.clone().requires_grad_()
+    bias = torch.randn(W, device=device, dtype=DTYPE, requires_grad=True)  # its [2H] read and sums: no row traffic
     for impl, fn in IMPLS.items():
-        def fwd(fn=fn, x=x):
+        def fwd(fn=fn, x=x, bias=bias):
             with torch.no_grad():
-                return fn(x)
-        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg: fn(xg), [xg], dy,
+                return fn(x, bias)
+        grads = [xg, bias] if "bias" in impl else [xg]
+        bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg, bias=bias: fn(xg, bias), grads, dy,
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_swiglu", rows, BANDWIDTH_COLUMNS, skipped, args, device, {"dtype": str(DTYPE), "shapes": SHAPES},
