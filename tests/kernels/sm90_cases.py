@@ -6,7 +6,8 @@ student's 2 global + 8 local crops per tile; cls + registers + patches per crop)
 the trainer feeds (bf16 backbone activations and parameters, as FSDP's bf16 policy computes, plus
 the fp32 residual stream of ``parallel.fsdp: off`` under autocast; head features fp32 and bf16).
 Each case runs the public function of its kernel module forward and backward through autograd,
-so the launches are exactly those of a training step.
+so the launches are exactly those of a training step; the optimizer family runs one fused AdamW +
+EMA step (kernels/adamw_ema.py) over one transformer block's parameters.
 
 Used by tests/kernels/test_sm90_compile.py and benchmarks/kernel_table.py.
 """
@@ -24,7 +25,7 @@ IBOT_MASKED_FRACTION = 0.15  # mean masked patches per global crop: half the cro
 @dataclasses.dataclass
 class Case:
     name: str  # "<family>-<model>-<detail>", a pytest id
-    family: str  # attention, layer_norm, swiglu, residual_layer_scale, residual_layer_norm, head_loss
+    family: str  # attention, layer_norm, swiglu, residual_layer_scale, residual_layer_norm, head_loss, optimizer
     shape: str
     run: Callable[[], None]
 
@@ -164,11 +165,37 @@ def _head_case(s: ModelShape, head: str, dtype_name: str) -> Case:
                 f"{head}: N={n}, M={m}, K={s.prototypes}, b={b} {dtype_name}", run)
 
 
+def _optimizer_case(s: ModelShape) -> Case:
+    """One optimizer step (kernels/adamw_ema.py) over one block's parameters: fp32 master weights,
+    bf16 gradients of the matrices (FSDP's bf16 reduce) and fp32 ones of the biases and norms, with
+    the bf16 compute copies of the student and the teacher, then again without copies."""
+    import torch
+
+    from virchow_fast.kernels import adamw_ema as O
+
+    C, Hd = s.width, s.hidden
+    shapes = [(3 * C, C), (3 * C,), (C, C), (C,), (2 * Hd, C), (2 * Hd,), (C, Hd), (C,), (C,), (C,)]
+    grad_dtypes = [torch.bfloat16 if len(sh) == 2 else torch.float32 for sh in shapes]
+
+    def run():
+        f32 = lambda: [torch.empty(sh) for sh in shapes]
+        bf16 = lambda: [torch.empty(sh, dtype=torch.bfloat16) for sh in shapes]
+        grads = [torch.empty(sh, dtype=dt) for sh, dt in zip(shapes, grad_dtypes, strict=True)]
+        hyper, scale, bad = torch.empty(len(shapes), 3), torch.empty(()), torch.zeros(1, dtype=torch.int32)
+        for copies, teacher_copies in ((bf16(), bf16()), ([], [])):
+            O.adamw_ema_(f32(), grads, f32(), f32(), f32(), copies, teacher_copies, hyper, scale, bad,
+                         0.9, 0.999, 1e-8, 3, 0.996)
+
+    return Case(f"optimizer-{s.model}", "optimizer",
+                f"{len(shapes)} block tensors, [{3 * C}, {C}] .. [{C}] fp32, bf16 and fp32 grads, +- copies", run)
+
+
 def cases() -> list[Case]:
     out = []
     for model in MODELS:
         s = model_shape(model)
         out += _backbone_cases(s)
+        out.append(_optimizer_case(s))
         for head in ("dino", "ibot"):
             for dtype in ("float32", "bfloat16"):
                 out.append(_head_case(s, head, dtype))

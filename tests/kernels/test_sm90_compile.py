@@ -2,9 +2,10 @@
 
 Every kernel is launched through its real launcher at the shipped models' shapes (ViT-H/14 at 32
 tiles, ViT-G/14 at 24 tiles per GPU, all crops packed; heads at K=131072, bottleneck 256 and 384;
-tests/kernels/sm90_cases.py) with a stand-in driver that reports sm_90a, so each kernel gets the
-specialisation a real launch gets (16-divisible ints and strides, 16-byte aligned pointers) and
-is compiled, not run (tests/kernels/sm90.py). From the TTGIR, PTX and SASS of every launch:
+the optimizer step over one block's parameters; tests/kernels/sm90_cases.py) with a stand-in
+driver that reports sm_90a, so each kernel gets the specialisation a real launch gets
+(16-divisible ints and strides, 16-byte aligned pointers) and is compiled, not run
+(tests/kernels/sm90.py). From the TTGIR, PTX and SASS of every launch:
 
 - every ``tl.dot`` is on a tile of at least 64 rows and lowers to wgmma (no mma.sync, no FMA);
 - no register spills (no local-memory instruction, no stack frame);

@@ -203,3 +203,46 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
     s_logits = prototype_logits(student_z, student_w)
     ce = soft_cross_entropy(s_logits.index_select(0, s_idx), probs.index_select(0, t_idx), student_temp)
     return (ce * pair_weight).sum(), logit_mean
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def adamw_ema_reference(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                        exp_avg_sqs: list[torch.Tensor], teachers: list[torch.Tensor], copies: list[torch.Tensor],
+                        teacher_copies: list[torch.Tensor], hyper: torch.Tensor, grad_scale: torch.Tensor,
+                        bad: torch.Tensor, beta1: float, beta2: float, eps: float, step: int,
+                        momentum: float) -> None:
+    """One AdamW step of every tensor (torch.optim.AdamW's single-tensor step, amsgrad and maximize
+    off) with the clip, the EMA teacher, the bf16 copies and a non-finite check; the spec of
+    kernels/adamw_ema.py (same arguments and effects, in place).
+
+    params, exp_avgs, exp_avg_sqs, teachers: N fp32 tensors; grads: N bf16 or fp32 tensors, divided
+    by ``grad_scale`` (0-dim fp32) before use; copies / teacher_copies: empty or N bf16 tensors that
+    receive the updated params / teachers; hyper: [N, 3] fp32 (lr, weight_decay, ema flag 0 / 1) per
+    tensor: where the flag is 1 the teacher moves ``lerp(teacher, param, 1 - momentum)``; bad: [1]
+    int32, increased when an updated param holds a NaN or inf. step: the step count after
+    incrementing. Reads ``hyper`` on the host (one sync; the kernel reads it on the device).
+    Eagerly ~12 passes over each tensor; the fused kernel reads param, grad, both moments and the
+    teacher once and writes them and the two copies once: (36 + e) bytes per parameter.
+    """
+    bc1, bc2_sqrt = 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5
+    flags = hyper.tolist()
+    nonfinite = torch.zeros((), dtype=torch.bool, device=bad.device)
+    for i, (p, m, v, t) in enumerate(zip(params, exp_avgs, exp_avg_sqs, teachers, strict=True)):
+        lr, wd, ema = flags[i]
+        g = grads[i].float() / grad_scale
+        p.mul_(1.0 - lr * wd)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        p.addcdiv_(m, v.sqrt().div_(bc2_sqrt).add_(eps), value=-lr / bc1)
+        if ema:
+            t.lerp_(p, 1.0 - momentum)
+        if copies:
+            copies[i].copy_(p)
+        if teacher_copies:
+            teacher_copies[i].copy_(t)
+        nonfinite |= ~torch.isfinite(p).all()
+    bad.add_(nonfinite.to(bad.dtype))
