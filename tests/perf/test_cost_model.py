@@ -106,14 +106,33 @@ def test_tiny_config_equals_hand_count():
     s_patch, t_patch = (2 * 4 + 2 * 1) * patch, 2 * 4 * patch
     student = (s_linear + s_attn + s_patch) + 2 * (s_linear + s_attn) + s_patch  # backward: no image gradient
     assert _flops(trace, {"GEMM", "attention"}) == student + t_linear + t_attn + t_patch == 767488
-    # fused AdamW: reads param, grad, exp_avg, exp_avg_sq, writes param, exp_avg, exp_avg_sq (fp32),
-    # and reads each parameter's fp32 step count (a separate _foreach_add_ increments them); each call
-    # also reads the fp32 grad_scale scalar that applies the gradient clip (train/step.py)
+    # the fused update (kernels/adamw_ema.py), one call: reads param, grad, exp_avg, exp_avg_sq and the
+    # teacher's weight, writes param, exp_avg, exp_avg_sq and the teacher (fp32: 36 bytes per parameter);
+    # per tensor its (lr, weight decay, EMA flag) row; the grad_scale scalar (the clip, train/step.py)
+    # and the int32 non-finite counter it reads and writes
     n = trace.param_counts["trainable"]
-    adam = [r for r in trace.records if r.op == "aten._fused_adamw_"]
-    assert adam
     n_tensors = trace.param_counts["trainable_tensors"]
-    assert sum(r.bytes for r in adam) == 28 * n + 4 * n_tensors + 4 * len(adam)
+    (update,) = [r for r in trace.records if r.op.endswith("adamw_ema_")]
+    assert update.phase == "optimizer" and update.category == "optimizer and EMA"
+    assert update.bytes == 36 * n + 12 * n_tensors + 4 + 8
+    assert not [r for r in trace.records if r.op in ("aten._fused_adamw_", "aten._foreach_lerp_")]
+
+
+def test_one_gpu_bf16_update_reads_bf16_gradients_and_writes_the_copies():
+    """One GPU under bf16 (compute copies, no FSDP): the update reads the copies' bf16 gradients and writes
+    both networks' bf16 copies (36 - 2 + 2 + 2 = 38 bytes per parameter); no FSDP casts or copies remain."""
+    cfg = load_config("configs/debug.yaml", HAND + ["parallel.mixed_precision=bf16"])
+    trace = trace_step(cfg, tiles=1, ac="off")
+    assert trace.copies and not trace.fsdp
+    n, n_tensors = trace.param_counts["trainable"], trace.param_counts["trainable_tensors"]
+    (update,) = [r for r in trace.records if r.op.endswith("adamw_ema_")]
+    assert update.bytes == 38 * n + 12 * n_tensors + 4 + 8
+    (norm,) = [r for r in trace.records if r.op == "aten._foreach_norm"]
+    assert norm.bytes == 2 * n + 4 * n_tensors  # bf16 gradients in, one fp32 norm per tensor out
+    assert not [r for r in trace.records if r.op.startswith("fsdp.")]
+    mem = memory_estimate(trace)
+    assert mem["compute_copies"] == 2 * (trace.param_counts["student"] + trace.param_counts["teacher"])
+    assert mem["gradients"] == 2 * n
 
 
 def test_attention_issued_flops_from_tiles():

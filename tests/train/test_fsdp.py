@@ -49,11 +49,30 @@ def test_fsdp_bf16_mixed_precision_close_to_fp32():
     assert worst > 0.0  # bf16 really ran
 
 
-def test_single_process_bf16_autocast_close_to_fp32():
+def test_single_process_bf16_compute_copies_close_to_fp32():
     ref = metrics(cached(1))
     bf16 = metrics(cached(1, ("parallel.mixed_precision=bf16",)))
     worst = assert_losses_close(bf16, ref, BF16_REL)
     assert worst > 0.0
+
+
+def test_single_process_bf16_compute_copies_equal_one_rank_fsdp():
+    """One GPU's default (bf16 compute copies, no FSDP, train/copies.py) is a one-rank FSDP2 run
+    without its copies: the same losses and the same saved student and teacher, bit for bit."""
+    import warnings
+
+    copies = cached(1, ("parallel.mixed_precision=bf16",))
+    fsdp = cached(1, ("parallel.mixed_precision=bf16", "parallel.fsdp=on"))
+    keys = ("step", "loss", "dino", "ibot", "reg", "grad_norm")
+    terms = lambda run: [{k: r[k] for k in keys if k in r} for r in metrics(run)]  # noqa: E731
+    assert terms(copies) == terms(fsdp) and len(terms(copies)) >= 4 and "grad_norm" in terms(copies)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got, want = _saved_networks(copies), _saved_networks(fsdp)
+    for net in ("student", "teacher"):
+        assert not torch.equal(got[net]["backbone.pos_embed"], got["initial"]["backbone.pos_embed"])  # trained
+        for k, v in want[net].items():
+            assert torch.equal(got[net][k], v), f"{net}.{k}"
 
 
 def _saved_networks(run_dir, step: int = 4) -> dict:

@@ -221,7 +221,8 @@ def count_step_syncs(counter, monkeypatch, out_dir, watched_step: int = 2, extra
 @pytest.mark.parametrize("extra", [
     (),
     pytest.param(("parallel.fsdp=on", "parallel.mixed_precision=bf16", "loss.centering=softmax"),
-                 marks=pytest.mark.slow, id="fsdp-bf16-softmax"),  # one GPU with bf16 runs FSDP2 on one rank
+                 marks=pytest.mark.slow, id="fsdp-bf16-softmax"),  # FSDP2 on one rank
+    pytest.param(("parallel.mixed_precision=bf16",), id="copies-bf16"),  # one GPU: bf16 compute copies, no FSDP
 ])
 def test_one_training_step_synchronises_once(counter, monkeypatch, tmp_path, extra):
     events = count_step_syncs(counter, monkeypatch, tmp_path / "run", extra=extra)

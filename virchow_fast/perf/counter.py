@@ -47,6 +47,8 @@ _COPIES = ("aten._to_copy", "aten.copy_", "aten.clone", "aten.cat", "aten.stack"
 _OVERWRITE = {"aten.copy_", "aten._foreach_copy_", "aten.fill_", "aten.zero_", "aten._foreach_zero_"}
 # mutable in the schema but only read by the kernel (CUDA's fused Adam reads the gradients)
 _READ_ONLY = {"aten._fused_adamw_": {"grads"}, "aten._fused_adam_": {"grads"}}
+# mutable arguments a kernel only writes (the fused update writes the bf16 compute copies, never reads them)
+_WRITE_ONLY = {"virchow_fast_triton.adamw_ema_": {"copies", "teacher_copies"}}
 _CONST_NUMEL = 1 << 20  # host-made index tensors are small; activations never get a value
 _GATHER = {"aten.index", "aten.index_select", "aten.gather", "aten.embedding"}
 
@@ -309,7 +311,8 @@ class CostCounter(TorchDispatchMode):
             value = kwargs.get(arg.name) if in_kwargs else (args[i] if i < len(args) else None)
             for t in _tensors(value):
                 written[id(t)] = t
-                if name in _OVERWRITE or not name.endswith("_"):  # out= / copy targets are not read
+                if name in _OVERWRITE or not name.endswith("_") or arg.name in _WRITE_ONLY.get(name, ()):
+                    # out= / copy targets are not read
                     overwrite_only.add(id(t))
         outs = _tensors(out)
         if name == "fsdp.all_gather_copy_in":  # its second output is only allocated (the gather fills it)

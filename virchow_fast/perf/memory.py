@@ -6,7 +6,9 @@ Estimate per rank (FSDP over N ranks; one GPU is N = 1):
   per trainable parameter / N; the teacher's fp32 weights / N;
 - under FSDP, the compute copies it gathers (bf16 under bf16): the root's parameters (embeddings,
   heads: gathered from the forward to the backward) plus two of the largest blocks (the one running
-  and the one prefetched), the whole student on one GPU; without FSDP the parameters are used as they are;
+  and the one prefetched), the whole student on one GPU; one GPU without FSDP under bf16 keeps
+  persistent bf16 copies of the student and the teacher (train/copies.py) and its gradients are
+  bf16 (2 bytes, on the copies); otherwise the parameters are used as they are;
 - the activations: the bytes autograd saves in the forward, counted in the trace (unique storages,
   parameters excluded); they depend on the checkpointing policy;
 - a transient workspace: twice the largest single op's inputs and outputs (a backward's inputs,
@@ -32,10 +34,11 @@ def memory_estimate(trace: StepTrace) -> dict:
     gathered = counts["student"] if n == 1 else root + 2 * counts["largest_unit"]
     parts = {
         "weights": 4.0 * counts["student"] / n,
-        "gradients": 4.0 * counts["trainable"] / n,
+        "gradients": (2.0 if trace.copies else 4.0) * counts["trainable"] / n,
         "optimizer": 8.0 * counts["trainable"] / n,
         "teacher": 4.0 * counts["teacher"] / n,
-        "compute_copies": (2.0 if trace.bf16 else 4.0) * gathered if trace.fsdp else 0.0,
+        "compute_copies": (2.0 if trace.bf16 else 4.0) * gathered if trace.fsdp else
+        2.0 * (counts["student"] + counts["teacher"]) if trace.copies else 0.0,
         "activations": float(trace.activation_bytes),
         "workspace": 2.0 * largest,
     }

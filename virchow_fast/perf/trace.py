@@ -8,7 +8,8 @@ sets it:
 
 - every op in ``virchow_fast.ops`` takes the backend ``auto`` picks for CUDA tensors (Triton where
   it is registered; their custom ops' fake kernels give the output shapes);
-- ``optim.fused: auto`` becomes fused AdamW (CUDA's choice);
+- ``optim.fused: auto`` becomes the fused update (CUDA's choice: kernels/adamw_ema.py's custom op,
+  whose fake kernel the trace runs);
 - FSDP2 runs over a fake process group of ``world_size`` ranks (collectives move no data but are
   counted); ``world_size=1`` is one GPU;
 - the iBOT masks are real (the loader's own mask generator), so boolean indexing gets its real size.
@@ -47,6 +48,7 @@ class StepTrace:
     ac_mode: str = "off"
     fsdp: bool = False  # parameters sharded and gathered as bf16 / fp32 compute copies
     bf16: bool = False
+    copies: bool = False  # one GPU: persistent bf16 compute copies (train/copies.py), bf16 gradients
 
 
 @contextlib.contextmanager
@@ -142,7 +144,8 @@ def _marked(counter: CostCounter, name: str, fn):
 def _train_step(cfg, info, student, teacher, optimizer, loss_fn, params, batch, counter) -> None:
     """The loop's own step (train/step.py's ``train_step``), its update parts marked by phase.
 
-    Clipping, AdamW and the weight check are "optimizer", the teacher update "ema"; the rest is
+    Clipping, AdamW and the weight check are "optimizer", the teacher update "ema" (the fused update,
+    which does all of them in one pass, is "optimizer"); the rest is
     "forward" or "backward" by whether autograd's engine is running. Scalar reads on data-free
     tensors read 0: finite terms, no stop, no bad weights, so the step takes its update path.
     """
@@ -157,7 +160,7 @@ def _train_step(cfg, info, student, teacher, optimizer, loss_fn, params, batch, 
     optimizer.step = _marked(counter, "optimizer", optimizer.step)
     patches = [mock.patch.object(step_module, name, _marked(counter, phase, getattr(step_module, name)))
                for name, phase in (("clip_grad_norm", "optimizer"), ("nonfinite_count", "optimizer"),
-                                   ("ema_step", "ema")) if hasattr(step_module, name)]
+                                   ("ema_step", "ema"), ("update", "optimizer")) if hasattr(step_module, name)]
     with contextlib.ExitStack() as stack:
         for p in patches:
             stack.enter_context(p)
@@ -173,7 +176,7 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
     from ..train.distributed import DistInfo
     from ..train.loop import build
     from ..train.optim import apply_schedules
-    from ..train.parallelize import keeps_output, use_fsdp
+    from ..train.parallelize import keeps_output, use_compute_copies, use_fsdp
 
     cfg = trace_config(cfg, tiles, ac, world_size)
     b, c, mk = cfg.data.batch_size, cfg.data.crops, cfg.data.masks
@@ -194,6 +197,8 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
         warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")  # deepcopy's check
         info = DistInfo(0, world_size, 0, torch.device("cpu"), mesh)
         student, teacher, optimizer, loss_fn = build(cfg, info)
+        if cfg.optim.fused != "off" and hasattr(optimizer, "kernel"):
+            optimizer.kernel = True  # CUDA's update: the fused kernel (its custom op's fake kernel here)
         params = [p for p in student.parameters() if p.requires_grad]
         counts = {"student": sum(p.numel() for p in student.parameters()),
                   "teacher": sum(p.numel() for p in teacher.parameters()),
@@ -228,4 +233,4 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
                 _train_step(cfg, info, student, teacher, optimizer, loss_fn, params, batch, counter)
     return StepTrace(counter.records, b, world_size, saved.total + counter.kept_bytes, counts,
                      cfg.parallel.activation_checkpointing, use_fsdp(cfg.parallel, info),
-                     cfg.parallel.mixed_precision == "bf16")
+                     cfg.parallel.mixed_precision == "bf16", use_compute_copies(cfg.parallel, info))

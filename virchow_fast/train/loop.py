@@ -27,6 +27,7 @@ from .. import ops
 from ..config import Config, derive, save_resolved
 from ..data import build_loader, check_sources
 from ..downstream.monitor import TrainingEval
+from ..downstream.pretrained import HEADS
 from ..logs import ensure_logging
 from ..model.ssl import SSLNetwork
 from .checkpoint import rng_state, save_checkpoint, set_rng_state
@@ -94,6 +95,7 @@ def build(cfg: Config, info, parallel=None) -> tuple[SSLNetwork, SSLNetwork, tor
     # whole on one process; under FSDP built on the meta device and initialised shard by shard
     student, teacher = build_networks(cfg, info, parallel or resolve_activation_checkpointing(cfg, info))
     optimizer = build_optimizer(student, cfg.model.depth, cfg.optim, info.device.type)
+    optimizer.bind(student, teacher, HEADS)  # its update also moves the teacher and writes the compute copies
     loss_fn = SSLLoss(cfg.loss, cfg.heads.dino_prototypes,
                       cfg.heads.ibot_prototypes if cfg.heads.separate_ibot_head else cfg.heads.dino_prototypes)
     return student, teacher, optimizer, loss_fn.to(info.device)

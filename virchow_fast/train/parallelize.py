@@ -16,13 +16,16 @@ group, how the student and the teacher run:
 - the teacher is sharded the same way (no gradients, no optimizer state; it reshards after its
   no-grad forward, so ``ema_update`` lerps the local fp32 shards without any gather).
 
-One GPU runs the way FSDP runs: with ``mixed_precision: bf16`` and ``fsdp: auto`` a single process
-gets FSDP2 over a one-rank group (made here when none exists): bf16 compute copies of the
-parameters cast once per forward and backward, fp32 master weights, optimizer and gradient
-reduction, a bf16 residual stream between blocks, the same numbers as a multi-GPU run. Only
-``fsdp: off`` with bf16 runs the forward under ``torch.autocast(bf16)`` (fp32 weights re-cast by
-every matmul, fp32 residual stream and norms: more memory traffic, close to but not identical
-with FSDP's numbers).
+One GPU runs the way FSDP runs, without FSDP's copies: with ``mixed_precision: bf16`` and
+``fsdp: auto`` a single process gets persistent bf16 compute copies of its fp32 parameters
+(train/copies.py), swapped in per block as FSDP2 would gather them: fp32 master weights and
+optimizer, bf16 gradients read by the optimizer as their exact fp32 casts, a bf16 residual stream,
+the same numbers as a multi-GPU run; the fused update rewrites the copies as it updates the
+masters. With ``compile: true`` (the compiled blocks would trace the swap) a single process gets
+FSDP2 over a one-rank group instead (made here when none exists), which casts the copies in every
+forward. Only ``fsdp: off`` with bf16 runs the forward under ``torch.autocast(bf16)`` (fp32 weights
+re-cast by every matmul, fp32 residual stream and norms: more memory traffic, close to but not
+identical with FSDP's numbers).
 """
 from __future__ import annotations
 
@@ -39,9 +42,17 @@ from .distributed import DistInfo
 log = logging.getLogger("virchow_fast.train")
 
 
+def use_compute_copies(cfg: ParallelConfig, info: DistInfo) -> bool:
+    """One process, bf16, ``fsdp: auto``, no compile: bf16 compute copies (train/copies.py), no FSDP."""
+    return (cfg.fsdp == "auto" and info.world_size == 1 and cfg.mixed_precision == "bf16"
+            and not cfg.compile)
+
+
 def use_fsdp(cfg: ParallelConfig, info: DistInfo) -> bool:
-    """FSDP2 on: ``on``, or ``auto`` with more than one process or with bf16 (one GPU as FSDP runs it)."""
-    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and (info.world_size > 1 or cfg.mixed_precision == "bf16"))
+    """FSDP2 on: ``on``, or ``auto`` with more than one process, or one compiled bf16 process (one GPU as
+    FSDP runs it; uncompiled, :func:`use_compute_copies` does that without FSDP's casts)."""
+    return cfg.fsdp == "on" or (cfg.fsdp == "auto" and (
+        info.world_size > 1 or (cfg.mixed_precision == "bf16" and cfg.compile)))
 
 
 def _one_rank_mesh(info: DistInfo):
@@ -207,6 +218,12 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
     depth = len(student.backbone.blocks)
     bf16 = cfg.mixed_precision == "bf16"
     ac = checkpointed_blocks(cfg, depth)
+    copies = use_compute_copies(cfg, info)
+    if copies:  # before checkpointing wraps the blocks: the recompute must swap the copies in too
+        from .copies import ComputeCopies
+
+        for net in (student, teacher):
+            ComputeCopies(net, torch.bfloat16)
     for i in ac:
         _apply_ac(student.backbone.blocks[i], selective=cfg.activation_checkpointing == "selective")
     if cfg.compile:
@@ -219,12 +236,12 @@ def parallelize(student: nn.Module, teacher: nn.Module, cfg: ParallelConfig, inf
     if fsdp:
         _shard(student, info, bf16, teacher=False)
         _shard(teacher, info, bf16, teacher=True)
-    elif bf16:
+    elif bf16 and not copies:
         for net in (student, teacher):
             _apply_autocast(net, torch.bfloat16, info.device.type)
     if info.is_main:
+        how = "" if fsdp or not bf16 else " (compute copies)" if copies else " (autocast)"
         log.info("parallelize: fsdp=%s over %d process(es)%s, precision=%s%s, activation checkpointing %s on %d/%d "
                  "blocks, compile=%s", fsdp, info.world_size, _mesh_text(info.mesh) if fsdp else "",
-                 cfg.mixed_precision, "" if fsdp or not bf16 else " (autocast)", cfg.activation_checkpointing, len(ac),
-                 depth, cfg.compile)
+                 cfg.mixed_precision, how, cfg.activation_checkpointing, len(ac), depth, cfg.compile)
     return student, teacher

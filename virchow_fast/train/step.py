@@ -18,11 +18,11 @@ import torch
 
 from ..config import Config, LossConfig
 from ..data import Batch
-from ..downstream.pretrained import ema_step
+from ..downstream.pretrained import HEADS, ema_step
 from ..losses import DINOLoss, IBOTLoss, kde_loss, koleo_loss
 from .errors import NonFiniteWeightsError
 from .integrity import nonfinite_count
-from .optim import apply_schedules
+from .optim import FusedAdamW, apply_schedules
 
 TERMS = ("loss", "dino", "ibot", "reg")
 
@@ -63,9 +63,22 @@ class SSLLoss(torch.nn.Module):
 
 
 def fused_clip(optimizer: torch.optim.Optimizer | None) -> bool:
-    """Whether ``optimizer`` applies the clip as it reads the gradients: torch's fused Adam / AdamW
-    divide every gradient by their ``grad_scale`` tensor inside the update kernel."""
+    """Whether ``optimizer`` applies the clip as it reads the gradients: ours (train/optim.py's
+    FusedAdamW, whatever its mode) and torch's fused Adam / AdamW divide every gradient by their
+    ``grad_scale`` tensor inside the update."""
+    if isinstance(optimizer, FusedAdamW):
+        return True
     return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.defaults.get("fused"))
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The 2-norm of all ``grads`` together as an fp32 scalar: accumulated in fp32 whatever their dtype
+    (bf16 gradients of compute copies give the norm of their exact fp32 casts); FSDP2 DTensor shards
+    give their global norm."""
+    if hasattr(grads[0], "full_tensor"):  # FSDP2 (fp32 reduce dtype): a DTensor with a pending sum
+        return torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False).full_tensor()
+    norms = torch._foreach_norm(grads, 2.0, dtype=torch.float32)
+    return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2.0)
 
 
 def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
@@ -77,16 +90,18 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float,
     fused ``optimizer`` (:func:`fused_clip`) the gradients are left alone and the optimizer's
     ``grad_scale`` is set to the inverse factor, so its update reads each gradient once, already clipped,
     instead of after a multiply pass over all of them; the caller resets it after ``optimizer.step()``.
-    Otherwise they are scaled in place.
+    Otherwise they are scaled in place. With :class:`FusedAdamW` the gradients are the optimizer's
+    (the compute copies' bf16 ones on one GPU, see train/copies.py).
     """
-    grads = [p.grad for p in params if p.grad is not None]
+    if isinstance(optimizer, FusedAdamW):
+        grads = optimizer.gradients()
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
     if optimizer is not None and fused_clip(optimizer):
         optimizer.grad_scale = None
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    total = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-    if hasattr(total, "full_tensor"):  # FSDP2: DTensor with a pending sum over shards
-        total = total.full_tensor()
+    total = total_norm(grads)
     if max_norm > 0:
         if optimizer is not None and fused_clip(optimizer):
             optimizer.grad_scale = (total.float() + 1e-6).div(max_norm).clamp(min=1.0)
@@ -111,6 +126,21 @@ class Trainee:
     def __post_init__(self) -> None:
         if not self.params:
             self.params = [p for p in self.student.parameters() if p.requires_grad]
+        if isinstance(self.optimizer, FusedAdamW) and self.optimizer._pairs is None:
+            self.optimizer.bind(self.student, self.teacher, HEADS)
+
+
+def update(t: Trainee, momentum: float, backbone_frozen: bool) -> torch.Tensor:
+    """AdamW (the clip applied), the teacher EMA and the weights check: one fused pass with
+    :class:`FusedAdamW` (bound to the networks on first use), else torch's step, ``ema_step`` and
+    ``nonfinite_count``. Returns the non-finite weight count, left on the device (read with the next
+    step's statistics)."""
+    opt = t.optimizer
+    if isinstance(opt, FusedAdamW):
+        return opt.update(momentum, backbone_frozen)
+    opt.step()  # with a fused optimizer the clip is applied here (its grad_scale)
+    ema_step(t.teacher, t.student, momentum, backbone_frozen=backbone_frozen)
+    return nonfinite_count(t.params)
 
 
 @dataclass
@@ -170,9 +200,7 @@ def train_step(t: Trainee, batch: Batch, step: int, sched, stop_pending: bool | 
                                     "(lr too high?); stopped without saving them: lower optim.base_lr and --resume")
     finite = all(math.isfinite(v) for v in terms.values()) and math.isfinite(norm)
     if finite and not stop:
-        t.optimizer.step()  # with a fused optimizer the clip is applied here (its grad_scale)
-        ema_step(t.teacher, t.student, s["momentum"], backbone_frozen=step < cfg.train.freeze_backbone_steps)
-        t.weights_bad = nonfinite_count(t.params)  # queued on the device, read with the next step's statistics
+        t.weights_bad = update(t, s["momentum"], step < cfg.train.freeze_backbone_steps)
     else:
         with torch.no_grad():
             for b, saved in zip(t.loss_fn.buffers(), centers, strict=True):
