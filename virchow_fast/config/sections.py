@@ -231,7 +231,9 @@ class OptimConfig:
     freeze_last_layer_epochs: float = _doc("epochs with the heads' prototype layers frozen", 1)
     momentum_teacher: float = _doc("teacher EMA momentum at step 0", 0.994)
     momentum_teacher_end: float = _doc("teacher EMA momentum at the end (cosine)", 1.0)
-    fused: Literal["auto", "on", "off"] = _doc("fused AdamW: auto | on | off (auto = on for CUDA)", "auto")
+    fused: Literal["auto", "on", "off"] = _doc(
+        "the fused update (AdamW, EMA, weights check, compute copies in one kernel pass on CUDA; torch's fused "
+        "AdamW elsewhere): auto | on | off (auto = on for CUDA)", "auto")
 
     def check(self, where: str = "optim") -> None:
         # an AdamW step moves each weight by about lr: above 1 the first update already wrecks the weights
