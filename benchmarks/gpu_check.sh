@@ -186,6 +186,7 @@ STEPS=(
   "bench_layer_norm|30|all|$PY benchmarks/bench_layer_norm.py --no-compile"
   "bench_swiglu|30|all|$PY benchmarks/bench_swiglu.py --no-compile"
   "bench_layer_scale|30|all|$PY benchmarks/bench_layer_scale.py --no-compile"
+  "bench_update|45|all|$PY benchmarks/bench_update.py"
   "bench_head_loss|60|gpu|$PY benchmarks/bench_head_loss.py --iters 5 --no-compile"
   "compile_baselines|90|gpu|compile_baselines"
   "build_cuda_ext|150|gpu|build_cuda_ext"

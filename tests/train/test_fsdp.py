@@ -103,3 +103,24 @@ def test_fsdp_weights_and_sharded_teacher_ema_equal_one_process():
     # the EMA moved the teacher, in the root's parameters and in the blocks' (separate FSDP groups)
     for key in ("backbone.pos_embed", "dino_head.prototypes", "backbone.blocks.1.mlp.fc1.weight"):
         assert (two["teacher"][key] - two["initial"][key]).abs().max() > 1e-7, key
+
+
+def test_single_process_bf16_compute_copies_resume_equals_uninterrupted(tmp_path):
+    """Resuming a one-GPU bf16 run loads the fp32 masters in place; the copies are recast from them
+    before the next forward (train/copies.py), so steps 3-4 equal the uninterrupted run's exactly."""
+    import shutil
+
+    from distrun import launch
+
+    extra = ("parallel.mixed_precision=bf16",)
+    full = cached(1, extra)  # 4 steps, checkpoints at 2 and 4
+    out = tmp_path / "resumed"
+    shutil.copytree(full, out)
+    shutil.rmtree(out / "checkpoints" / "step_00000004")
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join(lines[:2]) + "\n")  # as if killed after step 2's checkpoint
+    res = launch(1, out, list(extra), resume=True)
+    assert "resumed from" in res.stdout + res.stderr
+    keys = ("step", "loss", "dino", "ibot", "reg", "grad_norm")
+    terms = lambda run: [{k: r[k] for k in keys if k in r} for r in metrics(run)]  # noqa: E731
+    assert terms(out)[2:] == terms(full)[2:] and len(terms(out)) == len(terms(full))
