@@ -49,6 +49,19 @@ def _row_scale(G, KEEP, SEG, row, cols, mask, HAS_GAMMA: tl.constexpr, HAS_KEEP:
 
 
 @triton.jit
+def _row_grad_constants(G, B, cols, mask, BLOCK_C: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(gamma, bias) columns for :func:`_row_grad`, fp32: gamma 1 without HAS_GAMMA; the bias is read
+    only with gamma too (it enters only dgamma's (y + b)), else 0."""
+    g = tl.full((BLOCK_C,), 1.0, tl.float32)
+    if HAS_GAMMA:
+        g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.zeros([BLOCK_C], dtype=tl.float32)
+    if HAS_GAMMA and HAS_BIAS:
+        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return g, b
+
+
+@triton.jit
 def _row_grad(dz, r, Y, KEEP, SEG, DY, g, b, dg, db, cols, mask, C: tl.constexpr, HAS_GAMMA: tl.constexpr,
               HAS_KEEP: tl.constexpr, HAS_BIAS: tl.constexpr):
     """The backward of row ``r`` from its fp32 gradient dz: stores dy = keep * gamma * dz, returns the
@@ -108,12 +121,7 @@ def _rls_bwd_kernel(
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    g = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_GAMMA:
-        g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_GAMMA and HAS_BIAS:  # the bias enters only dgamma's (y + b)
-        b = tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    g, b = _row_grad_constants(G, B, cols, mask, BLOCK_C, HAS_GAMMA, HAS_BIAS)
     dg = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     row_start = pid.to(tl.int64) * rows_per_program

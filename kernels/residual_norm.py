@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ._common import next_pow2, num_programs
 from .layer_norm import _ln_row, _ln_row_grad, _warps
-from .layer_scale import _dummy, _out_dtype, _row_grad, _row_scale, check_args
+from .layer_scale import _dummy, _out_dtype, _row_grad, _row_grad_constants, _row_scale, check_args
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -84,12 +84,7 @@ def _rn_bwd_kernel(
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_GAMMA:
-        g = tl.load(G + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.zeros([BLOCK_C], dtype=tl.float32)
-    if HAS_GAMMA and HAS_BIAS:  # the bias enters only dgamma's (y + b)
-        b = tl.load(BIAS + cols, mask=mask, other=0.0).to(tl.float32)
+    g, b = _row_grad_constants(G, BIAS, cols, mask, BLOCK_C, HAS_GAMMA, HAS_BIAS)
     dg = tl.zeros([BLOCK_C], dtype=tl.float32)
     db = tl.zeros([BLOCK_C], dtype=tl.float32)
     dw = tl.zeros([BLOCK_C], dtype=tl.float32)

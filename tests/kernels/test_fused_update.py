@@ -37,13 +37,15 @@ def _networks(device):
     return cfg, student, teacher, opt
 
 
-def _updates(kernel: bool, device):
+def _updates(kernel: bool, device, reload_after: int | None = None):
     cfg, student, teacher, opt = _networks(device)
     opt.kernel = kernel
     gen = torch.Generator().manual_seed(1)
     params = [p for p in student.parameters() if p.requires_grad]
     norms = []
     for step in range(3):
+        if step == reload_after:  # as a resume loads it: new state tensors, which the kernel must then use
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
         apply_schedules(opt, 2e-3, 0.04, 1e-3, backbone_lr=0.0 if step == 0 else None)
         for p in params:
             student.compute_copies.of(p).grad = (torch.randn(p.shape, generator=gen) * 4).to(device, torch.bfloat16)
@@ -75,6 +77,16 @@ def test_kernel_update_equals_the_reference_update(device):
         assert not cc.refresh()  # every master's version matches its copy's
         for p in cc.masters():
             assert torch.equal(cc.of(p), p.detach().to(torch.bfloat16))
+
+
+def test_kernel_update_after_loading_its_state_equals_the_uninterrupted_one(device):
+    want = _updates(True, device)
+    got = _updates(True, device, reload_after=2)
+    for a, b in zip([*got[0].parameters(), *got[1].parameters()], [*want[0].parameters(), *want[1].parameters()],
+                    strict=True):
+        assert torch.equal(a, b)
+    for (s1, m1, v1), (s2, m2, v2) in zip(got[2], want[2], strict=True):
+        assert s1 == s2 == 3.0 and torch.equal(m1, m2) and torch.equal(v1, v2)
 
 
 def test_kernel_update_counts_a_non_finite_weight(device):

@@ -69,7 +69,8 @@ def parameter_seed(seed: int, name: str) -> int:
     return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2 ** 63)
 
 
-def _local(param: torch.Tensor) -> torch.Tensor:
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``param``: an FSDP2 DTensor's local shard, else ``param`` itself."""
     return param.to_local() if hasattr(param, "to_local") else param
 
 
@@ -102,11 +103,11 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
     shard = distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements,
                               src_data_rank=None)
-    _local(param).copy_(shard.to_local())
+    local_tensor(param).copy_(shard.to_local())
 
 
 @torch.no_grad()
 def copy_parameters(dst: nn.Module, src: nn.Module) -> None:
     """``dst`` = ``src`` parameter by parameter, shard by shard when both are sharded alike."""
     for d, s in zip(dst.parameters(), src.parameters(), strict=True):
-        _local(d).copy_(_local(s))
+        local_tensor(d).copy_(local_tensor(s))

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..config import HeadConfig, ModelConfig
 from .heads import DINOHead
-from .init import init_parameters
+from .init import init_parameters, local_tensor
 from .vit import VisionTransformer
 
 
@@ -86,5 +86,4 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
     s_params = [p.detach() for p in student.parameters()]
     if not t_params:
         return
-    local = lambda p: p.to_local() if hasattr(p, "to_local") else p  # noqa: E731
-    torch._foreach_lerp_([local(p) for p in t_params], [local(p) for p in s_params], 1.0 - momentum)
+    torch._foreach_lerp_([local_tensor(p) for p in t_params], [local_tensor(p) for p in s_params], 1.0 - momentum)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..config import OptimConfig
+from ..model.init import local_tensor
 from ..model.vit import layer_id
 from .copies import compute_copies_of
 
@@ -66,10 +67,6 @@ def build_optimizer(model: nn.Module, depth: int, cfg: OptimConfig, device_type:
                       torch_fused=fused and device_type != "cuda")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 class FusedAdamW(torch.optim.AdamW):
     """AdamW whose :meth:`update` also clips, moves the teacher, writes compute copies and checks weights.
 
@@ -86,23 +83,26 @@ class FusedAdamW(torch.optim.AdamW):
                          fused=True if torch_fused else None, foreach=None if torch_fused else True)
         self.kernel = kernel
         self.grad_scale: torch.Tensor | None = None
-        self._pairs = None  # bind(): student parameter -> (teacher parameter, is head)
+        self._nets = None  # bind(): (student, teacher)
+        self._pairs: dict = {}  # id(student parameter) -> (teacher parameter, is a head's)
+        self._others: list = []  # (teacher, student, is a head's) of parameters no group trains: EMA only
         self._copies = self._teacher_copies = None
-        self._others: list = []  # (teacher, student) pairs of parameters no group trains: EMA only
+        self._plan = None  # the kernel's per-tensor lists, built on its first update (see _kernel_plan)
 
     def bind(self, student: nn.Module, teacher: nn.Module, heads: tuple[str, ...]) -> None:
         """Pair each trained student parameter with the teacher's (same name) for :meth:`update`."""
         t_params = dict(teacher.named_parameters())
         trained = {id(p) for g in self.param_groups for p in g["params"]}
-        self._pairs = {}
-        self._others = []
+        self._nets = (student, teacher)
+        self._pairs, self._others, self._plan = {}, [], None
         for name, p in student.named_parameters():
             if name not in t_params:
                 raise ValueError(f"optimizer: the teacher has no parameter {name!r}")
+            head = name.split(".")[0] in heads
             if id(p) in trained:
-                self._pairs[id(p)] = (t_params[name], name.split(".")[0] in heads)
+                self._pairs[id(p)] = (t_params[name], head)
             else:
-                self._others.append((t_params[name], p, name.split(".")[0] in heads))
+                self._others.append((t_params[name], p, head))
         self._copies, self._teacher_copies = compute_copies_of(student), compute_copies_of(teacher)
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
@@ -120,21 +120,18 @@ class FusedAdamW(torch.optim.AdamW):
 
     def update(self, momentum: float, backbone_frozen: bool) -> torch.Tensor:
         """AdamW step, then teacher = lerp(teacher, student, 1 - momentum) (heads only while the backbone
-        is frozen), the compute copies, and the number of non-finite weight tensors (0-dim, on the
-        device, not read here)."""
-        if self._pairs is None:
+        is frozen), the compute copies, and the number of non-finite weights (0-dim, on the device, not
+        read here)."""
+        if self._nets is None:
             raise RuntimeError("FusedAdamW.update before bind(student, teacher)")
         bad = self._update_kernel(momentum, backbone_frozen) if self.kernel else \
             self._update_reference(momentum, backbone_frozen)
-        if self._others:
-            moving = [(t, s) for t, s, head in self._others if head or not backbone_frozen]
-            if moving:
-                torch._foreach_lerp_([_local(t) for t, _ in moving], [_local(s).detach() for _, s in moving],
-                                     1.0 - momentum)
         self.grad_scale = None  # this step's clip factor: no later update may reuse it
         return bad
 
     def _update_reference(self, momentum: float, backbone_frozen: bool) -> torch.Tensor:
+        """torch's AdamW, the teacher's ``ema_step`` and ``nonfinite_count``: what the kernel is tested against."""
+        from ..downstream.pretrained import ema_step
         from .integrity import nonfinite_count
 
         params = [p for g in self.param_groups for p in g["params"]]
@@ -149,56 +146,72 @@ class FusedAdamW(torch.optim.AdamW):
                 torch._foreach_div_(grads, self.grad_scale)
             self.grad_scale = None  # torch's foreach AdamW refuses one (its step reads this attribute)
         self.step()  # torch's fused AdamW divides by its grad_scale itself
-        with torch.no_grad():
-            moving = [(t, p) for p in params for t, head in [self._pairs[id(p)]] if head or not backbone_frozen]
-            if moving:
-                torch._foreach_lerp_([_local(t) for t, _ in moving], [_local(p).detach() for _, p in moving],
-                                     1.0 - momentum)
+        ema_step(self._nets[1], self._nets[0], momentum, backbone_frozen)
         # the copies are recast from the changed masters by the next forward (their versions moved)
         return nonfinite_count(params)
 
-    def _update_kernel(self, momentum: float, backbone_frozen: bool) -> torch.Tensor:
-        from ..kernels import adamw_ema as fused
-
-        beta1, beta2 = self.defaults["betas"]
-        eps = self.defaults["eps"]
-        params, grads, avgs, sqs, teachers, copies, t_copies, hyper, steps = [], [], [], [], [], [], [], [], []
-        step = None
-        for group in self.param_groups:
-            lr, wd = float(group["lr"]), float(group["weight_decay"])
+    def _kernel_plan(self) -> dict:
+        """The kernel's lists of everything but the gradients (persistent tensors: built once, on the first
+        update, after which every trained parameter has its state), the teacher parameter of each, each
+        one's group and whether it is a head's, and the steps' CPU counters."""
+        plan = {k: [] for k in ("masters", "params", "exp_avgs", "exp_avg_sqs", "teachers", "copies",
+                                "teacher_copies", "group", "head", "steps")}
+        for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
-                g = self._grad(p)
-                if g is None:
-                    continue
                 state = self.state[p]
                 if not state:  # as torch's AdamW initialises it
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                steps.append(state["step"])
-                if step is None:
-                    step = int(state["step"].item()) + 1  # a CPU tensor: no device read
                 t, head = self._pairs[id(p)]
-                params.append(_local(p).detach())
-                grads.append(_local(g))
-                avgs.append(_local(state["exp_avg"]))
-                sqs.append(_local(state["exp_avg_sq"]))
-                teachers.append(_local(t).detach())
+                plan["masters"].append(p)
+                plan["params"].append(local_tensor(p).detach())
+                plan["exp_avgs"].append(local_tensor(state["exp_avg"]))
+                plan["exp_avg_sqs"].append(local_tensor(state["exp_avg_sq"]))
+                plan["teachers"].append(local_tensor(t).detach())
                 if self._copies is not None:
-                    copies.append(self._copies.of(p).detach())
+                    plan["copies"].append(self._copies.of(p).detach())
                 if self._teacher_copies is not None:
-                    t_copies.append(self._teacher_copies.of(t).detach())
-                hyper.append((lr, wd, 1.0 if head or not backbone_frozen else 0.0))
-        if not params:
+                    plan["teacher_copies"].append(self._teacher_copies.of(t).detach())
+                plan["group"].append(gi)
+                plan["head"].append(head)
+                plan["steps"].append(state["step"])
+        return plan
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._plan = None  # new state tensors: the kernel's lists are rebuilt
+
+    def _update_kernel(self, momentum: float, backbone_frozen: bool) -> torch.Tensor:
+        from ..kernels import adamw_ema as fused
+
+        if self._plan is None:
+            self._plan = self._kernel_plan()
+        plan = self._plan
+        grads = [self._grad(p) for p in plan["masters"]]
+        keep = [i for i, g in enumerate(grads) if g is not None]  # torch's AdamW skips a parameter without one
+        if not keep:
             return torch.zeros(())
+        pick = (lambda xs: xs) if len(keep) == len(grads) else (lambda xs: [xs[i] for i in keep] if xs else xs)
+        lr_wd = [(float(g["lr"]), float(g["weight_decay"])) for g in self.param_groups]
+        hyper = [(*lr_wd[plan["group"][i]], 1.0 if plan["head"][i] or not backbone_frozen else 0.0) for i in keep]
+        params = pick(plan["params"])
         device = params[0].device
         table = torch.tensor(hyper, dtype=torch.float32)
         table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
         scale = self.grad_scale if self.grad_scale is not None else torch.ones((), device=device)
         bad = torch.zeros(1, dtype=torch.int32, device=device)
-        fused.adamw_ema_(params, grads, avgs, sqs, teachers, copies, t_copies, table, _local(scale).float(),
-                         bad, beta1, beta2, eps, step, momentum)
+        steps = pick(plan["steps"])
+        beta1, beta2 = self.defaults["betas"]
+        fused.adamw_ema_(params, [local_tensor(g) for g in pick(grads)], pick(plan["exp_avgs"]),
+                         pick(plan["exp_avg_sqs"]), pick(plan["teachers"]), pick(plan["copies"]),
+                         pick(plan["teacher_copies"]), table, local_tensor(scale).float(), bad, beta1, beta2,
+                         self.defaults["eps"], int(steps[0].item()) + 1, momentum)  # a CPU counter: no device read
         torch._foreach_add_(steps, 1.0)  # CPU scalars, as torch's foreach AdamW keeps them
+        moving = [(t, s) for t, s, head in self._others if head or not backbone_frozen]
+        if moving:  # parameters no group trains still follow the EMA (as ema_step moves every one)
+            torch._foreach_lerp_([local_tensor(t) for t, _ in moving],
+                                 [local_tensor(s).detach() for _, s in moving], 1.0 - momentum)
         for cc in (self._copies, self._teacher_copies):
             if cc is not None:
                 cc.mark_synced()

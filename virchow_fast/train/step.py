@@ -18,7 +18,7 @@ import torch
 
 from ..config import Config, LossConfig
 from ..data import Batch
-from ..downstream.pretrained import HEADS, ema_step
+from ..downstream.pretrained import ema_step
 from ..losses import DINOLoss, IBOTLoss, kde_loss, koleo_loss
 from .errors import NonFiniteWeightsError
 from .integrity import nonfinite_count
@@ -126,15 +126,12 @@ class Trainee:
     def __post_init__(self) -> None:
         if not self.params:
             self.params = [p for p in self.student.parameters() if p.requires_grad]
-        if isinstance(self.optimizer, FusedAdamW) and self.optimizer._pairs is None:
-            self.optimizer.bind(self.student, self.teacher, HEADS)
 
 
 def update(t: Trainee, momentum: float, backbone_frozen: bool) -> torch.Tensor:
-    """AdamW (the clip applied), the teacher EMA and the weights check: one fused pass with
-    :class:`FusedAdamW` (bound to the networks on first use), else torch's step, ``ema_step`` and
-    ``nonfinite_count``. Returns the non-finite weight count, left on the device (read with the next
-    step's statistics)."""
+    """AdamW (the clip applied), the teacher EMA and the weights check: :meth:`FusedAdamW.update` (bound
+    to the networks by ``loop.build``), else torch's step, ``ema_step`` and ``nonfinite_count``.
+    Returns the non-finite weight count, left on the device (read with the next step's statistics)."""
     opt = t.optimizer
     if isinstance(opt, FusedAdamW):
         return opt.update(momentum, backbone_frozen)
