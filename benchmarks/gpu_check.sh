@@ -8,7 +8,7 @@
 #   4 step_vit_g     ViT-G/14's step at its batch
 #   5 correctness    one training step triton vs torch (tests/train/test_step_backends.py), then the
 #                    kernel tests: the GPU-marked ones first, then the rest
-#   6 kernel benches attention (vs SDPA backends, FlexAttention), LN / SwiGLU / residual in GB/s
+#   6 kernel benches attention (vs SDPA backends, FlexAttention), LN / SwiGLU in GB/s, the residual GEMM vs timm's composition
 #                    against copy, head loss vs eager; compile baselines only if time remains
 #   7 CUDA extension its build and its tests
 # Steps 1-2 (with the install) are the headline: they come first and their caps fit the budget.
@@ -160,7 +160,7 @@ pytest_or_skip() {
 }
 
 compile_baselines() {
-  for b in bench_layer_norm bench_swiglu bench_layer_scale; do "$PY" benchmarks/$b.py --compile || return 1; done
+  for b in bench_layer_norm bench_swiglu bench_residual; do "$PY" benchmarks/$b.py --compile || return 1; done
 }
 
 build_cuda_ext() {
@@ -185,7 +185,7 @@ STEPS=(
   "bench_attention|90|gpu|$PY benchmarks/bench_attention.py"
   "bench_layer_norm|30|all|$PY benchmarks/bench_layer_norm.py --no-compile"
   "bench_swiglu|30|all|$PY benchmarks/bench_swiglu.py --no-compile"
-  "bench_layer_scale|30|all|$PY benchmarks/bench_layer_scale.py --no-compile"
+  "bench_residual|30|all|$PY benchmarks/bench_residual.py --no-compile"
   "bench_update|45|all|$PY benchmarks/bench_update.py"
   "bench_head_loss|60|gpu|$PY benchmarks/bench_head_loss.py --iters 5 --no-compile"
   "compile_baselines|90|gpu|compile_baselines"

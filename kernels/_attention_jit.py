@@ -7,6 +7,14 @@ slots are passed as aliases of chunk 0 and never touched (the compiler drops the
 its own load statement, so a chunk too narrow for 128-bit accesses per thread (16 columns at 8
 warps) is reported on its own source line by the compile checks.
 
+KEEP (with the constexpr HAS_KEEP): the per-segment stochastic-depth factor k (0 or 1 / (1 - p)).
+Every fwd / dkdv / dq program belongs to one segment (program_id(1)), so k is one scalar per
+program: the forward stores O' = k O (LSE unchanged). The gradient dO' that comes back for O' gives
+the true dO = k dO', applied in fp32 to dP (both kernels) and once to the dV accumulators, never by
+rescaling the low-precision dO tile; delta = rowsum(dO' O') is unchanged (dO' O' = dO O). k = 0
+gives exact zeros. The delta kernel's blocks can cross segments: its v-bias column sums take k per
+row (KEEP[SEG[token]]).
+
 ALIGN (elements) is a promise from the launcher that every token and head stride is a multiple of
 it, so loads and stores of head-dim rows vectorise to 16 bytes even when a stride (104 elements)
 is not a multiple of 16.
@@ -88,11 +96,13 @@ def _attn_fwd_kernel(
     Out,  # [T, H, D] (out)
     LSE,  # [H, T] fp32 (out): natural-log row log-sum-exp of the scaled scores
     CU,  # [S + 1] int32 segment offsets
+    KEEP,  # [S] per-segment output factor (read with HAS_KEEP)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_lse,  # LSE head stride (= T)
     qk_scale,  # softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -128,6 +138,8 @@ def _attn_fwd_kernel(
                                                stride_kt, stride_vt, qk_scale, BLOCK_N, D0, D1, D2, HEAD_DIM,
                                                DOT_PREC)
     inv = 1.0 / l_i[:, None]
+    if HAS_KEEP:  # the segment's stochastic-depth factor: O' = k O (the LSE stays that of the softmax)
+        inv = inv * tl.load(KEEP + seg).to(tl.float32)
     ty = Out.dtype.element_ty
     tl.store(_ptrs(Out, tok_m, stride_ot, 0, D0), (acc0 * inv).to(ty), mask=_mask(m_mask, 0, D0, HEAD_DIM))
     if D1 > 0:
@@ -147,9 +159,10 @@ def _attn_bwd_delta_kernel(
     Out, DO,  # [T, H, D], token stride stride_*t, head stride stride_*h
     DELTA,  # [H, T] fp32 (out): rowsum(dO * O)
     DBV,  # [P, H, HEAD_DIM] fp32 (out, with HAS_DB): per program, the column sums of dO (v's bias gradient)
+    KEEP, SEG,  # [S] per-segment factor, [T] segment of each token (read with HAS_DB and HAS_KEEP)
     stride_ot, stride_oh, stride_dot, stride_doh, stride_delta, T,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, ALIGN: tl.constexpr,
-    HAS_DB: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     h = tl.program_id(1).to(tl.int64)
@@ -159,9 +172,12 @@ def _attn_bwd_delta_kernel(
                 mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0)
     do = tl.load(_ptrs(DO + h * _hint(stride_doh, ALIGN), tok, _hint(stride_dot, ALIGN), 0, BLOCK_D),
                  mask=_mask(m_mask, 0, BLOCK_D, HEAD_DIM), other=0.0).to(tl.float32)
-    delta = tl.sum(o.to(tl.float32) * do, axis=1)
+    delta = tl.sum(o.to(tl.float32) * do, axis=1)  # with HAS_KEEP: dO' O' = dO O, unchanged
     tl.store(DELTA + h * stride_delta + tok, delta, mask=m_mask)
     if HAS_DB:  # o = P (v + b_v) with rows of P summing to 1, so d b_v = sum over tokens of dO
+        if HAS_KEEP:  # the true dO = k dO', k of each row's segment (a block can cross segments)
+            seg = tl.load(SEG + tok, mask=m_mask, other=0)
+            do = do * tl.load(KEEP + seg, mask=m_mask, other=0.0).to(tl.float32)[:, None]
         cols = tl.arange(0, BLOCK_D)
         row = tl.program_id(0).to(tl.int64) * tl.num_programs(1) + h
         tl.store(DBV + row * HEAD_DIM + cols, tl.sum(do, axis=0), mask=cols < HEAD_DIM)
@@ -176,8 +192,8 @@ def _store_col_sums(DB, row, acc, C0: tl.constexpr, W: tl.constexpr, HEAD_DIM: t
 
 @triton.jit
 def _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask, Q, DO, LSE, DELTA, start, m0, seqlen,
-               stride_qt, stride_dot, qk_scale, BM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
-               D2: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+               stride_qt, stride_dot, qk_scale, kf, BM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr,
+               D2: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, HAS_KEEP: tl.constexpr):
     rows = m0 + tl.arange(0, BM)
     m_mask = rows < seqlen
     tok = (start + rows).to(tl.int64)
@@ -205,6 +221,8 @@ def _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask, Q, 
         do2 = tl.load(_ptrs(DO, tok, stride_dot, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dv2 = tl.dot(p16, do2, dv2, input_precision=DOT_PREC)
         dpT = tl.dot(v2, tl.trans(do2), dpT, input_precision=DOT_PREC)
+    if HAS_KEEP:  # dP of the true dO = kf dO' (fp32; dv's factor is applied once, after the loop)
+        dpT = dpT * kf
     ds16 = (pT * (dpT - delta[None, :])).to(q0.dtype)
     dk0 = tl.dot(ds16, q0, dk0, input_precision=DOT_PREC)
     if D1 > 0:
@@ -220,11 +238,13 @@ def _attn_bwd_dkdv_kernel(
     LSE, DELTA,  # [H, T] fp32, head stride stride_lse
     DK, DV,  # [T, H, D] (out), token stride stride_dkt, head stride stride_dkh (same for DV)
     CU,  # [S + 1] int32
+    KEEP,  # [S] per-segment output factor of the forward (read with HAS_KEEP)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_lse,
     qk_scale, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     seg = tl.program_id(1)
@@ -262,10 +282,19 @@ def _attn_bwd_dkdv_kernel(
         v2 = tl.load(_ptrs(V, tok_n, stride_vt, D0 + D1, D2), mask=_mask(n_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dk2 = tl.zeros([BLOCK_N, D2], dtype=tl.float32)
     dv0, dv1, dv2 = dk0, dk1, dk2
+    kf = 1.0
+    if HAS_KEEP:
+        kf = tl.load(KEEP + seg).to(tl.float32)
     for m0 in range(0, seqlen, BLOCK_M):
         dk0, dk1, dk2, dv0, dv1, dv2 = _dkdv_step(k0, k1, k2, v0, v1, v2, dk0, dk1, dk2, dv0, dv1, dv2, n_mask, Q, DO,
-                                                  LSE, DELTA, start, m0, seqlen, stride_qt, stride_dot, qk_scale,
-                                                  BLOCK_M, D0, D1, D2, HEAD_DIM, DOT_PREC)
+                                                  LSE, DELTA, start, m0, seqlen, stride_qt, stride_dot, qk_scale, kf,
+                                                  BLOCK_M, D0, D1, D2, HEAD_DIM, DOT_PREC, HAS_KEEP)
+    if HAS_KEEP:  # dV = P^T dO with the true dO = kf dO'
+        dv0 = dv0 * kf
+        if D1 > 0:
+            dv1 = dv1 * kf
+        if D2 > 0:
+            dv2 = dv2 * kf
     ty = DK.dtype.element_ty
     tl.store(_ptrs(DK, tok_n, stride_dkt, 0, D0), (dk0 * scale).to(ty), mask=_mask(n_mask, 0, D0, HEAD_DIM))
     tl.store(_ptrs(DV, tok_n, stride_dkt, 0, D0), dv0.to(ty), mask=_mask(n_mask, 0, D0, HEAD_DIM))
@@ -280,8 +309,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V, start, n0, seqlen, stride_kt,
-             stride_vt, qk_scale, BN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
-             HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr):
+             stride_vt, qk_scale, kf, BN: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+             HEAD_DIM: tl.constexpr, DOT_PREC: tl.constexpr, HAS_KEEP: tl.constexpr):
     cols = n0 + tl.arange(0, BN)
     n_mask = cols < seqlen
     tok = (start + cols).to(tl.int64)
@@ -301,6 +330,8 @@ def _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V,
         dp = tl.dot(do2, tl.trans(v), dp, input_precision=DOT_PREC)
     p = tl.exp2(s * qk_scale - lse[:, None])
     p = tl.where(m_mask[:, None] & n_mask[None, :], p, 0.0)
+    if HAS_KEEP:  # dP of the true dO = kf dO' (fp32)
+        dp = dp * kf
     ds16 = (p * (dp - delta[:, None])).to(q0.dtype)
     dq0 = tl.dot(ds16, k0, dq0, input_precision=DOT_PREC)
     if D1 > 0:
@@ -317,12 +348,13 @@ def _attn_bwd_dq_kernel(
     DQ,  # [T, H, D] (out), token stride stride_dqt, head stride stride_dqh
     DBQ,  # [P, HEAD_DIM] fp32 (out, with HAS_DB): per program, the column sums of its dQ rows (q's bias gradient)
     CU,  # [S + 1] int32
+    KEEP,  # [S] per-segment output factor of the forward (read with HAS_KEEP)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh, stride_lse,
     qk_scale, scale,
     HEAD_DIM: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_DB: tl.constexpr,
+    HAS_DB: tl.constexpr, HAS_KEEP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     seg = tl.program_id(1)
@@ -366,9 +398,13 @@ def _attn_bwd_dq_kernel(
         q2 = tl.load(_ptrs(Q, tok_m, stride_qt, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         do2 = tl.load(_ptrs(DO, tok_m, stride_dot, D0 + D1, D2), mask=_mask(m_mask, D0 + D1, D2, HEAD_DIM), other=0.0)
         dq2 = tl.zeros([BLOCK_M, D2], dtype=tl.float32)
+    kf = 1.0
+    if HAS_KEEP:
+        kf = tl.load(KEEP + seg).to(tl.float32)
     for n0 in range(0, seqlen, BLOCK_N):
         dq0, dq1, dq2 = _dq_step(q0, q1, q2, do0, do1, do2, dq0, dq1, dq2, lse, delta, m_mask, K, V, start, n0,
-                                 seqlen, stride_kt, stride_vt, qk_scale, BLOCK_N, D0, D1, D2, HEAD_DIM, DOT_PREC)
+                                 seqlen, stride_kt, stride_vt, qk_scale, kf, BLOCK_N, D0, D1, D2, HEAD_DIM, DOT_PREC,
+                                 HAS_KEEP)
     ty = DQ.dtype.element_ty
     tl.store(_ptrs(DQ, tok_m, stride_dqt, 0, D0), (dq0 * scale).to(ty), mask=_mask(m_mask, 0, D0, HEAD_DIM))
     if D1 > 0:

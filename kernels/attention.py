@@ -23,6 +23,14 @@ Backward = three kernels: delta = rowsum(dO * O); dK/dV per key block looping ov
 dQ per query block looping over key blocks. No atomics, so results are deterministic for a given
 launch configuration.
 
+Scaled, padded output (:func:`attention_qkv` ``keep=``, ``seg_ids=``, ``pad=``): so that a ViT block
+can run its residual add, proj bias, LayerScale and per-crop stochastic depth in one cuBLAS GEMM,
+``addmm(residual, a, w_ext.t())``, the op can scale each segment's output rows by its keep factor
+(in the kernels: one scalar per program, applied in fp32; the backward applies it to dP and dV) and
+write them straight into the first C columns of a [T, C + pad] buffer whose column C holds the
+factor (the bias column of w_ext) and the rest zeros. The buffer is the forward op's output and
+what its backward saves (the GEMM saves it too: no extra memory).
+
 Order: launch plan and cost -> launchers -> custom ops (autograd) -> public function.
 """
 from __future__ import annotations
@@ -165,8 +173,8 @@ def _launch(kind: str, kernel, grid, args: tuple, consts: dict, dtype: torch.dty
     The kernels only write their outputs, so timing a candidate by running it is harmless.
     """
     cands = candidates(kind, dtype, consts["HEAD_DIM"])
-    key = (kind, consts["D0"], consts["D1"], consts["D2"], consts["ALIGN"], dtype, next_pow2(max_seqlen),
-           str(device))
+    key = (kind, consts["D0"], consts["D1"], consts["D2"], consts["ALIGN"], consts.get("HAS_KEEP"), dtype,
+           next_pow2(max_seqlen), str(device))
     choice = _chosen.get(key)
     if choice is None:
         choice = cands[0]
@@ -207,26 +215,56 @@ def _split(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return qkv[:, 0], qkv[:, 1], qkv[:, 2]
 
 
-def _forward(qkv, cu_seqlens, max_seqlen: int, scale: float):
-    """qkv: [T, 3, H, D] -> o [T, H, D] (qkv.dtype, contiguous), lse [H, T] fp32."""
+def _forward(qkv, cu_seqlens, max_seqlen: int, scale: float, keep=None, seg_ids=None, pad: int = 0):
+    """qkv: [T, 3, H, D] -> o [T, H, D] (qkv.dtype, contiguous), lse [H, T] fp32.
+
+    keep: None or [S] per-segment factors: o's rows of segment s are keep[s] * the attention output.
+    pad > 0: o is instead a [T, C + pad] buffer (C = H D): the kernel writes the (scaled) output into
+    its [T, H, D] view of the first C columns; column C is keep[seg_ids] (ones without keep), the
+    rest zeros.
+    """
     q, k, v = _split(qkv)
     T, H, D = q.shape
-    o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
+    C = H * D
+    if pad:
+        out = torch.empty((T, C + pad), dtype=q.dtype, device=q.device)
+        o = _heads(out, H, D)
+    else:
+        out = o = torch.empty((T, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((H, T), dtype=torch.float32, device=q.device)
     n_seg = cu_seqlens.numel() - 1
-    if T == 0 or n_seg <= 0 or max_seqlen <= 0:
-        return o, lse
-    args = (q, k, v, o, lse, cu_seqlens,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
-            lse.stride(0), scale * LOG2E)
-    _launch("fwd", J._attn_fwd_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H), args,
-            _consts(D, q.dtype, q, k, v, o), q.dtype, max_seqlen, q.device)
-    return o, lse
+    if T > 0 and n_seg > 0 and max_seqlen > 0:
+        args = (q, k, v, o, lse, cu_seqlens, lse if keep is None else keep,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
+                lse.stride(0), scale * LOG2E)
+        _launch("fwd", J._attn_fwd_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H), args,
+                {**_consts(D, q.dtype, q, k, v, o), "HAS_KEEP": keep is not None}, q.dtype, max_seqlen, q.device)
+    if pad:  # T x pad elements: the GEMM's bias column (the keep factor) and zeros
+        if keep is None:
+            out[:, C].fill_(1.0)
+        else:
+            out[:, C].copy_(keep.index_select(0, seg_ids))
+        out[:, C + 1:].zero_()
+    return out, lse
 
 
-def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_grad: bool = False):
+def _heads(t: torch.Tensor, H: int, D: int) -> torch.Tensor:
+    """A [T, C + pad] output buffer (or its gradient) -> the [T, H, D] view of its first C = H D
+    columns (token stride C + pad, head stride D); a [T, H, D] tensor as it is."""
+    if t.dim() == 3:
+        return t
+    return last_dim_contiguous(t)[:, :H * D].unflatten(1, (H, D))
+
+
+def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_grad: bool = False, keep=None,
+              seg_ids=None):
     """-> dqkv: [T, 3, H, D], contiguous, in qkv's dtype; with ``bias_grad`` also the gradient of a
     bias added to qkv, [3, H, D] fp32.
+
+    o, do: [T, H, D] (any token / head strides), or the forward's [T, C + pad] buffer and its
+    gradient (their first C columns are read; the gradient of the other columns is ignored).
+    keep, seg_ids: the forward's per-segment factors (o is the scaled output) and each token's
+    segment (read for the v-bias gradient with ``bias_grad``).
 
     dq, dk and dv are written straight into their slices of one buffer: the gradient of the packed
     projection output, with no stack of three separate gradients after the kernels.
@@ -237,9 +275,10 @@ def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_g
     taken by the delta kernel as it reads dO; dq's is summed by each dQ program over its rows. Each
     program writes one fp32 partial row (no atomics: deterministic); no pass re-reads dqkv.
     """
-    do = last_dim_contiguous(do)
     q, k, v = _split(qkv)
     T, H, D = q.shape
+    do, o = last_dim_contiguous(_heads(do, H, D)), _heads(o, H, D)
+    has_keep = keep is not None
     dqkv = torch.empty((T, 3, H, D), dtype=q.dtype, device=q.device)
     n_seg = cu_seqlens.numel() - 1
     if T == 0 or n_seg <= 0 or max_seqlen <= 0:
@@ -250,22 +289,27 @@ def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_g
     delta = torch.empty((H, T), dtype=torch.float32, device=q.device)
     n_delta = triton.cdiv(T, DELTA_BLOCK_M)
     dbv = torch.empty((n_delta, H, D) if bias_grad else (1,), dtype=torch.float32, device=q.device)
+    row_keep = has_keep and bias_grad  # the v-bias sums take each row's factor
     J._attn_bwd_delta_kernel[(n_delta, H)](
-        o, do, delta, dbv, o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T,
+        o, do, delta, dbv, keep if row_keep else delta, seg_ids if row_keep else delta,
+        o.stride(0), o.stride(1), do.stride(0), do.stride(1), delta.stride(0), T,
         HEAD_DIM=D, BLOCK_M=DELTA_BLOCK_M, BLOCK_D=next_pow2(max(D, 16)), ALIGN=consts["ALIGN"], HAS_DB=bias_grad,
+        HAS_KEEP=row_keep,
     )
+    keep_ptr = keep if has_keep else lse
+    consts["HAS_KEEP"] = has_keep
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                do.stride(0), do.stride(1))
     _launch("dkdv", J._attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_N"]), n_seg, H),
-            (q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, dk.stride(0), dk.stride(1), lse.stride(0),
-             scale * LOG2E, scale), consts, q.dtype, max_seqlen, q.device)
+            (q, k, v, do, lse, delta, dk, dv, cu_seqlens, keep_ptr, *strides, dk.stride(0), dk.stride(1),
+             lse.stride(0), scale * LOG2E, scale), consts, q.dtype, max_seqlen, q.device)
     # one partial row per dQ program: sized for the candidate with the most programs (the smallest
     # BLOCK_M); the launch that runs last fills the first H * S * blocks rows
     min_bm = min(_meta(c)["BLOCK_M"] for c in candidates("dq", q.dtype, D))
     dbq = torch.empty((H * n_seg * triton.cdiv(max_seqlen, min_bm), D) if bias_grad else (1,),
                       dtype=torch.float32, device=q.device)
     meta = _launch("dq", J._attn_bwd_dq_kernel, lambda m: (triton.cdiv(max_seqlen, m["BLOCK_M"]), n_seg, H),
-                   (q, k, v, do, lse, delta, dq, dbq, cu_seqlens, *strides, dq.stride(0), dq.stride(1),
+                   (q, k, v, do, lse, delta, dq, dbq, cu_seqlens, keep_ptr, *strides, dq.stride(0), dq.stride(1),
                     lse.stride(0), scale * LOG2E, scale), {**consts, "HAS_DB": bias_grad}, q.dtype, max_seqlen,
                    q.device)
     if not bias_grad:
@@ -279,39 +323,49 @@ def _backward(do, qkv, o, lse, cu_seqlens, max_seqlen: int, scale: float, bias_g
 # Custom ops
 # ------------------------------------------------------------------------------------------------
 
+# The arguments added for the scaled / padded output (keep, seg_ids, pad) come last: the cost model
+# reads qkv, cu_seqlens and max_seqlen by position. The backward ops take o and do as [T, H, D]
+# (strided views of a padded buffer included, see ``_heads``).
+
 @torch.library.custom_op("virchow_fast_triton::attention_fwd", mutates_args=())
-def _attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(qkv, cu_seqlens, max_seqlen, scale)
+def _attention_fwd(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                   keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None,
+                   pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(qkv, cu_seqlens, max_seqlen, scale, keep, seg_ids, pad)
 
 
 @_attention_fwd.register_fake
-def _(qkv, cu_seqlens, max_seqlen, scale):
+def _(qkv, cu_seqlens, max_seqlen, scale, keep=None, seg_ids=None, pad=0):
     T, _, H, D = qkv.shape
-    return qkv.new_empty((T, H, D)), qkv.new_empty((H, T), dtype=torch.float32)
+    out = qkv.new_empty((T, H * D + pad) if pad else (T, H, D))
+    return out, qkv.new_empty((H, T), dtype=torch.float32)
 
 
 @torch.library.custom_op("virchow_fast_triton::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                   cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
-    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale)
+                   cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                   keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None) -> torch.Tensor:
+    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, keep=keep, seg_ids=seg_ids)
 
 
 @_attention_bwd.register_fake
-def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
+def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, keep=None, seg_ids=None):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale = inputs
+    qkv, cu_seqlens, max_seqlen, scale, keep, seg_ids, _pad = inputs
     o, lse = output
-    ctx.save_for_backward(qkv, o, lse, cu_seqlens)
+    ctx.save_for_backward(qkv, o, lse, cu_seqlens, keep, seg_ids)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _autograd_backward(ctx, do, _dlse):
-    qkv, o, lse, cu_seqlens = ctx.saved_tensors
-    return _attention_bwd(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale), None, None, None
+    qkv, o, lse, cu_seqlens, keep, seg_ids = ctx.saved_tensors
+    H, D = qkv.shape[2:]
+    dqkv = _attention_bwd(_heads(do, H, D), qkv, _heads(o, H, D), lse, cu_seqlens, ctx.max_seqlen, ctx.scale,
+                          keep, seg_ids)
+    return dqkv, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -319,12 +373,14 @@ _attention_fwd.register_autograd(_autograd_backward, setup_context=_setup_contex
 
 @torch.library.custom_op("virchow_fast_triton::attention_bwd_bias", mutates_args=())
 def _attention_bwd_bias(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                        cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, bias_grad=True)
+                        cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                        keep: torch.Tensor | None = None,
+                        seg_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, bias_grad=True, keep=keep, seg_ids=seg_ids)
 
 
 @_attention_bwd_bias.register_fake
-def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale):
+def _(do, qkv, o, lse, cu_seqlens, max_seqlen, scale, keep=None, seg_ids=None):
     T, _, H, D = qkv.shape
     return qkv.new_empty(qkv.shape), qkv.new_empty((3, H, D), dtype=torch.float32)
 
@@ -335,28 +391,32 @@ class _QKVAttention(torch.autograd.Function):
     The forward is the projection (one GEMM, bias in its epilogue) and the attention op. The
     backward runs the attention backward that also returns the bias gradient (see ``_backward``)
     and the projection's two GEMMs, so the [T, 3C] gradient is never re-read for its column sums.
+    With keep / pad the output is the scaled (and padded, [T, C + pad]) one of :func:`attention_qkv`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale):
+    def forward(ctx, x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale, keep=None, seg_ids=None, pad=0):
         T = x.shape[0]
         qkv = torch.nn.functional.linear(x, weight, bias).view(T, 3, num_heads, -1)
-        o, lse = _attention_fwd(qkv, cu_seqlens, max_seqlen, scale)
-        ctx.save_for_backward(x, weight, qkv, o, lse, cu_seqlens)
+        o, lse = _attention_fwd(qkv, cu_seqlens, max_seqlen, scale, keep, seg_ids, pad)
+        ctx.save_for_backward(x, weight, qkv, o, lse, cu_seqlens, keep, seg_ids)
         ctx.max_seqlen, ctx.scale, ctx.bias_dtype = max_seqlen, scale, None if bias is None else bias.dtype
         return o
 
     @staticmethod
     def backward(ctx, do):
-        x, weight, qkv, o, lse, cu_seqlens = ctx.saved_tensors
-        dqkv, dbias = _attention_bwd_bias(do, qkv, o, lse, cu_seqlens, ctx.max_seqlen, ctx.scale)
+        x, weight, qkv, o, lse, cu_seqlens, keep, seg_ids = ctx.saved_tensors
+        H, D = qkv.shape[2:]
+        # with pad: the [T, H, D] views of the first C columns (the extra columns' gradient is ignored)
+        dqkv, dbias = _attention_bwd_bias(_heads(do, H, D), qkv, _heads(o, H, D), lse, cu_seqlens, ctx.max_seqlen,
+                                          ctx.scale, keep, seg_ids)
         d2 = dqkv.view(x.shape[0], -1)
         # in qkv's dtype, as autograd's own linear backward runs them (under autocast the forward's
         # GEMM took bf16 copies of fp32 x and weight); autograd casts each gradient to its input's dtype
         dx = (d2 @ weight.to(d2.dtype)).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = (d2.t() @ x.to(d2.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = dbias.reshape(-1).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,12 +452,21 @@ def _launch_inputs(head_dim: int, cu_seqlens: torch.Tensor, scale: float | None)
 
 
 def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
-                  cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None) -> torch.Tensor:
+                  cu_seqlens: torch.Tensor, max_seqlen: int, scale: float | None = None,
+                  keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None,
+                  pad: int = 0) -> torch.Tensor:
     """attention(linear(x, weight, bias).view(T, 3, H, D), ...): the block's qkv projection and attention.
 
     x: [T, C]; weight: [3C, C]; bias: [3C] or None. Same values as the two ops; the backward gets
     the bias gradient from the attention kernels' own sums (no pass over the [T, 3C] gradient).
-    Returns o: [T, H, D].
+    keep: None, or [S] floating per-segment (per-crop) stochastic-depth factors (0 or 1 / (1 - p);
+        S = cu_seqlens.numel() - 1): segment s's output rows are multiplied by keep[s]. No gradient.
+    seg_ids: [T] int64 (or int32) segment of each token; required with keep.
+    pad: 0, or a positive multiple of 8: the output is then a = [T, C + pad] (qkv's dtype) with
+        a[:, :C] = the (scaled) output, a[:, C] = keep[seg_ids] (ones without keep), a[:, C + 1:] = 0,
+        ready for the block's ``addmm(residual, a, w_ext.t())`` (proj bias, LayerScale and stochastic
+        depth folded into w_ext). The gradient of a's extra columns is ignored.
+    Returns o: [T, H, D] (pad 0) or a: [T, C + pad].
     """
     check_float("attention x", x)
     T, C = x.shape
@@ -405,8 +474,31 @@ def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             or (bias is not None and bias.shape != weight.shape[:1])):
         raise ValueError(f"attention_qkv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)} for {num_heads} heads")
+    pad = _check_keep_pad(T, cu_seqlens.numel() - 1, keep, seg_ids, pad)
     cu_seqlens, scale = _launch_inputs(weight.shape[0] // (3 * num_heads), cu_seqlens, scale)
-    return _QKVAttention.apply(x, weight, bias, int(num_heads), cu_seqlens, int(max_seqlen), scale)
+    if keep is None:
+        seg_ids = None
+    else:
+        keep = keep.detach()
+    return _QKVAttention.apply(x, weight, bias, int(num_heads), cu_seqlens, int(max_seqlen), scale, keep, seg_ids,
+                               pad)
+
+
+def _check_keep_pad(T: int, S: int, keep, seg_ids, pad) -> int:
+    """attention_qkv's keep / seg_ids / pad arguments, checked (one-line ValueErrors); returns int pad."""
+    if isinstance(pad, bool) or int(pad) != pad or pad < 0 or pad % 8:
+        raise ValueError(f"attention_qkv: pad must be 0 or a positive multiple of 8; got {pad}")
+    if keep is not None:
+        if seg_ids is None:
+            raise ValueError("attention_qkv: keep needs seg_ids (the [T] segment index of each token)")
+        if keep.dim() != 1 or keep.shape[0] != S or not keep.is_floating_point():
+            raise ValueError(f"attention_qkv: keep must be a floating [S] = [{S}] tensor (one factor per segment); "
+                             f"got {keep.dtype} {tuple(keep.shape)}")
+        if seg_ids.shape != (T,) or seg_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"attention_qkv: seg_ids must be an int64 [T] = [{T}] tensor; "
+                             f"got {seg_ids.dtype} {tuple(seg_ids.shape)}")
+    return int(pad)
 
 
 attention.qkv = attention_qkv  # what ops.attention_qkv runs on this backend
+attention_qkv.supports_keep_pad = True  # it takes keep=, seg_ids=, pad= (the block's residual GEMM)

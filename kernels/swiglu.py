@@ -10,10 +10,17 @@ of a separate full read of dx. Nothing but x (and the bias) is saved; x + bias a
 recomputed in the backward (free next to the memory traffic). All arithmetic is fp32 after the
 loads.
 
-H is a compile-time constant and the outputs (and dy) are dense rows of H / 2H: the compiler then
-knows that every row start is a multiple of 8 elements (H = 3416 and 5464 are multiples of 8 but
-not of 16, so a runtime H or row stride would be assumed unaligned) and moves 128 bits per access
-(tests/kernels/test_sm90_compile.py asserts it at the model widths).
+For the block's fc2, whose GEMM also does the residual add, bias, LayerScale and drop path
+(model/vit.py), the output rows are ``[k * y, k, 0 ...]``: each row times its crop's drop-path
+factor k = keep[seg_ids[row]] (1 without keep) and PAD more columns, the first of which (k)
+multiplies the bias row of the GEMM's weight (kernels/residual_weight.py). Free in traffic: a
+factor per row and PAD elements; the backward scales dy by the same k and never reads the PAD
+columns of its gradient.
+
+H and PAD are compile-time constants and the outputs (and dy) are dense rows of H + PAD / 2H: the
+compiler then knows that every row start is a multiple of 8 elements (H = 3416 and 5464 are
+multiples of 8 but not of 16, so a runtime H or row stride would be assumed unaligned) and moves
+128 bits per access (tests/kernels/test_sm90_compile.py asserts it at the model widths).
 
 Order: jit kernels -> launchers -> custom ops (autograd) -> public function.
 """
@@ -35,9 +42,11 @@ from ._common import check_float, last_dim_contiguous, next_pow2, num_programs
 def _swiglu_fwd_kernel(
     X,  # [R, 2H]: gate = X[:, :H], value = X[:, H:], row stride stride_x
     B,  # [2H] fc1 bias (unused without HAS_BIAS)
-    Y,  # [R, H] (out), dense rows
+    KEEP,  # [S] per-crop factor (unused without HAS_KEEP)
+    SEG,  # [R] int64 crop of each row (unused without HAS_KEEP)
+    Y,  # [R, H + PAD] (out), dense rows
     stride_x,
-    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PAD: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -48,18 +57,28 @@ def _swiglu_fwd_kernel(
         g += tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
         v += tl.load(B + H + cols, mask=mask, other=0.0).to(tl.float32)
     y = g * tl.sigmoid(g) * v
-    tl.store(Y + row * H + cols, y.to(Y.dtype.element_ty), mask=mask)
+    k = 1.0
+    if HAS_KEEP:
+        k = tl.load(KEEP + tl.load(SEG + row)).to(tl.float32)
+        y = y * k
+    tl.store(Y + row * (H + PAD) + cols, y.to(Y.dtype.element_ty), mask=mask)
+    if PAD > 0:
+        if tl.program_id(1) == 0:  # the bias column (the row's factor) and zeros, once per row
+            pc = tl.arange(0, PAD)
+            tl.store(Y + row * (H + PAD) + H + pc, tl.where(pc == 0, k, 0.0).to(Y.dtype.element_ty))
 
 
 @triton.jit
 def _swiglu_bwd_kernel(
-    DY,  # [R, H], dense rows
+    DY,  # [R, H + PAD], dense rows (the PAD columns are not read)
     X,  # [R, 2H] forward input, row stride stride_x
     B,  # [2H] fc1 bias (unused without HAS_BIAS)
+    KEEP,  # [S] per-crop factor (unused without HAS_KEEP)
+    SEG,  # [R] int64 crop of each row (unused without HAS_KEEP)
     DX,  # [R, 2H] (out), dense rows
     DB_partial,  # [P, 2H] fp32 (out), one row per program along the rows (unused without HAS_BIAS)
     stride_x, R, rows_per_program,
-    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    H: tl.constexpr, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, PAD: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -76,7 +95,9 @@ def _swiglu_bwd_kernel(
     for r in range(row_start, row_end):
         g = tl.load(X + r * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(X + r * stride_x + H + cols, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + r * H + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r * (H + PAD) + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_KEEP:
+            dy = dy * tl.load(KEEP + tl.load(SEG + r)).to(tl.float32)
         if HAS_BIAS:
             g += bg
             v += bv
@@ -102,23 +123,35 @@ def _block(h: int) -> int:
     return min(next_pow2(h), 1024)
 
 
-def _forward(x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x: [R, 2H]; bias: [2H] or None -> y: [R, H] in x's dtype."""
+def _keep_args(keep: torch.Tensor | None, seg_ids: torch.Tensor | None, x: torch.Tensor):
+    """(KEEP, SEG) kernel arguments: the tensors, or aliases of x the kernel never reads."""
+    if keep is None:
+        return x, x
+    return keep.contiguous(), seg_ids.contiguous()
+
+
+def _forward(x: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor | None = None,
+             seg_ids: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
+    """x: [R, 2H]; bias: [2H] or None; keep [S] / seg_ids [R] or None -> y: [R, H + pad] in x's dtype."""
     x = last_dim_contiguous(x)
     bias = None if bias is None else bias.contiguous()
     R, H = x.shape[0], x.shape[1] // 2
-    y = torch.empty((R, H), dtype=x.dtype, device=x.device)
+    y = torch.empty((R, H + pad), dtype=x.dtype, device=x.device)
     if R == 0 or H == 0:
+        if pad:
+            y[:, H:].zero_()
         return y
     block = _block(H)
+    kp, sp = _keep_args(keep, seg_ids, x)
     _swiglu_fwd_kernel[(R, triton.cdiv(H, block))](
-        x, bias if bias is not None else x, y, x.stride(0),
-        H=H, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
+        x, bias if bias is not None else x, kp, sp, y, x.stride(0),
+        H=H, BLOCK=block, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, PAD=pad, num_warps=4)
     return y
 
 
-def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
-    """dy: [R, H], x: [R, 2H], bias: [2H] or None -> dx [R, 2H] (x.dtype), dbias [2H] fp32
+def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, keep: torch.Tensor | None = None,
+              seg_ids: torch.Tensor | None = None, pad: int = 0):
+    """dy: [R, H + pad], x: [R, 2H], bias: [2H] or None -> dx [R, 2H] (x.dtype), dbias [2H] fp32
     (zeros without bias)."""
     dy, x = dy.contiguous(), last_dim_contiguous(x)
     bias = None if bias is None else bias.contiguous()
@@ -131,9 +164,10 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
     if R == 0 or H == 0:
         return dx, partial.sum(0)
     block = _block(H)
+    kp, sp = _keep_args(keep, seg_ids, x)
     _swiglu_bwd_kernel[(p, triton.cdiv(H, block))](
-        dy, x, bias if bias is not None else x, dx, partial, x.stride(0), R, triton.cdiv(R, p),
-        H=H, BLOCK=block, HAS_BIAS=bias is not None, num_warps=4)
+        dy, x, bias if bias is not None else x, kp, sp, dx, partial, x.stride(0), R, triton.cdiv(R, p),
+        H=H, BLOCK=block, HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, PAD=pad, num_warps=4)
     return dx, partial.sum(0)
 
 
@@ -142,35 +176,37 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):
 # ------------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("virchow_fast_triton::swiglu_fwd", mutates_args=())
-def _swiglu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _forward(x, bias)
+def _swiglu_fwd(x: torch.Tensor, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor] = None,
+                seg_ids: Optional[torch.Tensor] = None, pad: int = 0) -> torch.Tensor:
+    return _forward(x, bias, keep, seg_ids, pad)
 
 
 @_swiglu_fwd.register_fake
-def _(x, bias):
-    return x.new_empty((x.shape[0], x.shape[1] // 2))
+def _(x, bias, keep=None, seg_ids=None, pad=0):
+    return x.new_empty((x.shape[0], x.shape[1] // 2 + pad))
 
 
 @torch.library.custom_op("virchow_fast_triton::swiglu_bwd", mutates_args=())
-def _swiglu_bwd(dy: torch.Tensor, x: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(dy, x, bias)
+def _swiglu_bwd(dy: torch.Tensor, x: torch.Tensor, bias: Optional[torch.Tensor], keep: Optional[torch.Tensor] = None,
+                seg_ids: Optional[torch.Tensor] = None, pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return _backward(dy, x, bias, keep, seg_ids, pad)
 
 
 @_swiglu_bwd.register_fake
-def _(dy, x, bias):
+def _(dy, x, bias, keep=None, seg_ids=None, pad=0):
     return x.new_empty(x.shape), x.new_empty(x.shape[1], dtype=torch.float32)
 
 
 def _setup_context(ctx, inputs, output):
-    x, bias = inputs
-    ctx.save_for_backward(x, bias)
+    x, bias, keep, seg_ids, pad = inputs
+    ctx.save_for_backward(x, bias, keep, seg_ids)
+    ctx.pad = pad
 
 
 def _autograd_backward(ctx, dy):
-    x, bias = ctx.saved_tensors
-    dx, dbias = _swiglu_bwd(dy, x, bias)
-    return dx, None if bias is None else dbias.to(bias.dtype)
+    x, bias, keep, seg_ids = ctx.saved_tensors
+    dx, dbias = _swiglu_bwd(dy, x, bias, keep, seg_ids, ctx.pad)
+    return dx, None if bias is None else dbias.to(bias.dtype), None, None, None
 
 
 _swiglu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -180,12 +216,33 @@ _swiglu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # Public function
 # ------------------------------------------------------------------------------------------------
 
-def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def check_keep_pad(op: str, rows: int, keep: torch.Tensor | None, seg_ids: torch.Tensor | None, pad: int) -> None:
+    """The row-factor and padding arguments of an op whose output feeds a residual GEMM; one line if wrong."""
+    if pad < 0 or pad % 8:
+        raise ValueError(f"{op}: pad {pad} must be 0 or a positive multiple of 8 (16-byte rows for the GEMM)")
+    if keep is None:
+        if seg_ids is not None:
+            raise ValueError(f"{op}: seg_ids given without keep")
+        return
+    if seg_ids is None:
+        raise ValueError(f"{op}: keep given without seg_ids (the crop of each row)")
+    check_float(f"{op} keep", keep)
+    if keep.dim() != 1 or seg_ids.shape != (rows,) or seg_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: keep {tuple(keep.shape)} and seg_ids {tuple(seg_ids.shape)} {seg_ids.dtype}: "
+                         f"expected [S] factors and [{rows}] integer crop ids")
+
+
+def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+           seg_ids: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
     """SiLU(g) * v, [g, v] = (x + bias) split in halves (same contract as the reference).
 
     x: [..., 2H] (fp32 / fp16 / bf16); bias: [2H] (fp32 / fp16 / bf16, may differ from x) or None.
-    Returns [..., H] in x's dtype; the backward gives dx in x's dtype and dbias in bias's dtype
-    (column sums of d(x + bias) over all rows, accumulated in fp32).
+    keep [S] / seg_ids [R]: each row times its crop's stochastic-depth factor keep[seg_ids[row]]
+    (x then 2-D, [R, 2H]). pad > 0 (a multiple of 8): [R, H + pad] rows ``[k * y, k, 0, ...]``, k the
+    row's factor (1 without keep): the input of fc2 as the block's residual GEMM takes it, with the
+    bias column (see model/vit.py). Returns [..., H + pad] in x's dtype; the backward gives dx in
+    x's dtype and dbias in bias's dtype (column sums of d(x + bias) over all rows, accumulated in
+    fp32); the gradient of the pad columns is ignored.
     """
     check_float("swiglu x", x)
     if x.shape[-1] % 2:
@@ -195,5 +252,7 @@ def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if bias.shape != x.shape[-1:]:
             raise ValueError(f"swiglu: bias {tuple(bias.shape)} does not match x {tuple(x.shape)}; "
                              f"expected [{x.shape[-1]}]")
-    y = _swiglu_fwd(x.reshape(-1, x.shape[-1]), bias)
-    return y.view(*x.shape[:-1], x.shape[-1] // 2)
+    rows = x.numel() // max(x.shape[-1], 1)
+    check_keep_pad("swiglu", rows, keep, seg_ids, pad)
+    y = _swiglu_fwd(x.reshape(-1, x.shape[-1]), bias, keep, seg_ids, pad)
+    return y.view(*x.shape[:-1], x.shape[-1] // 2 + pad)

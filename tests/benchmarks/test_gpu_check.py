@@ -105,7 +105,7 @@ def test_gpu_check_tiny_budget(tmp_path):
     lines, summary = _run(tmp_path, budget_s=15, timeout_s=120, GPU_CHECK_MIN_START_S="4")
     ran = _check_statuses(lines, summary, allow_budget_cut=True)
     assert ran or lines["env"].startswith("TIMEOUT"), summary  # the first step started
-    assert "budget" in lines["bench_layer_scale"], summary
+    assert "budget" in lines["bench_residual"], summary
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ IBOT_MASKED_FRACTION = 0.15  # mean masked patches per global crop: half the cro
 @dataclasses.dataclass
 class Case:
     name: str  # "<family>-<model>-<detail>", a pytest id
-    family: str  # attention, layer_norm, swiglu, residual_layer_scale, residual_layer_norm, head_loss, optimizer
+    family: str  # attention, layer_norm, swiglu, residual_weight, head_loss, optimizer
     shape: str
     run: Callable[[], None]
 
@@ -77,12 +77,13 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
 
     from virchow_fast.kernels import attention as A
     from virchow_fast.kernels import layer_norm as L
-    from virchow_fast.kernels import layer_scale as R
-    from virchow_fast.kernels import residual_norm as RN
+    from virchow_fast.kernels import residual_weight as RW
     from virchow_fast.kernels import swiglu as S
+    from virchow_fast.model.vit import PAD
 
     bf16, T, C = torch.bfloat16, s.tokens, s.width
     seg = f"{len(s.segments)} crops, {T} tokens"
+    seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), torch.tensor(s.segments))  # crop of each token
 
     def attention():
         getattr(A, "_chosen", {}).clear()  # a fresh process: the launcher times its candidates at these shapes
@@ -91,9 +92,15 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
         cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         o = A.attention(qkv, cu, max(s.segments), s.head_dim ** -0.5)
         o.backward(torch.empty_like(o))
-        # the model's path (ops.attention_qkv): the backward that also sums the qkv bias gradient
-        o, lse = A._attention_fwd(qkv.detach(), cu, max(s.segments), s.head_dim ** -0.5)
-        A._attention_bwd_bias(torch.empty_like(o), qkv.detach(), o, lse, cu, max(s.segments), s.head_dim ** -0.5)
+        # the model's path (ops.attention_qkv): proj's rows for the residual GEMM ([T, C + PAD]), the
+        # teacher's (no keep) and the student's (each crop's keep factor), and the backward that also
+        # sums the qkv bias gradient
+        for keep in (None, torch.empty(len(s.segments))):
+            x = _grad(T, C, dtype=bf16)
+            w, b = _grad(3 * C, C, dtype=bf16), _grad(3 * C, dtype=bf16)
+            a = A.attention_qkv(x, w, b, s.heads, cu, max(s.segments), s.head_dim ** -0.5, keep=keep,
+                                seg_ids=seg_ids if keep is not None else None, pad=PAD)
+            a.backward(torch.empty_like(a))
 
     # bf16 residual stream and parameters (FSDP's bf16 compute copies, one GPU included), and the
     # fp32 residual stream with fp32 parameters of parallel.fsdp: off under autocast
@@ -105,36 +112,27 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
             y, passed = L.layer_norm_branch(x, w, b, 1e-6)
             torch.autograd.backward([y, passed], [torch.empty_like(y), torch.empty_like(passed)])
 
-    def swiglu():
-        x = _grad(T, 2 * s.hidden, dtype=bf16)
-        y = S.swiglu(x, _grad(2 * s.hidden, dtype=bf16))  # the model passes fc1's bias
-        y.backward(torch.empty_like(y))
+    def swiglu():  # the model's call: fc1's bias, fc2's rows with the bias column; teacher, then student (keep)
+        for keep in (None, torch.empty(len(s.segments))):
+            x = _grad(T, 2 * s.hidden, dtype=bf16)
+            y = S.swiglu(x, _grad(2 * s.hidden, dtype=bf16), keep, seg_ids if keep is not None else None, PAD)
+            y.backward(torch.empty_like(y))
 
-    seg_ids = torch.repeat_interleave(torch.arange(len(s.segments)), torch.tensor(s.segments))  # crop of each token
-
-    def residual():  # teacher (no drop path) and student (per-crop keep factor, drop path 0.4)
-        for dt in (bf16, torch.float32):  # residual stream (and gamma, keep) dtype; the branch is bf16
-            for keep in (None, torch.empty(len(s.segments), dtype=dt)):
-                x, y, g = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16), _grad(C, dtype=dt)
-                z = R.residual_layer_scale(x, y, g, keep, seg_ids, bias=_grad(C, dtype=dt))  # proj / fc2's bias
-                z.backward(torch.empty_like(z))
-
-    def residual_norm():  # the attention branch's residual add with norm2 fused, teacher and student
+    def residual_weight():  # proj's and fc2's [gamma W | gamma b | 0] (bf16 compute copies; fp32 without)
         for dt in (bf16, torch.float32):
-            for keep in (None, torch.empty(len(s.segments), dtype=dt)):
-                x, y = _grad(T, C, dtype=dt), _grad(T, C, dtype=bf16)
-                g, b, w, lnb = (_grad(C, dtype=dt) for _ in range(4))
-                z, h = RN.residual_layer_norm(x, y, g, keep, seg_ids if keep is not None else None, b, w, lnb, 1e-6)
-                torch.autograd.backward([z, h], [torch.empty_like(z), torch.empty_like(h)])
+            for k in (C, s.hidden):
+                w, g, b = _grad(C, k, dtype=dt), _grad(C, dtype=dt), _grad(C, dtype=dt)
+                out = RW.residual_weight(w, g, b, PAD)
+                out.backward(torch.empty_like(out))
 
     return [
-        Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}", attention),
+        Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}, "
+             f"-> [{T}, {C}+{PAD}] +- keep", attention),
         Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32, plain and branch", layer_norm),
-        Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16 + bias", swiglu),
-        Case(f"residual_layer_scale-{s.model}", "residual_layer_scale",
-             f"[{T}, {C}] x bf16 and fp32, y bf16 + bias", residual),
-        Case(f"residual_layer_norm-{s.model}", "residual_layer_norm",
-             f"[{T}, {C}] x bf16 and fp32, y bf16 + bias, then LayerNorm", residual_norm),
+        Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16 + bias -> [{T}, {s.hidden}+{PAD}], "
+             f"+- keep", swiglu),
+        Case(f"residual_weight-{s.model}", "residual_weight",
+             f"[{C}, {C}] and [{C}, {s.hidden}] bf16 and fp32 -> +{PAD} columns", residual_weight),
     ]
 
 

@@ -6,6 +6,8 @@ on each side of a block boundary; the packed [T, 3, H, D] qkv (the model's proje
 view of a wider one; strides that are not 16-byte multiples (the unaligned path); one d(qkv)
 gradient, no stack. The interpreter runs small blocks (32 x 32) so short
 segments cover several full blocks and a padded last one; one case runs 64 x 64 blocks.
+attention_qkv's keep / seg_ids / pad (per-crop scaled output written into a [T, C + pad] buffer for
+the block's residual GEMM): forward, gradients, exact zeros of a dropped crop, argument checks.
 """
 import math
 
@@ -285,3 +287,146 @@ def test_qkv_bad_shapes(device):
 def test_qkv_projection_gpu(D, dtype, close):
     """Two tiles of the ViT-H crops, 16 heads (the launcher's tuned configurations)."""
     _check_qkv(([261] * 2 + [54] * 8) * 2, 16, D, dtype, torch.device("cuda"), close)
+
+
+# ------------------------------------------------------------------------------------------------
+# keep / pad: the per-crop stochastic-depth factor and the [T, C + pad] output of the block's
+# residual GEMM (addmm(residual, a, w_ext.t()))
+# ------------------------------------------------------------------------------------------------
+
+KEEP_LENGTHS = [14, 9, 9, 14, 9]  # 2 crops of 14 tokens and 3 of 9, mixed
+KEEP_FACTORS = [2.0, 0.0, 1.25, 2.0, 1.25]  # segment 1 dropped; 1 / (1 - 0.5) and 1.25 kept
+
+
+def _seg_ids(lengths, device):
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+
+
+def _padded_ref(o, keep_row, pad):
+    """The reference output of attention_qkv(..., keep, seg_ids, pad) from the plain [T, H, D] o."""
+    T = o.shape[0]
+    a = o.reshape(T, -1) * keep_row[:, None]
+    if not pad:
+        return a.view_as(o)
+    return torch.cat([a, keep_row[:, None], a.new_zeros(T, pad - 1)], dim=1)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("pad", [0, 8])
+def test_qkv_keep_and_pad(pad, has_bias, device, close):
+    """Scaled (keep 2, 0, 1.25 per crop), padded output against the reference + torch scaling: a,
+    and the gradients of x, weight and bias for a loss that also reads a's extra columns."""
+    torch.manual_seed(3)
+    lengths, H, D = KEEP_LENGTHS, 2, 80  # head dim 80: chunks 64 + 16
+    T, C = sum(lengths), H * D
+    cu, seg = _cu(lengths, device), _seg_ids(lengths, device)
+    keep = torch.tensor(KEEP_FACTORS, device=device)
+    x = torch.randn(T, C, device=device)
+    w = (torch.randn(3 * C, C, device=device) / C ** 0.5).requires_grad_()
+    b = torch.randn(3 * C, device=device, requires_grad=True) if has_bias else None
+    params = [w] + ([b] if has_bias else [])
+    proj = torch.randn(T, C + pad, device=device)  # the loss: a random projection of all of a
+
+    xk = x.clone().requires_grad_()
+    a = attn.attention_qkv(xk, w, b, H, cu, max(lengths), keep=keep, seg_ids=seg, pad=pad)
+    assert a.dtype == x.dtype and a.shape == ((T, C + pad) if pad else (T, H, D))
+    grads = torch.autograd.grad((a.reshape(T, -1) * proj).sum(), [xk] + params)
+
+    xr = x.clone().requires_grad_()
+    wr, br = w.detach().clone().requires_grad_(), (b.detach().clone().requires_grad_() if has_bias else None)
+    o_ref = reference.attention(torch.nn.functional.linear(xr, wr, br).view(T, 3, H, D), cu, max(lengths))
+    a_ref = _padded_ref(o_ref, keep[seg], pad)
+    ref_grads = torch.autograd.grad((a_ref.reshape(T, -1) * proj).sum(), [xr, wr] + ([br] if has_bias else []))
+
+    tol = TOL[torch.float32]
+    close(a, a_ref, tol["o"], "a")
+    if pad:
+        assert torch.equal(a[:, C], keep[seg]) and not a[:, C + 1:].any()
+    dropped = seg == 1
+    assert not a.reshape(T, -1)[dropped, :C].any()
+    close(grads[0], ref_grads[0], tol["grad"], "dx")
+    assert not grads[0][dropped].any()  # a dropped crop's dq, dk, dv are exact zeros
+    close(grads[1], ref_grads[1], (tol["grad"][1] * ref_grads[1].abs().max().item(), tol["grad"][1]), "dweight")
+    if has_bias:
+        db, db_ref = grads[2].view(3, C), ref_grads[2].view(3, C)
+        for i, name in ((0, "dbias q"), (2, "dbias v")):
+            close(db[i], db_ref[i], (tol["grad"][1] * db_ref[i].abs().max().item(), tol["grad"][1]), name)
+        assert not db[1].any()
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_attention_fwd_op_keep_pad_exact_zeros(device, close):
+    """The forward custom op with keep and pad on its own (its registered autograd): d(qkv) against
+    the reference's, exact zeros for the dropped crop."""
+    torch.manual_seed(4)
+    lengths, H, D, pad = KEEP_LENGTHS, 1, 80, 8
+    T, C = sum(lengths), H * D
+    cu, seg = _cu(lengths, device), _seg_ids(lengths, device)
+    keep = torch.tensor(KEEP_FACTORS, device=device)
+    qkv = torch.randn(T, 3, H, D, device=device, requires_grad=True)
+    proj = torch.randn(T, C + pad, device=device)
+    a, _ = attn._attention_fwd(qkv, cu, max(lengths), D ** -0.5, keep, seg, pad)
+    (dqkv,) = torch.autograd.grad((a * proj).sum(), qkv)
+    qr = qkv.detach().clone().requires_grad_()
+    a_ref = _padded_ref(reference.attention(qr, cu, max(lengths)), keep[seg], pad)
+    (dqkv_ref,) = torch.autograd.grad((a_ref * proj).sum(), qr)
+    close(a, a_ref, TOL[torch.float32]["o"], "a")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        close(dqkv[:, i], dqkv_ref[:, i], TOL[torch.float32]["grad"], name)
+    assert not dqkv[seg == 1].any()
+
+
+@pytest.mark.usefixtures("poison_outputs")
+def test_qkv_pad_without_keep(device):
+    """keep=None, pad=8: the plain output in the first C columns, column C all ones, the rest zeros;
+    the gradients equal the unpadded call's (the extra columns' gradient ignored)."""
+    torch.manual_seed(5)
+    lengths, H, D, pad = [14, 9], 2, 16, 8
+    T, C = sum(lengths), H * D
+    cu = _cu(lengths, device)
+    x = torch.randn(T, C, device=device, requires_grad=True)
+    w = (torch.randn(3 * C, C, device=device) / C ** 0.5).requires_grad_()
+    b = torch.randn(3 * C, device=device, requires_grad=True)
+    a = attn.attention_qkv(x, w, b, H, cu, max(lengths), pad=pad)
+    o = attn.attention_qkv(x, w, b, H, cu, max(lengths))
+    assert a.shape == (T, C + pad) and torch.equal(a[:, :C], o.reshape(T, C))
+    assert torch.equal(a[:, C], torch.ones(T, device=device)) and not a[:, C + 1:].any()
+    # the kernels' 16-byte promise holds for the padded view (token stride C + pad, head stride D)
+    view = attn._heads(torch.empty(T, 2 * 80 + pad, dtype=torch.bfloat16), 2, 80)
+    assert view.stride() == (2 * 80 + pad, 80, 1) and attn._consts(80, view.dtype, view)["ALIGN"] == 8
+    proj = torch.randn(T, C + pad, device=device)
+    grads = torch.autograd.grad((a * proj).sum(), [x, w, b])
+    plain = torch.autograd.grad((o.reshape(T, C) * proj[:, :C]).sum(), [x, w, b])
+    for g, p in zip(grads, plain, strict=True):
+        torch.testing.assert_close(g, p, atol=1e-6, rtol=1e-6)
+
+
+def test_opcheck_keep_pad(device):
+    """Schema, fake (the [T, C + pad] output), autograd registration of the ops with the new arguments."""
+    cu, seg = _cu([5, 7], device), _seg_ids([5, 7], device)
+    keep = torch.tensor([0.0, 2.0], device=device)
+    qkv = torch.randn(12, 3, 2, 16, device=device, requires_grad=True)
+    torch.library.opcheck(attn._attention_fwd, (qkv, cu, 7, 0.25, keep, seg, 8))
+    torch.library.opcheck(attn._attention_fwd, (qkv, cu, 7, 0.25, None, None, 8))
+    torch.library.opcheck(attn._attention_fwd, (qkv, cu, 7, 0.25, keep, seg, 0))
+
+
+def test_qkv_keep_pad_bad_args(device):
+    T, C, H = 12, 32, 2
+    x, w = torch.randn(T, C, device=device), torch.randn(3 * C, C, device=device)
+    cu, seg = _cu([5, 7], device), _seg_ids([5, 7], device)
+    keep = torch.tensor([1.0, 2.0], device=device)
+    bad = [
+        (dict(keep=keep[:1], seg_ids=seg), r"keep must be a floating \[S\] = \[2\]"),
+        (dict(keep=torch.tensor([1, 2], device=device), seg_ids=seg), "keep must be a floating"),
+        (dict(pad=4), "pad must be 0 or a positive multiple of 8; got 4"),
+        (dict(pad=-8), "pad must be 0 or a positive multiple of 8; got -8"),
+        (dict(keep=keep), "keep needs seg_ids"),
+        (dict(keep=keep, seg_ids=seg[:-1]), r"seg_ids must be an int64 \[T\] = \[12\]"),
+    ]
+    for kwargs, msg in bad:
+        with pytest.raises(ValueError, match=msg) as err:
+            attn.attention_qkv(x, w, None, H, cu, 7, **kwargs)
+        assert "\n" not in str(err.value) and str(err.value).startswith("attention_qkv: ")
+    assert attn.attention_qkv.supports_keep_pad and attn.attention.qkv is attn.attention_qkv

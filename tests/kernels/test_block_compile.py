@@ -14,10 +14,10 @@ from virchow_fast import ops
 pytest.importorskip("triton")
 from virchow_fast.kernels import attention as attn_k  # noqa: E402
 from virchow_fast.kernels import layer_norm as ln_k  # noqa: E402
-from virchow_fast.kernels import layer_scale as rls_k  # noqa: E402
+from virchow_fast.kernels import residual_weight as rw_k  # noqa: E402
 from virchow_fast.kernels import swiglu as sw_k  # noqa: E402
 
-TRITON = {"attention": "triton", "layer_norm": "triton", "swiglu": "triton", "residual_layer_scale": "triton"}
+TRITON = {"attention": "triton", "layer_norm": "triton", "swiglu": "triton", "residual_weight": "triton"}
 TORCH = {op: "torch" for op in TRITON}
 
 
@@ -41,13 +41,13 @@ def test_opcheck_custom_ops(device):
     xs = torch.randn(5, 18, device=device, requires_grad=True)
     torch.library.opcheck(sw_k._swiglu_fwd, (xs, torch.randn(18, device=device, requires_grad=True)))
     torch.library.opcheck(sw_k._swiglu_fwd, (xs, None))
-    y = torch.randn(7, 40, device=device, dtype=torch.bfloat16, requires_grad=True)
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, None, None, None))
-    keep, seg = torch.tensor([0.0, 2.5], device=device), torch.tensor([0, 1, 1, 0, 1, 0, 0], device=device)
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg, None))
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, keep, seg, None))
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, w, keep, seg, b))
-    torch.library.opcheck(rls_k._rls_fwd, (x, y, None, None, None, b))
+    keep, seg = torch.tensor([0.0, 2.5], device=device), torch.tensor([0, 1, 1, 1, 1], device=device)
+    torch.library.opcheck(sw_k._swiglu_fwd, (xs, None, keep, seg, 8))  # fc2's rows for the residual GEMM
+    torch.library.opcheck(sw_k._swiglu_fwd, (xs, None, None, None, 8))
+    wt = torch.randn(6, 40, device=device, requires_grad=True)
+    g6, b6 = (torch.randn(6, device=device, requires_grad=True) for _ in range(2))
+    torch.library.opcheck(rw_k._residual_weight_fwd, (wt, g6, b6, 8))
+    torch.library.opcheck(rw_k._residual_weight_fwd, (wt, None, None, 8))
 
 
 def _block_case(device):
@@ -104,5 +104,5 @@ def test_compiled_graph_calls_the_kernels(device, restore_ops):
 
     ops.configure(TRITON)
     torch.compile(block, fullgraph=True, backend=capture)(x, *args)
-    for name in ("attention_fwd", "layer_norm_fwd", "swiglu_fwd", "residual_layer_scale_fwd"):
+    for name in ("attention_fwd", "layer_norm_fwd", "swiglu_fwd", "residual_weight_fwd"):
         assert any(f"virchow_fast_triton.{name}" in s for s in seen), f"{name} not in the graph: {seen}"

@@ -12,7 +12,7 @@ pytest.importorskip("triton")
 vit = pytest.importorskip("virchow_fast.model.vit")
 from virchow_fast.config import ModelConfig  # noqa: E402
 
-OPS = ("attention", "layer_norm", "swiglu", "residual_layer_scale")
+OPS = ("attention", "layer_norm", "swiglu", "residual_weight")
 
 
 @pytest.fixture

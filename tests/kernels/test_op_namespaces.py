@@ -48,6 +48,9 @@ def rows(mode):
 def swiglu(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(x=e(T, 2 * H2), dy=e(T, H2), bias=e(2 * H2))
+def residual_weight(mode):
+    e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
+    return dict(weight=e(C, H2), gamma=e(C), bias=e(C), pad=8, dwe=e(C, H2 + 8))
 def attention(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(qkv=e(T, 3, HEADS, D), o=e(T, HEADS, D), do=e(T, HEADS, D),
@@ -64,6 +67,7 @@ def family(op, mode):
     if op.startswith("attention"): return attention(mode)
     if op.startswith("head_"): return head(mode, op)
     if op.startswith("swiglu"): return swiglu(mode)
+    if op.startswith("residual_weight"): return residual_weight(mode)
     if op.startswith(("softmax_center", "sinkhorn")): return centering(mode)
     return rows(mode)
 
@@ -104,7 +108,7 @@ def test_triton_ops_one_namespace_and_fakes():
     assert res.returncode == 0, res.stderr[-4000:]
     checked = res.stdout.split("checked", 1)[1].split()
     assert {c.split("::")[0] for c in checked} == {"virchow_fast_triton"}
-    for op in ("layer_norm_fwd", "swiglu_fwd", "residual_layer_scale_fwd", "attention_fwd", "head_row_lse"):
+    for op in ("layer_norm_fwd", "swiglu_fwd", "residual_weight_fwd", "attention_fwd", "head_row_lse"):
         assert f"virchow_fast_triton::{op}" in checked
 
 

@@ -104,3 +104,57 @@ def test_swiglu_bias_shape_rejected(shape, device):
 def test_swiglu_gpu(shape, dtype, close):
     _check(shape, dtype, torch.device("cuda"), close)
     _check_bias(shape, dtype, dtype, torch.device("cuda"), close)
+
+
+def _keep_pad_case(rows, H, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, 2 * H, generator=g) * 2).to(device, dtype)
+    b = torch.randn(2 * H, generator=g).to(device, dtype)
+    seg = torch.sort(torch.randint(0, 4, (rows,), generator=g)).values.to(device)
+    keep = torch.tensor([0.0, 2.0, 1.25, 2.0], device=device)  # a dropped crop, and two factors
+    return x, b, seg, keep
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pad, with_keep", [(8, True), (8, False), (0, True), (16, True)])
+def test_swiglu_rows_for_the_residual_gemm(pad, with_keep, dtype, device, close):
+    """keep / seg_ids / pad: rows [k * y, k, 0...] (k = keep[seg]), as the block's fc2 GEMM takes them;
+    the gradient of the pad columns is ignored and the dropped crop's rows get exactly zero gradient."""
+    rows, H = 11, 1037  # H not a multiple of the block; 4 crops of a few rows each
+    x, b, seg, keep = _keep_pad_case(rows, H, device, dtype)
+    k, s = (keep, seg) if with_keep else (None, None)
+    dy = torch.randn(rows, H + pad, device=device, dtype=dtype)
+    xk, bk = x.clone().requires_grad_(), b.clone().requires_grad_()
+    y = sw.swiglu(xk, bk, k, s, pad)
+    dx, db = torch.autograd.grad(y, [xk, bk], dy)
+    xr, br = x.float().requires_grad_(), b.float().requires_grad_()
+    yr = reference.swiglu(xr, br, k, s, pad)
+    dxr, dbr = torch.autograd.grad(yr, [xr, br], dy.float())
+    assert y.shape == (rows, H + pad) and y.dtype == dtype
+    close(y, yr, TOL[dtype]["y"], "y")
+    close(dx, dxr, TOL[dtype]["dx"], "dx")
+    close(db, dbr, TOL[dtype]["dbias"], "dbias")
+    if pad:  # the bias column and the zeros, exactly
+        col = keep[seg] if with_keep else torch.ones(rows, device=device)
+        assert torch.equal(y[:, H].float(), col.float())
+        assert not y[:, H + 1:].any()
+    if with_keep:
+        assert not dx[seg == 0].any()  # keep 0: no gradient at all
+        # with keep: the reference's rows equal the plain op's rows times the factor
+        plain = reference.swiglu(x.float(), b.float())
+        close(yr[:, :H], plain * keep[seg][:, None], TOL[torch.float32]["y"], "keep * y")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(pad=4), "multiple of 8"), (dict(pad=-8), "multiple of 8"),
+    (dict(keep="k"), "without seg_ids"), (dict(seg_ids="s"), "without keep"),
+    (dict(keep="k", seg_ids="short"), "crop ids"),
+])
+def test_swiglu_keep_pad_arguments(bad, match, device):
+    x, b, seg, keep = _keep_pad_case(5, 16, device, torch.float32)
+    args = dict(keep=None, seg_ids=None, pad=0)
+    for key, value in bad.items():
+        args[key] = {"k": keep, "s": seg, "short": seg[:3]}.get(value, value) if isinstance(value, str) else value
+    with pytest.raises(ValueError, match=match):
+        sw.swiglu(x, b, **args)

@@ -95,7 +95,13 @@ def test_masters_outside_the_forward_copies_inside(copies_run):
     def record(key, value):
         seen.setdefault(key, value)  # a forward hook that returned a value would replace the output
 
-    hook = block.mlp.register_forward_hook(lambda m, a, o: record("w", m.fc1.weight.dtype))
+    hidden = block.mlp.hidden  # what the block calls (fc1, SwiGLU): the weight it sees there
+
+    def spy(*args, **kwargs):
+        record("w", block.mlp.fc1.weight.dtype)
+        return hidden(*args, **kwargs)
+
+    block.mlp.hidden = spy
     root = student.dino_head.register_forward_hook(
         lambda m, a, o: record("head", next(m.parameters()).dtype))
     try:
@@ -104,7 +110,7 @@ def test_masters_outside_the_forward_copies_inside(copies_run):
         with torch.no_grad():
             student(b.global_crops, b.local_crops, b.masks, mask_inputs=True, mask_indices=b.mask_indices)
     finally:
-        hook.remove()
+        del block.mlp.hidden
         root.remove()
     assert seen["w"] == torch.bfloat16 and seen["head"] == torch.bfloat16
     assert block.mlp.fc1.weight.dtype == torch.float32  # restored after the forward

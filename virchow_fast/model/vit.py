@@ -42,6 +42,11 @@ class LayerScale(nn.Module):
         return x * self.gamma
 
 
+# Columns a branch's last activation gets for its residual GEMM: the bias column (each row's
+# drop-path factor) and zeros, so rows stay 16-byte aligned for cuBLAS (see Block.forward).
+PAD = 8
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -50,18 +55,22 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                host_offsets: tuple[int, ...] | None = None, proj_bias: bool = True) -> torch.Tensor:
-        """x: [T, C] packed tokens -> [T, C]. host_offsets: cu_seqlens as ints (see ops.attention).
-
-        proj_bias=False leaves out proj's bias (the block adds it in its fused residual op).
-        """
-        t, c = x.shape
+    def core(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+             host_offsets: tuple[int, ...] | None = None, keep: torch.Tensor | None = None,
+             seg_ids: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
+        """Attention before proj: x [T, C] packed tokens -> o [T, C] (or, with keep / pad, proj's
+        input as the block's residual GEMM takes it, [T, C + pad]: see ops.attention_qkv).
+        host_offsets: cu_seqlens as ints (see ops.attention)."""
         # qkv packed [T, 3, H, D], not unbound: the backward returns one gradient (no stack of dq, dk, dv);
         # projection and attention are one op, so the qkv bias gradient comes from the attention kernels
         o = ops.attention_qkv(x, self.qkv.weight, self.qkv.bias, self.num_heads, cu_seqlens, max_seqlen,
-                              self.head_dim ** -0.5, host_offsets=host_offsets)
-        return F.linear(o.reshape(t, c), self.proj.weight, self.proj.bias if proj_bias else None)
+                              self.head_dim ** -0.5, host_offsets=host_offsets, keep=keep, seg_ids=seg_ids, pad=pad)
+        return o if pad else o.reshape(x.shape[0], -1)
+
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x: [T, C] packed tokens -> [T, C] (timm's Attention on packed crops)."""
+        return self.proj(self.core(x, cu_seqlens, max_seqlen, host_offsets))
 
 
 class SwiGLU(nn.Module):
@@ -76,10 +85,24 @@ class SwiGLU(nn.Module):
         self.fc1 = nn.Linear(dim, 2 * hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, fc2_bias: bool = True) -> torch.Tensor:
-        """fc2_bias=False leaves out fc2's bias (the block adds it in its fused residual op)."""
-        h = ops.swiglu(F.linear(x, self.fc1.weight), self.fc1.bias)
-        return F.linear(h, self.fc2.weight, self.fc2.bias if fc2_bias else None)
+    def hidden(self, x: torch.Tensor, keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None,
+               pad: int = 0) -> torch.Tensor:
+        """fc2's input: SiLU(gate) * value [T, H] (or, with keep / pad, [T, H + pad]: see ops.swiglu)."""
+        return ops.swiglu(F.linear(x, self.fc1.weight), self.fc1.bias, keep, seg_ids, pad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.hidden(x))
+
+
+def residual_gemm(x: torch.Tensor, a: torch.Tensor, w_ext: torch.Tensor) -> torch.Tensor:
+    """x + a @ w_ext^T as one GEMM with x as its C operand (cuBLAS adds it in the epilogue).
+
+    Under autocast (``fsdp: off`` with bf16) the fp32 residual stream stays fp32: the product is
+    taken in bf16 and added outside (addmm would cast x to bf16 too).
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        return x + torch.mm(a, w_ext.t())
+    return torch.addmm(x, a, w_ext.t())
 
 
 class Block(nn.Module):
@@ -94,18 +117,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
         self.drop_path = drop_path
 
-    def _keep(self, seg_ids: torch.Tensor, n_segments: int, x: torch.Tensor) -> torch.Tensor | None:
+    def _keep(self, n_segments: int, x: torch.Tensor) -> torch.Tensor | None:
         """Per-crop stochastic depth: each crop's keep factor [S] (0 or 1 / (1 - p)), or None when inactive."""
         if not self.training or self.drop_path == 0.0:
             return None
-        return (torch.rand(n_segments, device=x.device) >= self.drop_path).to(x.dtype) / (1.0 - self.drop_path)
-
-    @staticmethod
-    def _residual(x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, ls: nn.Module,
-                  keep: torch.Tensor | None, seg_ids: torch.Tensor) -> torch.Tensor:
-        """x + keep[seg_ids] * ls(y + bias): the branch's output bias, LayerScale and drop path fused
-        into one op (ops.residual_layer_scale), whose backward also returns the bias gradient."""
-        return ops.residual_layer_scale(x, y, Block._gamma(ls), keep, seg_ids if keep is not None else None, bias)
+        return (torch.rand(n_segments, device=x.device) >= self.drop_path).float() / (1.0 - self.drop_path)
 
     @staticmethod
     def _gamma(ls: nn.Module) -> torch.Tensor | None:
@@ -116,18 +132,26 @@ class Block(nn.Module):
                 seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
         """Pre-norm block; same values as timm's ``x + drop_path(ls(branch(norm(x))))`` twice.
 
-        norm1 returns (norm1(x), x) from one op, so the residual stream's gradient and the norm's are
-        summed in the norm's backward; the attention branch's residual add and norm2 are one op
-        (z is not read back); the proj and fc2 biases go into the residual ops.
+        Each branch ends in one GEMM that also does its residual add, output bias, LayerScale and
+        drop path: ``x + keep * gamma * (a W^T + b) = addmm(x, [keep * a | keep | 0], [gamma W |
+        gamma b | 0]^T)``. The attention / SwiGLU kernel that writes a also writes each row's factor
+        and the bias column (ops.attention_qkv / ops.swiglu with pad), ops.residual_weight folds
+        gamma and b into the weight (a pass over the weight, not over the tokens), and the residual
+        stream's gradient passes through the GEMM untouched. The norms return (norm(x), x) from one
+        op, so the residual stream's gradient and the norm's are summed in the norm's backward. The
+        only passes over the token rows outside GEMMs and attention are the two norms and SwiGLU.
         """
         n_seg = cu_seqlens.numel() - 1
         h, x = self.norm1.branch(x)
-        y = self.attn(h, cu_seqlens, max_seqlen, host_offsets, proj_bias=False)
-        keep = self._keep(seg_ids, n_seg, x)
-        x, h = ops.residual_layer_norm(x, y, self._gamma(self.ls1), keep, seg_ids if keep is not None else None,
-                                       self.attn.proj.bias, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        y = self.mlp(h, fc2_bias=False)
-        return self._residual(x, y, self.mlp.fc2.bias, self.ls2, self._keep(seg_ids, n_seg, x), seg_ids)
+        keep = self._keep(n_seg, x)
+        a = self.attn.core(h, cu_seqlens, max_seqlen, host_offsets, keep, seg_ids if keep is not None else None, PAD)
+        proj = self.attn.proj
+        x = residual_gemm(x, a, ops.residual_weight(proj.weight, self._gamma(self.ls1), proj.bias, PAD))
+        h, x = self.norm2.branch(x)
+        keep = self._keep(n_seg, x)
+        a = self.mlp.hidden(h, keep, seg_ids if keep is not None else None, PAD)
+        fc2 = self.mlp.fc2
+        return residual_gemm(x, a, ops.residual_weight(fc2.weight, self._gamma(self.ls2), fc2.bias, PAD))
 
 
 class VisionTransformer(nn.Module):

@@ -145,19 +145,31 @@ def attention(qkv, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
     return fn(qkv, cu_seqlens, max_seqlen, scale)
 
 
-def attention_qkv(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale=None, host_offsets=None):
+def attention_qkv(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale=None, host_offsets=None,
+                  keep=None, seg_ids=None, pad=0):
     """attention(linear(x, weight, bias).view(T, 3, H, D), ...): the qkv projection and attention.
 
     Same values as the two ops. On a backend whose ``attention`` has a fused ``qkv`` (triton), the
     backward takes the bias gradient from the attention kernels' own sums; elsewhere autograd sums
-    the [T, 3C] gradient.
+    the [T, 3C] gradient. keep [S] / seg_ids [T] / pad: the output as the block's residual GEMM
+    takes it, :func:`reference.scale_rows` of o as [T, C] (in the fused kernels' epilogue; elsewhere
+    torch ops after the attention). Returns [T, H, D] when pad is 0, else [T, C + pad].
     """
     fn = _dispatch("attention", x.device)
     fused = getattr(fn, "qkv", None)
+    if fused is not None and (getattr(fused, "supports_keep_pad", False) or (keep is None and not pad)):
+        if keep is None and not pad:
+            return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
+        return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale, keep=keep, seg_ids=seg_ids, pad=pad)
     if fused is not None:
-        return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
-    qkv = torch.nn.functional.linear(x, weight, bias).view(x.shape[0], 3, num_heads, -1)
-    return attention(qkv, cu_seqlens, max_seqlen, scale, host_offsets=host_offsets)
+        o = fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
+    else:
+        qkv = torch.nn.functional.linear(x, weight, bias).view(x.shape[0], 3, num_heads, -1)
+        o = attention(qkv, cu_seqlens, max_seqlen, scale, host_offsets=host_offsets)
+    if keep is None and not pad:
+        return o
+    out = reference.scale_rows(o.reshape(o.shape[0], -1), keep, seg_ids, pad)
+    return out if pad else out.view(o.shape)
 
 
 def layer_norm(x, weight, bias, eps):
@@ -179,21 +191,15 @@ def layer_norm_branch(x, weight, bias, eps):
     return fn(x, weight, bias, eps), x
 
 
-def swiglu(x, bias=None):
-    """SiLU(first half) * second half of x + bias (fc1's bias, or None); see :func:`reference.swiglu`."""
-    return _dispatch("swiglu", x.device)(x, bias)
+def swiglu(x, bias=None, keep=None, seg_ids=None, pad=0):
+    """SiLU(first half) * second half of x + bias (fc1's bias, or None); see :func:`reference.swiglu`
+    (keep / seg_ids / pad: the rows of fc2's input as the block's residual GEMM takes them)."""
+    return _dispatch("swiglu", x.device)(x, bias, keep, seg_ids, pad)
 
 
-def residual_layer_scale(x, y, gamma, keep=None, seg_ids=None, bias=None):
-    """x + keep[seg_ids] * gamma * (y + bias): the residual add fused with the branch's output bias,
-    LayerScale and per-crop stochastic depth; see :func:`reference.residual_layer_scale`."""
-    return _dispatch("residual_layer_scale", x.device)(x, y, gamma, keep, seg_ids, bias)
-
-
-def residual_layer_norm(x, y, gamma, keep, seg_ids, bias, weight, ln_bias, eps):
-    """(z, LayerNorm(z)) with z = x + keep[seg_ids] * gamma * (y + bias): a block's first residual
-    add and its norm2 in one op; see :func:`reference.residual_layer_norm`."""
-    return _dispatch("residual_layer_norm", x.device)(x, y, gamma, keep, seg_ids, bias, weight, ln_bias, eps)
+def residual_weight(weight, gamma, bias, pad=8):
+    """[gamma * W | gamma * b | 0 ...]: a block's residual GEMM weight; see :func:`reference.residual_weight`."""
+    return _dispatch("residual_weight", weight.device)(weight, gamma, bias, pad)
 
 
 def prototype_loss(*args, **kwargs):

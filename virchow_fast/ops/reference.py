@@ -61,7 +61,8 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         None if bias is None else bias.float(), eps).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None, keep: torch.Tensor | None = None,
+           seg_ids: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
     """SiLU(g) * v, [g, v] = (x + bias) split in halves: the packed fc1 output (timm SwiGLUPacked)
     with fc1's bias added here rather than in the matmul.
 
@@ -69,51 +70,51 @@ def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     write H per row (3 R H e); the bias ([2H]) adds nothing to the row traffic. Backward reads x
     and dy, writes dx (5 R H e) and also returns dbias, the fp32 column sums of dx over all rows
     (in bias's dtype), with no extra pass when fused.
+
+    keep [S] / seg_ids [R], pad: see :func:`scale_rows` (the rows of fc2's input for the block's
+    residual GEMM); free when fused (a factor per row, 2 pad elements per row).
     """
     xf = x.float()
     if bias is not None:
         xf = xf + bias.float()
     gate, value = xf.chunk(2, dim=-1)
-    return (F.silu(gate) * value).to(x.dtype)
+    y = F.silu(gate) * value
+    if keep is None and not pad:
+        return y.to(x.dtype)
+    return scale_rows(y.reshape(-1, y.shape[-1]), keep, seg_ids, pad).to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def residual_layer_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None,
-                         keep: torch.Tensor | None = None, seg_ids: torch.Tensor | None = None,
-                         bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x + keep[seg] * gamma * (y + bias): the branch's output bias, LayerScale, per-crop stochastic
-    depth, then the residual add.
+def scale_rows(y: torch.Tensor, keep: torch.Tensor | None, seg_ids: torch.Tensor | None, pad: int) -> torch.Tensor:
+    """A branch's last activation as its residual GEMM takes it: rows ``[k * y, k, 0 ...]``.
 
-    x, y: [..., C]; gamma: [C] or None; keep: [S] factor of each packed crop (0 or 1 / (1 - p)) or
-    None; seg_ids: [R] crop of each of the R = x.numel() / C rows; bias: [C] or None (the bias of
-    the Linear that produced y, run without it). Computed as ((y + bias) * gamma) * keep, in
-    torch's promoted dtype. The bias gradient is the column sum of dy over all rows.
-    Traffic: eagerly 7 R C e forward (each product a pass), 9 with the bias add; fused, read x, y,
-    write z (3 R C e) with or without the bias; backward reads dz, y, writes dy (3 R C e) and sums
-    dgamma and dbias from those same rows (no extra pass over [R, C]).
+    y: [R, K]; k = keep[seg_ids] (each row's crop's stochastic-depth factor), 1 without keep. pad: 0
+    (then just ``k * y``) or a multiple of 8: [R, K + pad], where column K (k) multiplies the
+    bias row of :func:`residual_weight` and the zeros keep rows 16-byte aligned. fp32 products.
     """
-    if bias is not None:
-        y = y + bias
-    if gamma is not None:
-        y = y * gamma
-    if keep is not None:
-        y = y * keep[seg_ids].view(*x.shape[:-1], 1)
-    return x + y
+    k = keep.float()[seg_ids] if keep is not None else None
+    out = y if k is None else y.float() * k[:, None]
+    if pad:
+        col = k[:, None] if k is not None else y.new_ones((y.shape[0], 1), dtype=torch.float32)
+        out = torch.cat([out.float(), col, col.new_zeros((y.shape[0], pad - 1))], dim=1)
+    return out.to(y.dtype)
 
 
-def residual_layer_norm(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor | None, keep: torch.Tensor | None,
-                        seg_ids: torch.Tensor | None, bias: torch.Tensor | None, weight: torch.Tensor,
-                        ln_bias: torch.Tensor | None, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(z, LayerNorm(z)), z = :func:`residual_layer_scale` (x, y, gamma, keep, seg_ids, bias): a
-    block's first residual add and the LayerNorm of its second branch (norm2) as one op.
+def residual_weight(weight: torch.Tensor, gamma: torch.Tensor | None, bias: torch.Tensor | None,
+                    pad: int = 8) -> torch.Tensor:
+    """The weight of a block's residual GEMM: ``[gamma * W | gamma * b | 0 ...]``, [N, K + pad].
 
-    z's dtype is the promoted one of the residual op; the LayerNorm (weight, ln_bias: [C]) normalises
-    z as stored and returns z's dtype. Traffic: separately the residual op (3 R C e) and the
-    LayerNorm (2 R C e) forward; fused, read x, y, write z, h (4 R C e). Backward: separately the
-    LayerNorm backward with the residual gradient added (4 R C e) and the residual backward (3);
-    fused, read z, dh, dz, y, write dx, dy (6 R C e).
+    weight [N, K] (a Linear's, y = a W^T + b); gamma [N] LayerScale (None: 1); bias [N] or None.
+    ``x + keep * gamma * (a W^T + b)`` is then ``addmm(x, scale_rows(a, keep, ..., pad), W_ext^T)``:
+    the residual add, bias, LayerScale and drop path inside one GEMM. Computed in fp32, returned in
+    weight's dtype. Traffic: read W, write W_ext (2 N K e) per forward; backward (dW, dgamma, dbias
+    from dW_ext) reads dW_ext, W, writes dW (3 N K e).
     """
-    z = residual_layer_scale(x, y, gamma, keep, seg_ids, bias)
-    return z, layer_norm(z, weight, ln_bias, eps)
+    w = weight.float()
+    g = None if gamma is None else gamma.float()
+    b = w.new_zeros(w.shape[0]) if bias is None else bias.float()
+    if g is not None:
+        w, b = w * g[:, None], b * g
+    return torch.cat([w, b[:, None], w.new_zeros((w.shape[0], pad - 1))], dim=1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

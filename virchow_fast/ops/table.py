@@ -54,19 +54,13 @@ TABLE: dict[str, Op] = {op.name: op for op in (
        torch="virchow_fast.ops.reference:swiglu",
        triton="virchow_fast.kernels.swiglu:swiglu",
        auto=("triton", "torch"), evidence=_NOT_MEASURED),
-    Op("residual_layer_scale", "x + keep[seg] * gamma * (y + bias): residual add, branch bias, LayerScale "
-       "and per-crop drop path",
-       torch="virchow_fast.ops.reference:residual_layer_scale",
-       triton="virchow_fast.kernels.layer_scale:residual_layer_scale",
+    Op("residual_weight", "[gamma * W | gamma * b | 0]: LayerScale and the bias folded into the weight of a "
+       "block's residual GEMM (addmm with the residual stream as C)",
+       torch="virchow_fast.ops.reference:residual_weight",
+       triton="virchow_fast.kernels.residual_weight:residual_weight",
        auto=("triton", "torch"),
-       evidence=_NOT_MEASURED + "; moves 3 instead of about 5 row-widths each way (benchmarks/cost_model.py)"),
-    Op("residual_layer_norm", "residual_layer_scale and the LayerNorm after it (a block's norm2) in one pass: "
-       "(z, LayerNorm(z))",
-       torch="virchow_fast.ops.reference:residual_layer_norm",
-       triton="virchow_fast.kernels.residual_norm:residual_layer_norm",
-       auto=("triton", "torch"),
-       evidence=_NOT_MEASURED + "; z is not read back: 4 instead of 5 row-widths forward, 6 instead of 7 "
-                "backward (benchmarks/cost_model.py)"),
+       evidence=_NOT_MEASURED + "; one pass over the weight instead of passes over the token rows "
+                "(benchmarks/cost_model.py)"),
     Op("prototype_loss", "DINO / iBOT head loss from bottleneck features, logits never stored",
        torch="virchow_fast.ops.reference:prototype_loss",
        triton="virchow_fast.kernels.prototype_loss:prototype_loss",
@@ -81,4 +75,6 @@ TABLE: dict[str, Op] = {op.name: op for op in (
 )}
 
 # old config keys, so a config written for an earlier version fails with the new name in its line
-RENAMED = {"head_loss": "prototype_loss", "centering": "teacher_probs"}
+RENAMED = {"head_loss": "prototype_loss", "centering": "teacher_probs",
+           # the block's residual ops became its residual GEMMs (model/vit.py), whose fused op is this
+           "residual_layer_scale": "residual_weight", "residual_layer_norm": "residual_weight"}

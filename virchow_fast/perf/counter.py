@@ -165,8 +165,11 @@ class CostCounter(TorchDispatchMode):
     """
 
     def __init__(self, fake_mode: FakeTensorMode, tracker: ModTracker, segment_lengths: list[int],
-                 constants: dict | None = None):
+                 constants: dict | None = None, gemm_pad: dict[int, int] | None = None):
         super().__init__()
+        # {padded width: useful width} of the blocks' residual GEMMs (model/vit.py's PAD columns: the
+        # bias column and zeros), so their useful FLOPs leave the padding out; issued FLOPs keep it
+        self.gemm_pad = dict(gemm_pad or {})
         self.fake_mode = fake_mode
         self.tracker = tracker
         self.segment_lengths = list(segment_lengths)
@@ -221,6 +224,19 @@ class CostCounter(TorchDispatchMode):
         self._record(func, args, kwargs, out)
         return out
 
+    def _useful_share(self, name: str, args) -> float:
+        """Useful / issued FLOPs of a block's own GEMM (the residual GEMMs are the only ones a Block
+        issues outside its Linear modules): each of m, k, n that is a padded width counts its useful part."""
+        leaf = self._module().rsplit(".", 1)[-1]
+        if ".blocks." not in self._module() or not leaf.isdigit():
+            return 1.0
+        a, b = (args[1], args[2]) if name == "aten.addmm" else (args[0], args[1])
+        share = 1.0
+        for d in (a.shape[0], a.shape[1], b.shape[1]):
+            if d in self.gemm_pad:
+                share *= self.gemm_pad[d] / d
+        return share
+
     # -- classification ---------------------------------------------------------------------------
     def _module(self) -> str:
         parents = [p for p in self.tracker.parents if p != "Global"]
@@ -237,13 +253,11 @@ class CostCounter(TorchDispatchMode):
             return "optimizer and EMA"
         if "attention" in name:
             return "attention"
-        if "residual_layer_norm" in name:  # the residual op with the next LayerNorm fused in
-            return "residual/LayerScale/drop path"
         if "layer_norm" in name:
             return "norms"
         if "swiglu" in name:
             return "SwiGLU"
-        if "residual_layer_scale" in name:
+        if "residual_weight" in name:  # LayerScale and the bias folded into the residual GEMM's weight
             return "residual/LayerScale/drop path"
         if name.startswith(_COPIES):
             return "casts and copies"
@@ -280,6 +294,8 @@ class CostCounter(TorchDispatchMode):
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
             _check_operand_dtypes(name, args)
+            if self.gemm_pad and name in ("aten.mm", "aten.addmm"):
+                flops *= self._useful_share(name, args)
         elif name.endswith(("attention_fwd", "attention_bwd", "attention_bwd_bias")):
             backward = "bwd" in name  # attention_bwd_bias: the backward that also sums the qkv bias gradient
             qkv = args[1] if backward else args[0]  # [T, 3, H, D]

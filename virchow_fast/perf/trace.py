@@ -35,6 +35,7 @@ from torch.distributed._tools.mod_tracker import ModTracker
 
 from .. import ops
 from ..config import Config
+from ..model.vit import PAD
 from .counter import CostCounter, OpRecord
 
 
@@ -209,7 +210,9 @@ def trace_step(cfg: Config, tiles: int | None = None, ac: str | None = None, wor
         batch = Batch(global_crops=torch.empty(c.n_global * b, 3, c.global_size, c.global_size),
                       local_crops=torch.empty(c.n_local * b, 3, c.local_size, c.local_size),
                       mags=torch.full((b,), 20.0), step=0, **fake)
-        counter = CostCounter(mode, tracker, lengths, {fake[k]: v for k, v in real.items()})
+        m = cfg.model
+        pad = {m.embed_dim + PAD: m.embed_dim, m.mlp_hidden + PAD: m.mlp_hidden}
+        counter = CostCounter(mode, tracker, lengths, {fake[k]: v for k, v in real.items()}, gemm_pad=pad)
         student.train()
         teacher.eval()
         with counter:  # warm-up, not counted: FSDP's lazy init (first forward), AdamW's state (first step)
