@@ -99,13 +99,16 @@ class Trainer:
 
         from virchow_fast.train.distributed import init_distributed
         from virchow_fast.train.loop import build
+        from virchow_fast.train.parallelize import resolve_activation_checkpointing
 
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.cfg = cfg
         self.info = init_distributed(cfg)
         self.device = self.info.device
-        self.student, self.teacher, self.optimizer, self.loss_fn = build(cfg, self.info)
+        # activation_checkpointing: auto resolved once, as the trainer does; rows name the policy it picked
+        self.parallel = resolve_activation_checkpointing(cfg, self.info)
+        self.student, self.teacher, self.optimizer, self.loss_fn = build(cfg, self.info, self.parallel)
         self.student.train()
         self.teacher.eval()
         self.step = trainer_step(cfg, self.info, self.student, self.teacher, self.optimizer, self.loss_fn)
@@ -256,8 +259,9 @@ def main() -> None:
     def extra(p):
         p.add_argument("--model", default=None, help="vit_h14 | vit_g14 | tiny (default vit_h14; tiny on CPU)")
         p.add_argument("--batch", type=int, default=None, help="tiles per GPU (default: the config's)")
-        p.add_argument("--ac", default=None, help="comma list of off, full, every_k2 (default full,off; "
-                                                    "vit_g14: full)")
+        p.add_argument("--ac", default=None, help="comma list of off, selective, full, every_k2, auto (default "
+                                                    "full,off; vit_g14: full; auto: the trainer's choice, named "
+                                                    "in the rows)")
         p.add_argument("--data", default="memory,loader", help="comma list of memory, loader")
         p.add_argument("--ops", default=None, help="force every op to one backend (torch | triton); default auto")
         p.add_argument("--ceilings", default=None, help="bench_ceilings JSON (default $OUT/ceilings.json)")
@@ -294,6 +298,9 @@ def main() -> None:
         tr = None
         try:
             tr = Trainer(cfg)
+            if ac == "auto":
+                ac = f"auto->{tr.parallel.activation_checkpointing}"
+                print(f"  activation checkpointing auto -> {tr.parallel.activation_checkpointing}", flush=True)
             for mode in modes:
                 row = {"model": model, "batch": cfg.data.batch_size, "ac": ac, "ops": label, "data": mode}
                 if mode == "loader":
