@@ -19,7 +19,11 @@ hyper row), built on the host and copied to the device from a pinned buffer with
 ``non_blocking=True`` (no host synchronisation; the caching host allocator keeps the pinned block
 alive until the copy has run); the kernel loads its row and casts each address with
 ``.to(tl.pointer_type(...))``. Gradients are grouped by dtype (bf16, fp32): one launch per dtype
-present, never one per tensor. Zero-numel tensors get no chunk.
+present, never one per tensor. Zero-numel tensors get no chunk. The host side is a plan
+(``_Plan``): the argument checks, the grouping, the schedule and every column of the table but the
+gradients', made once and reused while no tensor but the gradients changes (the key: each other
+tensor's address, size, dtype and contiguity); a call then checks and fills in only the
+gradients: about 0.9 ms of host time per step for ViT-H's 470 tensors instead of 1.7 ms.
 
 Per-tensor hyperparameters (lr, weight decay, EMA flag) live in a device tensor [N, 3], so a
 scheduler changing lr costs no recompile and no host sync; the clip's divisor ``grad_scale`` is a
@@ -236,15 +240,25 @@ def _lerp_weight(w: float) -> tuple[float, bool]:
 # Checks and launcher
 # ------------------------------------------------------------------------------------------------
 
+_LISTS = (("params", (torch.float32,)), ("grads", _GRAD_DTYPES), ("exp_avgs", (torch.float32,)),
+          ("exp_avg_sqs", (torch.float32,)), ("teachers", (torch.float32,)), ("copies", (torch.bfloat16,)),
+          ("teacher_copies", (torch.bfloat16,)))
+
+
 def _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad,
-           step) -> None:
-    """Shapes, dtypes, contiguity and devices of every argument; one ValueError naming the list and index."""
+           step, only_grads: bool = False) -> None:
+    """Shapes, dtypes, contiguity and devices of every argument; one ValueError naming the list and index.
+
+    only_grads: the lists other than grads are known good (a cached plan, see :class:`_Plan`): only
+    grads, the per-call tensors and the step are checked (about 0.2 ms instead of 1.1 ms of host time
+    for ViT-H's 470 tensors).
+    """
     n = len(params)
-    for name, lst in (("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs),
-                      ("teachers", teachers)):
-        if len(lst) != n:
+    lists = (params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies)
+    for (name, _), lst in zip(_LISTS[1:5], lists[1:5], strict=True):
+        if len(lst) != n and not (only_grads and name != "grads"):
             raise ValueError(f"adamw_ema_: {name} has {len(lst)} tensors, params {n}")
-    for name, lst in (("copies", copies), ("teacher_copies", teacher_copies)):
+    for (name, _), lst in zip(_LISTS[5:], lists[5:], strict=True):
         if len(lst) not in (0, n):
             raise ValueError(f"adamw_ema_: {name} has {len(lst)} tensors; expected 0 or {n} (one per param)")
     device = params[0].device if n else hyper.device
@@ -259,12 +273,9 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copie
                          f"int32 tensor on {device}")
     if step < 1:
         raise ValueError(f"adamw_ema_: step {step}; expected >= 1 (the step count after incrementing)")
-    lists = (("params", params, (torch.float32,)), ("grads", grads, _GRAD_DTYPES),
-             ("exp_avgs", exp_avgs, (torch.float32,)), ("exp_avg_sqs", exp_avg_sqs, (torch.float32,)),
-             ("teachers", teachers, (torch.float32,)), ("copies", copies, (torch.bfloat16,)),
-             ("teacher_copies", teacher_copies, (torch.bfloat16,)))
+    checked = [(_LISTS[1], grads)] if only_grads else [(spec, lst) for spec, lst in zip(_LISTS, lists, strict=True)]
     for i, p in enumerate(params):
-        for name, lst, dtypes in lists:
+        for (name, dtypes), lst in checked:
             if not lst:
                 continue
             t = lst[i]
@@ -281,32 +292,72 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copie
                 raise ValueError(f"adamw_ema_: {name}[{i}] {what}")
 
 
-def _launch(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad,
-            beta1, beta2, eps, step, momentum) -> None:
-    device = params[0].device
+def _static_key(params, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grads) -> tuple:
+    """Everything a checked plan depends on but the gradients' addresses: each other tensor's address,
+    size, dtype and contiguity (a tensor replaced, by a checkpoint load or a resize, changes them; the
+    kernel works on flat elements, so a reshape in place does not matter), the device, hyper's address
+    and the gradients' dtypes (the launches are grouped by them). About 0.4 ms for 470 tensors."""
+    T = torch.Tensor
+    lists = (params, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies)
+    return (params[0].device, hyper.data_ptr(), tuple(g.dtype for g in grads),
+            *(tuple(map(T.data_ptr, lst)) for lst in lists), *(tuple(map(T.numel, lst)) for lst in lists),
+            *(tuple(t.dtype for t in lst) for lst in lists), *(tuple(map(T.is_contiguous, lst)) for lst in lists))
+
+
+class _Plan:
+    """The launches of one validated set of lists: per gradient dtype, the tensors, their chunk schedule
+    and the pointer table with every column but the gradient's filled (host int64 [n, 8])."""
+
+    def __init__(self, params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper):
+        device = params[0].device
+        hyper_addr = hyper.data_ptr()
+        self.groups = []
+        for dtype in _GRAD_DTYPES:
+            idx = [i for i, g in enumerate(grads) if g.dtype == dtype and g.numel() > 0]
+            if not idx:
+                continue
+            rows = [[params[i].data_ptr(), 0, exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                     teachers[i].data_ptr(), copies[i].data_ptr() if copies else 0,
+                     teacher_copies[i].data_ptr() if teacher_copies else 0, hyper_addr + 12 * i] for i in idx]
+            aligned = all(a % 16 == 0 for r in rows for a in r[:7] if a)
+            numels = tuple(params[i].numel() for i in idx)
+            self.groups.append((dtype, idx, torch.tensor(rows, dtype=torch.int64), aligned, numels,
+                                _schedule(numels, device)))
+
+
+_PLAN: dict[tuple, _Plan] = {}  # the last plan only (one optimizer per process in training)
+
+
+def _plan(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad,
+          step) -> _Plan:
+    """The checked plan for these lists: cached while no tensor but the gradients changed (then only the
+    gradients are checked again), else every argument is checked and a new plan made."""
+    key = _static_key(params, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grads)
+    plan = _PLAN.get(key)
+    _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad, step,
+           only_grads=plan is not None)
+    if plan is None:
+        plan = _Plan(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper)
+        _PLAN.clear()
+        _PLAN[key] = plan
+    return plan
+
+
+def _launch(plan: _Plan, grads, grad_scale, bad, beta1, beta2, eps, step, momentum, copies: bool,
+            teacher_copies: bool) -> None:
     m_w, m_end = _lerp_weight(1.0 - beta1)
     t_w, t_end = _lerp_weight(1.0 - momentum)
     bc1, bc2_sqrt = 1.0 - beta1 ** step, (1.0 - beta2 ** step) ** 0.5
-    hyper_addr = hyper.data_ptr()
-    for dtype in _GRAD_DTYPES:
-        idx = [i for i, g in enumerate(grads) if g.dtype == dtype and g.numel() > 0]
-        if not idx:
-            continue
-        rows = []
-        for i in idx:
-            rows.append([params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                         exp_avg_sqs[i].data_ptr(), teachers[i].data_ptr(),
-                         copies[i].data_ptr() if copies else 0,
-                         teacher_copies[i].data_ptr() if teacher_copies else 0, hyper_addr + 12 * i])
-        aligned = all(a % 16 == 0 for r in rows for a in r[:7])
-        table = _to_device(torch.tensor(rows, dtype=torch.int64), device)
-        numels = tuple(params[i].numel() for i in idx)
-        schedule = _schedule(numels, device)
+    for dtype, idx, static, aligned, numels, schedule in plan.groups:
+        rows = static.clone()
+        grad_ptrs = [grads[i].data_ptr() for i in idx]
+        rows[:, 1] = torch.tensor(grad_ptrs, dtype=torch.int64)
+        table = _to_device(rows, schedule.device)
         _adamw_ema_kernel[(schedule.shape[0],)](
             schedule, table, grad_scale, bad, m_w, beta2, 1.0 - beta2, eps, bc1, bc2_sqrt, t_w,
-            BLOCK=BLOCK, GRAD_BF16=dtype == torch.bfloat16, HAS_COPY=bool(copies),
-            HAS_TEACHER_COPY=bool(teacher_copies), ALIGNED=aligned, M_FROM_END=m_end, T_FROM_END=t_end,
-            EXACT_BF16=interpreting(), COUNT_DIV=_count_div(numels),
+            BLOCK=BLOCK, GRAD_BF16=dtype == torch.bfloat16, HAS_COPY=copies,
+            HAS_TEACHER_COPY=teacher_copies, ALIGNED=aligned and all(a % 16 == 0 for a in grad_ptrs),
+            M_FROM_END=m_end, T_FROM_END=t_end, EXACT_BF16=interpreting(), COUNT_DIV=_count_div(numels),
             num_warps=NUM_WARPS)
 
 
@@ -321,10 +372,12 @@ def _adamw_ema_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avg
                   exp_avg_sqs: list[torch.Tensor], teachers: list[torch.Tensor], copies: list[torch.Tensor],
                   teacher_copies: list[torch.Tensor], hyper: torch.Tensor, grad_scale: torch.Tensor,
                   bad: torch.Tensor, beta1: float, beta2: float, eps: float, step: int, momentum: float) -> None:
-    _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad, step)
-    if params:
-        _launch(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad,
-                beta1, beta2, eps, step, momentum)
+    if not params:
+        _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad, step)
+        return
+    plan = _plan(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies, hyper, grad_scale, bad,
+                 step)
+    _launch(plan, grads, grad_scale, bad, beta1, beta2, eps, step, momentum, bool(copies), bool(teacher_copies))
 
 
 @_adamw_ema_op.register_fake

@@ -203,6 +203,31 @@ def test_bad_arguments_rejected(case):
         K.adamw_ema_(**a)
 
 
+def test_plan_cached_while_only_gradients_change():
+    """The host-side plan (checks, chunk schedule, pointer table) is made once per set of tensors: a
+    call with new gradients reuses it, and still checks the gradients; a replaced state tensor (as a
+    checkpoint load makes) gets a new plan, fully checked."""
+    a = _args()
+    a["hyper"][:, 0] = 0.1  # lr: zero gradients move nothing, the next call's ones do
+    K.adamw_ema_(**a)
+    (plan,) = K._PLAN.values()
+    a["grads"] = [torch.ones_like(g) for g in a["grads"]]  # new gradients each step, as backward makes them
+    K.adamw_ema_(**a)
+    assert list(K._PLAN.values()) == [plan]
+    assert all(float(p.abs().sum()) > 0 for p in a["params"])  # the new gradients were read
+    bad = dict(a, grads=[a["grads"][0], torch.ones(3, 4, dtype=torch.bfloat16), a["grads"][2]])
+    with pytest.raises(ValueError, match=r"grads\[1\] shape \(3, 4\), params\[1\] \(4, 3\)"):
+        K.adamw_ema_(**bad)
+    with pytest.raises(ValueError, match=r"grads\[2\] dtype torch.float16"):
+        K.adamw_ema_(**dict(a, grads=a["grads"][:2] + [a["grads"][2].half()]))
+    replaced = dict(a, exp_avgs=[a["exp_avgs"][0], a["exp_avgs"][1].to(torch.bfloat16), a["exp_avgs"][2]])
+    with pytest.raises(ValueError, match=r"exp_avgs\[1\] dtype torch.bfloat16"):
+        K.adamw_ema_(**replaced)
+    fresh = dict(a, exp_avgs=[m.clone() for m in a["exp_avgs"]])
+    K.adamw_ema_(**fresh)
+    assert list(K._PLAN.values()) != [plan]
+
+
 def test_empty_lists_and_fake():
     """No tensors: nothing to do; the fake (torch.compile's trace) returns None and writes nothing."""
     a = _args(0)
