@@ -430,3 +430,36 @@ def test_qkv_keep_pad_bad_args(device):
             attn.attention_qkv(x, w, None, H, cu, 7, **kwargs)
         assert "\n" not in str(err.value) and str(err.value).startswith("attention_qkv: ")
     assert attn.attention_qkv.supports_keep_pad and attn.attention.qkv is attn.attention_qkv
+
+
+@pytest.mark.gpu  # the model's call at ViT-H / ViT-G head dims; skipped without CUDA (tests/conftest.py)
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32], ids=str)
+@pytest.mark.parametrize("D", [80, 104])
+def test_qkv_keep_pad_gpu(D, dtype, close):
+    """Two tiles of the ViT-H crops, 16 heads, drop path 0.4 per crop (keep 0 or 1 / 0.6) and the
+    [T, C + 8] rows of the residual GEMM, in the training dtypes, against the fp32 reference."""
+    torch.manual_seed(5)
+    device = torch.device("cuda")
+    lengths, H = ([261] * 2 + [54] * 8) * 2, 16
+    T, C, pad = sum(lengths), H * D, 8
+    cu, seg = _cu(lengths, device), _seg_ids(lengths, device)
+    keep = ((torch.rand(len(lengths), device=device) >= 0.4).float() / 0.6)
+    keep[0], keep[3] = 0.0, 1 / 0.6  # at least one crop dropped and one kept
+    x = torch.randn(T, C, device=device).to(dtype)
+    w = (torch.randn(3 * C, C, device=device) / C ** 0.5).to(dtype).requires_grad_()
+    b = torch.randn(3 * C, device=device).to(dtype).requires_grad_()
+    proj = torch.randn(T, C + pad, device=device)
+    xk = x.clone().requires_grad_()
+    a = attn.attention_qkv(xk, w, b, H, cu, max(lengths), keep=keep, seg_ids=seg, pad=pad)
+    grads = torch.autograd.grad((a.float() * proj).sum(), [xk, w, b])
+    xr, wr, br = (t.detach().float().requires_grad_() for t in (x, w, b))
+    o_ref = reference.attention(torch.nn.functional.linear(xr, wr, br).view(T, 3, H, D), cu, max(lengths))
+    a_ref = _padded_ref(o_ref, keep[seg], pad)
+    ref_grads = torch.autograd.grad((a_ref * proj).sum(), [xr, wr, br])
+    tol = TOL[dtype]  # as test_qkv_projection_gpu: the projection's output is rounded too
+    close(a, a_ref, tol["grad"], "a")
+    assert torch.equal(a[:, C].float(), keep[seg].to(dtype).float()) and not a[:, C + 1:].any()
+    close(grads[0], ref_grads[0], tol["grad"], "dx")
+    assert not grads[0][seg == 0].any()  # the dropped crop: exact zeros
+    for name, g, r in (("dweight", grads[1], ref_grads[1]), ("dbias", grads[2], ref_grads[2])):
+        close(g, r, (tol["grad"][1] * r.abs().max().item(), tol["grad"][1]), name)  # sums over T rows
