@@ -61,13 +61,17 @@ def _ln_fwd_kernel(
     B,  # [C] or dummy when not HAS_BIAS
     Mean,  # [R] fp32 (out)
     Rstd,  # [R] fp32 (out)
+    XC,  # [R, C] (out, with COPY): x again, the buffer a residual GEMM then updates in place
     eps,
-    C: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr,
+    C: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_C: tl.constexpr, COPY: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    x = tl.load(X + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+    xin = tl.load(X + row * C + cols, mask=mask, other=0.0)
+    if COPY:
+        tl.store(XC + row * C + cols, xin, mask=mask)
+    x = xin.to(tl.float32)
     y, mean, rstd = _ln_row(x, W, B, cols, mask, eps, C, HAS_BIAS)
     tl.store(Y + row * C + cols, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + row, mean)
@@ -117,21 +121,22 @@ def _warps(block_c: int) -> int:
     return min(max(block_c // 256, 1), 16)
 
 
-def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float):
-    """x: [R, C] -> y [R, C] (x.dtype), mean [R] fp32, rstd [R] fp32."""
+def _forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float, copy: bool = False):
+    """x: [R, C] -> y [R, C] (x.dtype), mean [R] fp32, rstd [R] fp32 (and with ``copy`` a copy of x,
+    written as x is read: one more write, no read)."""
     x = x.contiguous()
     R, C = x.shape
     y = torch.empty((R, C), dtype=x.dtype, device=x.device)
     mean = torch.empty(R, dtype=torch.float32, device=x.device)
     rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-    if R == 0:
-        return y, mean, rstd
-    block_c = next_pow2(C)
-    _ln_fwd_kernel[(R,)](
-        x, y, weight, bias if bias is not None else weight, mean, rstd,
-        eps, C=C, HAS_BIAS=bias is not None, BLOCK_C=block_c, num_warps=_warps(block_c),
-    )
-    return y, mean, rstd
+    xc = torch.empty((R, C), dtype=x.dtype, device=x.device) if copy else None
+    if R > 0:
+        block_c = next_pow2(C)
+        _ln_fwd_kernel[(R,)](
+            x, y, weight, bias if bias is not None else weight, mean, rstd, xc if copy else y,
+            eps, C=C, HAS_BIAS=bias is not None, BLOCK_C=block_c, COPY=copy, num_warps=_warps(block_c),
+        )
+    return (y, mean, rstd, xc) if copy else (y, mean, rstd)
 
 
 def _backward(dy, x, weight, mean, rstd, dres=None):
@@ -183,6 +188,20 @@ def _(dy, x, weight, mean, rstd, dres):
     return x.new_empty(x.shape), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
 
+@torch.library.custom_op("virchow_fast_triton::layer_norm_fwd_copy", mutates_args=())
+def _layer_norm_fwd_copy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """_layer_norm_fwd and a copy of x (layer_norm_branch's ``copy``); its autograd is _LayerNormBranch's."""
+    return _forward(x, weight, bias, eps, copy=True)
+
+
+@_layer_norm_fwd_copy.register_fake
+def _(x, weight, bias, eps):
+    R, C = x.shape
+    stats = x.new_empty(R, dtype=torch.float32)
+    return x.new_empty((R, C)), stats, torch.empty_like(stats), x.new_empty((R, C))
+
+
 def _setup_context(ctx, inputs, output):
     x, weight, bias, _ = inputs
     _, mean, rstd = output
@@ -210,24 +229,29 @@ class _LayerNormBranch(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, copy=False):
         x2 = x.reshape(-1, x.shape[-1])
-        y, mean, rstd = _layer_norm_fwd(x2, weight, bias, eps)
+        if copy:  # the residual stream as a new buffer (the block's residual GEMM updates it in place)
+            y, mean, rstd, xc = _layer_norm_fwd_copy(x2, weight, bias, eps)
+        else:
+            y, mean, rstd = _layer_norm_fwd(x2, weight, bias, eps)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias, ctx.bias_dtype, ctx.shape = bias is not None, None if bias is None else bias.dtype, x.shape
         ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no zero tensor to read)
+        if copy:  # not a view when x is [R, C] (a view could not be updated in place)
+            return y.view(x.shape), (xc if x.dim() == 2 else xc.view(x.shape))
         return y.view(x.shape), x
 
     @staticmethod
     def backward(ctx, dy, dres):
         x2, weight, mean, rstd = ctx.saved_tensors
         if dy is None:  # only the residual stream was used
-            return dres, None, None, None
+            return dres, None, None, None, None
         C = x2.shape[1]
         dres = None if dres is None else dres.reshape(-1, C)
         dx, dw, db = _layer_norm_bwd(dy.reshape(-1, C), x2, weight, mean, rstd, dres)
         return (dx.view(ctx.shape), dw.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-                db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None, None)
+                db.to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None, None, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -247,14 +271,16 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def layer_norm_branch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      eps: float, copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(layer_norm(x, ...), x): the norm of a pre-norm branch and the residual stream it branches from.
 
     Same values as the reference's; the backward returns x's two gradients summed by the LayerNorm
-    backward kernel (no separate add).
+    backward kernel (no separate add). copy: the stream comes back as a new buffer holding x,
+    written by the forward kernel as it reads x (one more write), which the caller may update in
+    place (the block's ``addmm_``; x itself is saved for the backward).
     """
     check_float("layer_norm x", x)
-    return _LayerNormBranch.apply(x, weight, bias, float(eps))
+    return _LayerNormBranch.apply(x, weight, bias, float(eps), bool(copy))
 
 
 layer_norm.branch = layer_norm_branch  # what ops.layer_norm_branch runs on this backend

@@ -64,8 +64,11 @@ def test_layer_norm_gpu(shape, dtype, close):
     _check(shape, dtype, torch.device("cuda"), close)
 
 
-def _check_branch(shape, dtype, device, close, has_bias=True, uses=("norm", "residual")):
-    """layer_norm_branch's (y, x) and x's summed gradient vs the reference's LayerNorm plus autograd's add."""
+def _check_branch(shape, dtype, device, close, has_bias=True, uses=("norm", "residual"), copy=False):
+    """layer_norm_branch's (y, x) and x's summed gradient vs the reference's LayerNorm plus autograd's add.
+
+    copy: the stream comes back as a new buffer, which is then updated in place (``add_``, as the
+    block's addmm_ does): the gradient through it still reaches x, and x itself is untouched."""
     C = shape[-1]
     x = torch.randn(shape, device=device, dtype=dtype) * 2 + 0.5
     w = (torch.randn(C, device=device) * 0.5 + 1).requires_grad_()
@@ -82,14 +85,19 @@ def _check_branch(shape, dtype, device, close, has_bias=True, uses=("norm", "res
         return sum(terms)
 
     xk = x.clone().requires_grad_()
-    y, passed = ln.layer_norm_branch(xk * 1, w, b, 1e-6)  # "* 1": a non-leaf input, as in the model
+    xin = xk * 1  # a non-leaf input, as in the model
+    y, passed = ln.layer_norm_branch(xin, w, b, 1e-6, copy=copy)
+    if copy:
+        assert passed.data_ptr() != xin.data_ptr() and torch.equal(passed, x)
+        passed = passed.add_(1.0)  # in place, then used: its gradient is still dres
+        assert torch.equal(xin, x)
     grads = torch.autograd.grad(loss(y, passed), [xk] + params, allow_unused=True)
     xr = x.float().requires_grad_()
     yr = reference.layer_norm(xr, w, b, 1e-6)
     ref_grads = torch.autograd.grad(loss(yr, xr), [xr] + params, allow_unused=True)
 
     tol = TOL[dtype]
-    assert passed.dtype == dtype and torch.equal(passed, x)
+    assert passed.dtype == dtype and torch.equal(passed, x + 1.0 if copy else x)
     close(y, yr, tol["y"], "y")
     close(grads[0], ref_grads[0], tol["dx"], "dx (norm + residual)")
     for name, g, gr in zip(("dw", "db")[:len(params)], grads[1:], ref_grads[1:], strict=True):
@@ -104,6 +112,13 @@ def _check_branch(shape, dtype, device, close, has_bias=True, uses=("norm", "res
 @pytest.mark.parametrize("shape", [(1, 1280), (37, 1280), (2, 7, 1664), (5, 3)], ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm_branch_sums_both_gradients(shape, dtype, device, close):
     _check_branch(shape, dtype, device, close)
+
+
+@pytest.mark.usefixtures("poison_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(37, 1280), (5, 3)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_branch_copy_updated_in_place(shape, dtype, device, close):
+    _check_branch(shape, dtype, device, close, copy=True)
 
 
 @pytest.mark.usefixtures("poison_outputs")

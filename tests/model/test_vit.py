@@ -94,3 +94,26 @@ def test_tile_embedding_concat_cls_and_patch_mean():
     assert emb.shape == (2, 96)
     torch.testing.assert_close(emb[:, :48], tokens[:, 0])
     torch.testing.assert_close(emb[:, 48:], tokens[:, 5:].mean(1))
+
+
+def test_block_updates_the_stream_in_place_only_when_allowed():
+    """Without autograd a block adds its residual GEMMs into the stream's buffer only with inplace
+    (VisionTransformer passes its own stream); a caller's x is never changed otherwise, and the
+    values are the same either way (and as with autograd on)."""
+    from virchow_fast.config import ModelConfig
+    from virchow_fast.model.vit import Block
+
+    torch.manual_seed(0)
+    block = Block(ModelConfig(embed_dim=32, num_heads=2, mlp_hidden=24, layerscale_init=0.5), drop_path=0.0).eval()
+    cu, seg = torch.tensor([0, 9, 13], dtype=torch.int32), torch.tensor([0] * 9 + [1] * 4)
+    x = torch.randn(13, 32)
+    with torch.no_grad():
+        kept = x.clone()
+        out = block(x, cu, 9, seg)
+        assert torch.equal(x, kept)  # not allowed: x untouched
+        own = x.clone()
+        out_inplace = block(own, cu, 9, seg, inplace=True)
+        assert out_inplace.data_ptr() == own.data_ptr()  # the stream's own buffer, updated
+    torch.testing.assert_close(out_inplace, out, rtol=0, atol=0)
+    with_grad = block(x.clone().requires_grad_(), cu, 9, seg)
+    torch.testing.assert_close(with_grad.detach(), out, rtol=1e-6, atol=1e-6)

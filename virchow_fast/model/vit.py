@@ -27,9 +27,12 @@ class LayerNorm(nn.LayerNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.layer_norm(x, self.weight, self.bias, self.eps)
 
-    def branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(norm(x), x) at a pre-norm branch point; x's two gradients are summed in the norm's backward."""
-        return ops.layer_norm_branch(x, self.weight, self.bias, self.eps)
+    def branch(self, x: torch.Tensor, copy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x), x) at a pre-norm branch point; x's two gradients are summed in the norm's backward.
+
+        copy: x comes back as a new buffer (written as the norm reads x) that the caller may update in place.
+        """
+        return ops.layer_norm_branch(x, self.weight, self.bias, self.eps, copy=copy)
 
 
 class LayerScale(nn.Module):
@@ -94,15 +97,17 @@ class SwiGLU(nn.Module):
         return self.fc2(self.hidden(x))
 
 
-def residual_gemm(x: torch.Tensor, a: torch.Tensor, w_ext: torch.Tensor) -> torch.Tensor:
+def residual_gemm(x: torch.Tensor, a: torch.Tensor, w_ext: torch.Tensor, inplace: bool = True) -> torch.Tensor:
     """x + a @ w_ext^T as one GEMM with x as its C operand (cuBLAS adds it in the epilogue).
 
-    Under autocast (``fsdp: off`` with bf16) the fp32 residual stream stays fp32: the product is
-    taken in bf16 and added outside (addmm would cast x to bf16 too).
+    inplace: written into x, the in-place ``addmm_`` (x must be a buffer the caller owns); else the
+    out-of-place addmm, which on CUDA first copies x into its output (a pass over the rows of its
+    own). Under autocast (``fsdp: off`` with bf16) the fp32 residual stream stays fp32: the product
+    is taken in bf16 and added outside, out of place (addmm would cast x to bf16 too).
     """
     if torch.is_autocast_enabled(x.device.type):
         return x + torch.mm(a, w_ext.t())
-    return torch.addmm(x, a, w_ext.t())
+    return x.addmm_(a, w_ext.t()) if inplace else torch.addmm(x, a, w_ext.t())
 
 
 class Block(nn.Module):
@@ -116,6 +121,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, cfg.mlp_hidden)
         self.ls2 = LayerScale(dim, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
         self.drop_path = drop_path
+        # the residual GEMMs add into the stream's buffer in place (off under selective activation
+        # checkpointing, which caches GEMM outputs and so forbids mutating them: train/parallelize.py)
+        self.inplace_residual = True
 
     def _keep(self, n_segments: int, x: torch.Tensor) -> torch.Tensor | None:
         """Per-crop stochastic depth: each crop's keep factor [S] (0 or 1 / (1 - p)), or None when inactive."""
@@ -129,7 +137,8 @@ class Block(nn.Module):
         return ls.gamma if isinstance(ls, LayerScale) else None
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None) -> torch.Tensor:
+                seg_ids: torch.Tensor, host_offsets: tuple[int, ...] | None = None,
+                inplace: bool = False) -> torch.Tensor:
         """Pre-norm block; same values as timm's ``x + drop_path(ls(branch(norm(x))))`` twice.
 
         Each branch ends in one GEMM that also does its residual add, output bias, LayerScale and
@@ -140,18 +149,27 @@ class Block(nn.Module):
         stream's gradient passes through the GEMM untouched. The norms return (norm(x), x) from one
         op, so the residual stream's gradient and the norm's are summed in the norm's backward. The
         only passes over the token rows outside GEMMs and attention are the two norms and SwiGLU.
+
+        The GEMMs add into the stream's buffer in place (``addmm_``): with autograd recording, that
+        buffer is a copy of x the norm writes as it reads x (x itself is saved for the norm's
+        backward); without (the teacher, evaluation) and ``inplace`` (the caller's x is not needed
+        after the call: VisionTransformer passes its own stream), x itself, so no copy at all.
         """
         n_seg = cu_seqlens.numel() - 1
-        h, x = self.norm1.branch(x)
+        own = inplace and not torch.is_grad_enabled()
+        # a copy to update in place; not under autocast (out-of-place adds) or without in-place GEMMs
+        copy = not own and self.inplace_residual and not torch.is_autocast_enabled(x.device.type)
+        mutate = own or copy
+        h, x = (self.norm1(x), x) if own else self.norm1.branch(x, copy=copy)
         keep = self._keep(n_seg, x)
         a = self.attn.core(h, cu_seqlens, max_seqlen, host_offsets, keep, seg_ids if keep is not None else None, PAD)
         proj = self.attn.proj
-        x = residual_gemm(x, a, ops.residual_weight(proj.weight, self._gamma(self.ls1), proj.bias, PAD))
-        h, x = self.norm2.branch(x)
+        x = residual_gemm(x, a, ops.residual_weight(proj.weight, self._gamma(self.ls1), proj.bias, PAD), mutate)
+        h, x = (self.norm2(x), x) if own else self.norm2.branch(x, copy=copy)
         keep = self._keep(n_seg, x)
         a = self.mlp.hidden(h, keep, seg_ids if keep is not None else None, PAD)
         fc2 = self.mlp.fc2
-        return residual_gemm(x, a, ops.residual_weight(fc2.weight, self._gamma(self.ls2), fc2.bias, PAD))
+        return residual_gemm(x, a, ops.residual_weight(fc2.weight, self._gamma(self.ls2), fc2.bias, PAD), mutate)
 
 
 class VisionTransformer(nn.Module):
@@ -216,8 +234,8 @@ class VisionTransformer(nn.Module):
             host_offsets = None  # only the torch reference needs them (and compiled blocks would guard on each)
         max_seqlen = max(length for _, length in shapes)
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens], dim=0)
-        for block in self.blocks:
-            x = block(x, cu_seqlens, max_seqlen, seg_ids, host_offsets)
+        for block in self.blocks:  # x is this stream's own buffer: without autograd the blocks update it in place
+            x = block(x, cu_seqlens, max_seqlen, seg_ids, host_offsets, inplace=True)
         x = self.norm(x)
         out, start = [], 0
         for n, length in shapes:

@@ -177,18 +177,19 @@ def layer_norm(x, weight, bias, eps):
     return _dispatch("layer_norm", x.device)(x, weight, bias, eps)
 
 
-def layer_norm_branch(x, weight, bias, eps):
+def layer_norm_branch(x, weight, bias, eps, copy=False):
     """(LayerNorm(x), x) at a pre-norm branch point: x goes on as the residual stream.
 
     Same values as ``(layer_norm(x, ...), x)``. On a backend whose ``layer_norm`` has a fused
     ``branch`` (triton), the two gradients of x (residual path and norm) are summed inside the norm's
-    backward kernel; elsewhere autograd sums them.
+    backward kernel; elsewhere autograd sums them. copy: the stream comes back as a new buffer (a
+    copy of x the caller may update in place; the fused forward writes it as it reads x).
     """
     fn = _dispatch("layer_norm", x.device)
     branch = getattr(fn, "branch", None)
     if branch is not None:
-        return branch(x, weight, bias, eps)
-    return fn(x, weight, bias, eps), x
+        return branch(x, weight, bias, eps, copy=copy)
+    return fn(x, weight, bias, eps), (x.clone() if copy else x)
 
 
 def swiglu(x, bias=None, keep=None, seg_ids=None, pad=0):
@@ -200,6 +201,11 @@ def swiglu(x, bias=None, keep=None, seg_ids=None, pad=0):
 def residual_weight(weight, gamma, bias, pad=8):
     """[gamma * W | gamma * b | 0 ...]: a block's residual GEMM weight; see :func:`reference.residual_weight`."""
     return _dispatch("residual_weight", weight.device)(weight, gamma, bias, pad)
+
+
+def l2_normalize(w, eps=1e-12):
+    """Rows divided by their L2 norm (the prototypes' weight norm); see :func:`reference.l2_normalize`."""
+    return _dispatch("l2_normalize", w.device)(w, eps)
 
 
 def prototype_loss(*args, **kwargs):

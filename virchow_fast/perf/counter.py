@@ -138,8 +138,10 @@ def _head_pass_flops(name: str, args) -> float:
 
 
 # matmuls whose two operands must share a dtype on a device (fake tensors do not check it)
-_OPERANDS = {"aten.mm": (0, 1), "aten.bmm": (0, 1), "aten.addmm": (1, 2), "aten.baddbmm": (1, 2),
-             "aten.convolution": (0, 1)}
+_OPERANDS = {"aten.mm": (0, 1), "aten.bmm": (0, 1), "aten.addmm": (1, 2), "aten.addmm_": (1, 2),
+             "aten.baddbmm": (1, 2), "aten.convolution": (0, 1)}
+# in-place matmuls torch's flop counter does not list: the FLOPs of their out-of-place form
+_FLOP_ALIASES = {torch.ops.aten.addmm_: torch.ops.aten.addmm}
 
 
 def _check_operand_dtypes(name: str, args) -> None:
@@ -230,7 +232,7 @@ class CostCounter(TorchDispatchMode):
         leaf = self._module().rsplit(".", 1)[-1]
         if ".blocks." not in self._module() or not leaf.isdigit():
             return 1.0
-        a, b = (args[1], args[2]) if name == "aten.addmm" else (args[0], args[1])
+        a, b = (args[1], args[2]) if name.startswith("aten.addmm") else (args[0], args[1])
         share = 1.0
         for d in (a.shape[0], a.shape[1], b.shape[1]):
             if d in self.gemm_pad:
@@ -261,7 +263,7 @@ class CostCounter(TorchDispatchMode):
             return "residual/LayerScale/drop path"
         if name.startswith(_COPIES):
             return "casts and copies"
-        if "head_" in name or "prototype" in name or (module and "backbone" not in module):
+        if "head_" in name or "prototype" in name or "l2_normalize" in name or (module and "backbone" not in module):
             return "heads"  # the heads and the losses (everything of a network or loss outside the backbone)
         if flops:
             return "GEMM"
@@ -290,11 +292,12 @@ class CostCounter(TorchDispatchMode):
         kind = MEMORY
         packet = func._overloadpacket
         operands = _tensors(args)[:2]
+        packet = _FLOP_ALIASES.get(packet, packet)
         if packet in flop_registry:
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
             _check_operand_dtypes(name, args)
-            if self.gemm_pad and name in ("aten.mm", "aten.addmm"):
+            if self.gemm_pad and name in ("aten.mm", "aten.addmm", "aten.addmm_"):
                 flops *= self._useful_share(name, args)
         elif name.endswith(("attention_fwd", "attention_bwd", "attention_bwd_bias")):
             backward = "bwd" in name  # attention_bwd_bias: the backward that also sums the qkv bias gradient
@@ -309,6 +312,12 @@ class CostCounter(TorchDispatchMode):
             operands = _tensors(args[1:] if name.endswith("_add_") else args)[:2]  # z, w (not the out= buffer)
         module = self._module()
         fp32 = kind != MEMORY and any(t.dtype == torch.float32 for t in operands)
+        if name == "aten.addmm" and isinstance(args[0], torch.Tensor) and args[0].dim() == 2:
+            # out of place with a full C: CUDA's addmm first copies C into the output (a kernel of its
+            # own: read C, write the output), then runs the GEMM with beta = 1 on it; only a 1-D bias
+            # (cuBLASLt's epilogue) or the in-place addmm_ skips the copy
+            self.records.append(OpRecord("aten.addmm (copy of C)", self._category("", 0.0, module), MEMORY,
+                                         bytes=2.0 * span_bytes(args[0]), phase=self.current_phase))
         self.records.append(OpRecord(name, self._category(name, flops, module), kind, flops, issued,
                                      float(self._bytes(func, name, args, kwargs, out)), self.current_phase, fp32))
         if (self.keeps_output is not None and self.current_phase == "forward" and torch.is_grad_enabled()

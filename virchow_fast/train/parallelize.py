@@ -80,7 +80,9 @@ def checkpointed_blocks(cfg: ParallelConfig, depth: int) -> list[int]:
 
 # Selective checkpointing keeps what is expensive to recompute: the matmul outputs (qkv, proj, fc1,
 # fc2) and the attention's output and log-sum-exp. The cheap memory-bound ops between them
-# (LayerNorm, SwiGLU, residual + LayerScale, drop path) are recomputed in backward.
+# (LayerNorm, SwiGLU, residual + LayerScale, drop path) are recomputed in backward. A saved output
+# must not be mutated later, so a selectively checkpointed block runs its residual GEMMs out of
+# place (Block.inplace_residual off: addmm, whose copy of C costs a pass over the rows).
 _KEEP = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
          torch.ops.aten.convolution.default}
 
@@ -106,6 +108,8 @@ def _apply_ac(block: nn.Module, selective: bool = False) -> None:
 
     forward = block.forward  # the bound class method
     extra = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
+    if selective and hasattr(block, "inplace_residual"):
+        block.inplace_residual = False  # selective checkpointing caches GEMM outputs: none may be mutated
 
     @functools.wraps(forward)
     def checkpointed(*args, **kwargs):
