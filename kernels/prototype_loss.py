@@ -321,7 +321,10 @@ def _loss_and_grads(student_z, student_w, teacher_z, teacher_w, s_idx, t_idx, pa
         yt = y.index_select(0, t_idx)  # [P, b]
         w = pair_weight.float()
         loss = (w * (lse.index_select(0, s_idx) - inv_ts * (zs * yt).sum(1))).sum()
-        logit_mean = teacher_z.float().mean(0) @ teacher_w.float().t()  # mean_m T_mk, [K]
+        # mean_m T_mk [K], for the softmax center's EMA only (Sinkhorn has no center): an empty
+        # tensor otherwise, so no fp32 copy of teacher_w ([K, b]) is made for nothing
+        logit_mean = (teacher_z.float().mean(0) @ teacher_w.float().t() if centering == "softmax"
+                      else teacher_z.new_zeros(0, dtype=torch.float32))
         if not need_grad:
             return loss, logit_mean, None, None
         N, M = student_z.shape[0], teacher_z.shape[0]
@@ -367,7 +370,8 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
 
     student_z: [N, b], student_w: [K, b] (both may require grad); teacher_z: [M, b],
     teacher_w: [K, b] (no grad); s_idx, t_idx: [P] int64 pair rows; pair_weight: [P] fp32;
-    center: [K] for centering="softmax". Returns (loss scalar fp32, teacher logit mean [K] fp32).
+    center: [K] for centering="softmax". Returns (loss scalar fp32, teacher logit mean [K] fp32 for
+    centering="softmax", else an empty [0] tensor).
     Memory: O((N + M + K) b + splits R b) fp32, no [N, K] or [M, K] buffer.
     """
     if centering == "softmax" and center is None:

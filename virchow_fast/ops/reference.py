@@ -117,6 +117,13 @@ def residual_weight(weight: torch.Tensor, gamma: torch.Tensor | None, bias: torc
     return torch.cat([w, b[:, None], w.new_zeros((w.shape[0], pad - 1))], dim=1).to(weight.dtype)
 
 
+def l2_normalize(w: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows of w [R, C] divided by max(their L2 norm, eps): ``F.normalize(w, dim=-1)`` (the heads'
+    prototype weight norm). Eagerly a norm pass and a division forward, about eight passes backward;
+    fused, read w, write y (2 R C e) and read dy, w, write dw (3 R C e)."""
+    return F.normalize(w, dim=-1, eps=eps)
+
+
 # ---------------------------------------------------------------------------------------------
 # DINO / iBOT heads: teacher centering and prototype cross-entropy
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +197,8 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
     (no gradients). Pairs p = 0..P-1 score student row s_idx[p] against teacher row t_idx[p]
     with weight pair_weight[p] ([P] fp32); the loss is sum_p w_p CE_p.
     Returns (loss scalar, teacher logit mean [K] over this rank's rows, for the softmax center's
-    EMA; the caller all-reduces it). ``targets`` computes the teacher probabilities with
+    EMA; the caller all-reduces it; with another centering nothing reads it and it is an empty
+    [0] tensor: no pass over teacher_w for it). ``targets`` computes the teacher probabilities with
     :func:`teacher_probs`'s signature (default: it, so this is the pure reference; the ``cuda``
     backend of the op, ops/cuda_ops.py, passes the CUDA centering kernels).
     Eagerly: [N, K] student logits, [M, K] teacher logits and probabilities, [P, K] gathered
@@ -200,7 +208,8 @@ def prototype_loss(student_z: torch.Tensor, student_w: torch.Tensor, teacher_z: 
         probs = (targets or teacher_probs)(teacher_z, teacher_w, teacher_temp, centering, center, sinkhorn_iters,
                                            all_reduce, total_rows)
         # mean over rows of z W^T = (mean of z) W^T: no second [M, K] pass
-        logit_mean = prototype_logits(teacher_z.float().mean(dim=0, keepdim=True), teacher_w)[0]
+        logit_mean = (prototype_logits(teacher_z.float().mean(dim=0, keepdim=True), teacher_w)[0]
+                      if centering == "softmax" else teacher_z.new_zeros(0, dtype=torch.float32))
     s_logits = prototype_logits(student_z, student_w)
     ce = soft_cross_entropy(s_logits.index_select(0, s_idx), probs.index_select(0, t_idx), student_temp)
     return (ce * pair_weight).sum(), logit_mean
