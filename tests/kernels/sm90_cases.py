@@ -25,7 +25,7 @@ IBOT_MASKED_FRACTION = 0.15  # mean masked patches per global crop: half the cro
 @dataclasses.dataclass
 class Case:
     name: str  # "<family>-<model>-<detail>", a pytest id
-    family: str  # attention, layer_norm, swiglu, residual_weight, head_loss, optimizer
+    family: str  # attention, layer_norm, swiglu, residual_weight, l2_normalize, head_loss, optimizer
     shape: str
     run: Callable[[], None]
 
@@ -109,8 +109,9 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
             x, w, b = _grad(T, C, dtype=dt), _grad(C, dtype=dt), _grad(C, dtype=dt)
             y = L.layer_norm(x, w, b, 1e-6)
             y.backward(torch.empty_like(y))
-            y, passed = L.layer_norm_branch(x, w, b, 1e-6)
-            torch.autograd.backward([y, passed], [torch.empty_like(y), torch.empty_like(passed)])
+            for copy in (False, True):  # copy: the stream's buffer for the residual GEMM's addmm_ (the model's)
+                y, passed = L.layer_norm_branch(x, w, b, 1e-6, copy=copy)
+                torch.autograd.backward([y, passed], [torch.empty_like(y), torch.empty_like(passed)])
 
     def swiglu():  # the model's call: fc1's bias, fc2's rows with the bias column; teacher, then student (keep)
         for keep in (None, torch.empty(len(s.segments))):
@@ -128,7 +129,8 @@ def _backbone_cases(s: ModelShape) -> list[Case]:
     return [
         Case(f"attention-{s.model}", "attention", f"[{T}, 3, {s.heads}, {s.head_dim}] bf16, {seg}, "
              f"-> [{T}, {C}+{PAD}] +- keep", attention),
-        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32, plain and branch", layer_norm),
+        Case(f"layer_norm-{s.model}", "layer_norm", f"[{T}, {C}] bf16 and fp32, plain and branch (+- copy)",
+             layer_norm),
         Case(f"swiglu-{s.model}", "swiglu", f"[{T}, 2x{s.hidden}] bf16 + bias -> [{T}, {s.hidden}+{PAD}], "
              f"+- keep", swiglu),
         Case(f"residual_weight-{s.model}", "residual_weight",
@@ -163,6 +165,22 @@ def _head_case(s: ModelShape, head: str, dtype_name: str) -> Case:
                 f"{head}: N={n}, M={m}, K={s.prototypes}, b={b} {dtype_name}", run)
 
 
+def _l2_normalize_case(s: ModelShape) -> Case:
+    """The heads' prototype weight norm: [K, b] for the DINO and iBOT bottlenecks, bf16 (the compute copies)."""
+    import torch
+
+    from virchow_fast.kernels import l2_normalize as N
+
+    def run():
+        for b in sorted({s.dino_b, s.ibot_b}):
+            w = _grad(s.prototypes, b, dtype=torch.bfloat16)
+            y = N.l2_normalize(w)
+            y.backward(torch.empty_like(y))
+
+    return Case(f"l2_normalize-{s.model}", "l2_normalize",
+                f"[{s.prototypes}, {s.dino_b}] and [{s.prototypes}, {s.ibot_b}] bf16", run)
+
+
 def _optimizer_case(s: ModelShape) -> Case:
     """One optimizer step (kernels/adamw_ema.py) over one block's parameters: fp32 master weights,
     bf16 gradients of the matrices (FSDP's bf16 reduce) and fp32 ones of the biases and norms, with
@@ -194,6 +212,7 @@ def cases() -> list[Case]:
         s = model_shape(model)
         out += _backbone_cases(s)
         out.append(_optimizer_case(s))
+        out.append(_l2_normalize_case(s))
         for head in ("dino", "ibot"):
             for dtype in ("float32", "bfloat16"):
                 out.append(_head_case(s, head, dtype))

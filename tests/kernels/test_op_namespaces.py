@@ -51,6 +51,9 @@ def swiglu(mode):
 def residual_weight(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(weight=e(C, H2), gamma=e(C), bias=e(C), pad=8, dwe=e(C, H2 + 8))
+def l2_normalize(mode):
+    e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
+    return dict(w=e(K, B), dy=e(K, B), inv=torch.empty(K), eps=1e-12)
 def attention(mode):
     e = lambda *s: torch.empty(*s, dtype=torch.bfloat16)
     return dict(qkv=e(T, 3, HEADS, D), o=e(T, HEADS, D), do=e(T, HEADS, D),
@@ -68,6 +71,7 @@ def family(op, mode):
     if op.startswith("head_"): return head(mode, op)
     if op.startswith("swiglu"): return swiglu(mode)
     if op.startswith("residual_weight"): return residual_weight(mode)
+    if op.startswith("l2_normalize"): return l2_normalize(mode)
     if op.startswith(("softmax_center", "sinkhorn")): return centering(mode)
     return rows(mode)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
+
 
 class DINOHead(nn.Module):
     def __init__(self, in_dim: int, prototypes: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
@@ -34,7 +36,7 @@ class DINOHead(nn.Module):
 
     def normalized_prototypes(self) -> torch.Tensor:
         """W [K, b] with unit rows, in the parameters' compute dtype (bf16 under FSDP's bf16 policy)."""
-        return F.normalize(self.prototypes, dim=-1)
+        return ops.l2_normalize(self.prototypes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [.., in_dim] -> L2-normalised bottleneck features [.., b], in the compute dtype.

@@ -61,6 +61,11 @@ TABLE: dict[str, Op] = {op.name: op for op in (
        auto=("triton", "torch"),
        evidence=_NOT_MEASURED + "; one pass over the weight instead of passes over the token rows "
                 "(benchmarks/cost_model.py)"),
+    Op("l2_normalize", "rows divided by their L2 norm: the DINO / iBOT prototypes' weight norm, one pass each way",
+       torch="virchow_fast.ops.reference:l2_normalize",
+       triton="virchow_fast.kernels.l2_normalize:l2_normalize",
+       auto=("triton", "torch"),
+       evidence=_NOT_MEASURED + "; 2 passes forward and 3 backward instead of about 10 (benchmarks/cost_model.py)"),
     Op("prototype_loss", "DINO / iBOT head loss from bottleneck features, logits never stored",
        torch="virchow_fast.ops.reference:prototype_loss",
        triton="virchow_fast.kernels.prototype_loss:prototype_loss",
