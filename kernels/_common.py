@@ -85,3 +85,27 @@ def check_float(name: str, t: torch.Tensor) -> None:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels take arbitrary row strides but need a unit stride in the last dim."""
     return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def check_keep_pad(op: str, rows: int, keep: torch.Tensor | None, seg_ids: torch.Tensor | None, pad,
+                   segments: int | None = None) -> int:
+    """The arguments of an op whose output feeds a block's residual GEMM (attention, SwiGLU): the
+    per-crop factors ``keep`` ([S] floating, S = ``segments`` when known), each row's crop ``seg_ids``
+    ([rows] int64 / int32) and ``pad`` (0 or a positive multiple of 8). One-line ValueErrors naming
+    ``op``; returns pad as an int."""
+    if isinstance(pad, bool) or int(pad) != pad or pad < 0 or pad % 8:
+        raise ValueError(f"{op}: pad must be 0 or a positive multiple of 8; got {pad} (16-byte rows for the GEMM)")
+    if keep is None:
+        if seg_ids is not None:
+            raise ValueError(f"{op}: seg_ids given without keep")
+        return int(pad)
+    if seg_ids is None:
+        raise ValueError(f"{op}: keep needs seg_ids (keep given without seg_ids: the crop of each of the {rows} rows)")
+    if keep.dim() != 1 or not keep.is_floating_point() or (segments is not None and keep.shape[0] != segments):
+        size = f" = [{segments}]" if segments is not None else ""
+        raise ValueError(f"{op}: keep must be a floating [S]{size} tensor (one factor per crop); "
+                         f"got {keep.dtype} {tuple(keep.shape)}")
+    if seg_ids.shape != (rows,) or seg_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{op}: seg_ids must be an int64 [T] = [{rows}] tensor of crop ids (int32 also taken); "
+                         f"got {seg_ids.dtype} {tuple(seg_ids.shape)}")
+    return int(pad)

@@ -256,7 +256,7 @@ def _check(params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copie
     n = len(params)
     lists = (params, grads, exp_avgs, exp_avg_sqs, teachers, copies, teacher_copies)
     for (name, _), lst in zip(_LISTS[1:5], lists[1:5], strict=True):
-        if len(lst) != n and not (only_grads and name != "grads"):
+        if len(lst) != n:
             raise ValueError(f"adamw_ema_: {name} has {len(lst)} tensors, params {n}")
     for (name, _), lst in zip(_LISTS[5:], lists[5:], strict=True):
         if len(lst) not in (0, n):

@@ -42,7 +42,7 @@ import triton
 import triton.testing
 
 from . import _attention_jit as J
-from ._common import check_float, interpreting, last_dim_contiguous, next_pow2
+from ._common import check_float, check_keep_pad, interpreting, last_dim_contiguous, next_pow2
 
 LOG2E = 1.4426950408889634
 
@@ -474,30 +474,11 @@ def attention_qkv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             or (bias is not None and bias.shape != weight.shape[:1])):
         raise ValueError(f"attention_qkv: x {tuple(x.shape)}, weight {tuple(weight.shape)}, bias "
                          f"{None if bias is None else tuple(bias.shape)} for {num_heads} heads")
-    pad = _check_keep_pad(T, cu_seqlens.numel() - 1, keep, seg_ids, pad)
+    pad = check_keep_pad("attention_qkv", T, keep, seg_ids, pad, segments=cu_seqlens.numel() - 1)
     cu_seqlens, scale = _launch_inputs(weight.shape[0] // (3 * num_heads), cu_seqlens, scale)
-    if keep is None:
-        seg_ids = None
-    else:
-        keep = keep.detach()
+    keep = None if keep is None else keep.detach()
     return _QKVAttention.apply(x, weight, bias, int(num_heads), cu_seqlens, int(max_seqlen), scale, keep, seg_ids,
                                pad)
-
-
-def _check_keep_pad(T: int, S: int, keep, seg_ids, pad) -> int:
-    """attention_qkv's keep / seg_ids / pad arguments, checked (one-line ValueErrors); returns int pad."""
-    if isinstance(pad, bool) or int(pad) != pad or pad < 0 or pad % 8:
-        raise ValueError(f"attention_qkv: pad must be 0 or a positive multiple of 8; got {pad}")
-    if keep is not None:
-        if seg_ids is None:
-            raise ValueError("attention_qkv: keep needs seg_ids (the [T] segment index of each token)")
-        if keep.dim() != 1 or keep.shape[0] != S or not keep.is_floating_point():
-            raise ValueError(f"attention_qkv: keep must be a floating [S] = [{S}] tensor (one factor per segment); "
-                             f"got {keep.dtype} {tuple(keep.shape)}")
-        if seg_ids.shape != (T,) or seg_ids.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"attention_qkv: seg_ids must be an int64 [T] = [{T}] tensor; "
-                             f"got {seg_ids.dtype} {tuple(seg_ids.shape)}")
-    return int(pad)
 
 
 attention.qkv = attention_qkv  # what ops.attention_qkv runs on this backend

@@ -25,12 +25,17 @@ ROWS = 8  # rows per program
 
 
 @triton.jit
-def _fwd_kernel(W, Y, INV, R, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+def _tile(R, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    """This program's rows: their indices, row mask, [ROWS, BLOCK_C] element offsets and mask."""
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < R
-    mask = rmask[:, None] & (cols < C)[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    return rows, rmask, rows[:, None] * C + cols[None, :], rmask[:, None] & (cols < C)[None, :]
+
+
+@triton.jit
+def _fwd_kernel(W, Y, INV, R, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
+    rows, rmask, offs, mask = _tile(R, C, BLOCK_C, ROWS)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(w * w, axis=1)), eps)
     tl.store(Y + offs, (w * inv[:, None]).to(Y.dtype.element_ty), mask=mask)
@@ -39,11 +44,7 @@ def _fwd_kernel(W, Y, INV, R, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS:
 
 @triton.jit
 def _bwd_kernel(DY, W, INV, DW, R, eps, C: tl.constexpr, BLOCK_C: tl.constexpr, ROWS: tl.constexpr):
-    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < R
-    mask = rmask[:, None] & (cols < C)[None, :]
-    offs = rows[:, None] * C + cols[None, :]
+    rows, rmask, offs, mask = _tile(R, C, BLOCK_C, ROWS)
     dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(W + offs, mask=mask, other=0.0).to(tl.float32)
     inv = tl.load(INV + rows, mask=rmask, other=0.0)

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_float, last_dim_contiguous, next_pow2, num_programs
+from ._common import check_float, check_keep_pad, last_dim_contiguous, next_pow2, num_programs
 
 # ------------------------------------------------------------------------------------------------
 # Kernels
@@ -216,22 +216,6 @@ _swiglu_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
 # Public function
 # ------------------------------------------------------------------------------------------------
 
-def check_keep_pad(op: str, rows: int, keep: torch.Tensor | None, seg_ids: torch.Tensor | None, pad: int) -> None:
-    """The row-factor and padding arguments of an op whose output feeds a residual GEMM; one line if wrong."""
-    if pad < 0 or pad % 8:
-        raise ValueError(f"{op}: pad {pad} must be 0 or a positive multiple of 8 (16-byte rows for the GEMM)")
-    if keep is None:
-        if seg_ids is not None:
-            raise ValueError(f"{op}: seg_ids given without keep")
-        return
-    if seg_ids is None:
-        raise ValueError(f"{op}: keep given without seg_ids (the crop of each row)")
-    check_float(f"{op} keep", keep)
-    if keep.dim() != 1 or seg_ids.shape != (rows,) or seg_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"{op}: keep {tuple(keep.shape)} and seg_ids {tuple(seg_ids.shape)} {seg_ids.dtype}: "
-                         f"expected [S] factors and [{rows}] integer crop ids")
-
-
 def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None, keep: torch.Tensor | None = None,
            seg_ids: torch.Tensor | None = None, pad: int = 0) -> torch.Tensor:
     """SiLU(g) * v, [g, v] = (x + bias) split in halves (same contract as the reference).
@@ -252,7 +236,6 @@ def swiglu(x: torch.Tensor, bias: torch.Tensor | None = None, keep: torch.Tensor
         if bias.shape != x.shape[-1:]:
             raise ValueError(f"swiglu: bias {tuple(bias.shape)} does not match x {tuple(x.shape)}; "
                              f"expected [{x.shape[-1]}]")
-    rows = x.numel() // max(x.shape[-1], 1)
-    check_keep_pad("swiglu", rows, keep, seg_ids, pad)
+    pad = check_keep_pad("swiglu", x.numel() // max(x.shape[-1], 1), keep, seg_ids, pad)
     y = _swiglu_fwd(x.reshape(-1, x.shape[-1]), bias, keep, seg_ids, pad)
     return y.view(*x.shape[:-1], x.shape[-1] // 2 + pad)

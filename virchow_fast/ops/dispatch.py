@@ -157,16 +157,15 @@ def attention_qkv(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale=None
     """
     fn = _dispatch("attention", x.device)
     fused = getattr(fn, "qkv", None)
-    if fused is not None and (getattr(fused, "supports_keep_pad", False) or (keep is None and not pad)):
-        if keep is None and not pad:
-            return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
+    plain = keep is None and not pad
+    if fused is not None and not plain and getattr(fused, "supports_keep_pad", False):
         return fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale, keep=keep, seg_ids=seg_ids, pad=pad)
     if fused is not None:
         o = fused(x, weight, bias, num_heads, cu_seqlens, max_seqlen, scale)
     else:
         qkv = torch.nn.functional.linear(x, weight, bias).view(x.shape[0], 3, num_heads, -1)
         o = attention(qkv, cu_seqlens, max_seqlen, scale, host_offsets=host_offsets)
-    if keep is None and not pad:
+    if plain:
         return o
     out = reference.scale_rows(o.reshape(o.shape[0], -1), keep, seg_ids, pad)
     return out if pad else out.view(o.shape)

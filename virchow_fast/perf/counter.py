@@ -229,8 +229,8 @@ class CostCounter(TorchDispatchMode):
     def _useful_share(self, name: str, args) -> float:
         """Useful / issued FLOPs of a block's own GEMM (the residual GEMMs are the only ones a Block
         issues outside its Linear modules): each of m, k, n that is a padded width counts its useful part."""
-        leaf = self._module().rsplit(".", 1)[-1]
-        if ".blocks." not in self._module() or not leaf.isdigit():
+        module = self._module()
+        if ".blocks." not in module or not module.rsplit(".", 1)[-1].isdigit():
             return 1.0
         a, b = (args[1], args[2]) if name.startswith("aten.addmm") else (args[0], args[1])
         share = 1.0
@@ -290,9 +290,8 @@ class CostCounter(TorchDispatchMode):
             return
         flops = issued = 0.0
         kind = MEMORY
-        packet = func._overloadpacket
+        packet = _FLOP_ALIASES.get(func._overloadpacket, func._overloadpacket)
         operands = _tensors(args)[:2]
-        packet = _FLOP_ALIASES.get(packet, packet)
         if packet in flop_registry:
             flops = issued = float(flop_registry[packet](*args, **kwargs, out_val=out))
             kind = GEMM
