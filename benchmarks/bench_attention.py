@@ -128,7 +128,16 @@ def bench_model(model, cfg):
                 qkv, o, lse = ctx.saved_tensors
                 return A._attention_bwd_bias(do, qkv, o, lse, cu, max_len, scale)[0]
         measure(model, "triton (ours, packed), backward with the qkv bias sums", WithBiasSums.apply, qkv, do, flops,
-                "the model's path (ops.attention_qkv) without its projection GEMMs")
+                "ops.attention_qkv's kernels without its projection GEMMs")
+        # the model's call: each crop's drop-path factor (0.4) and proj's [T, C + 8] rows for the residual GEMM
+        from virchow_fast.model.vit import PAD
+
+        seg = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+        keep = (torch.rand(len(lengths), device=device) >= 0.4).float() / 0.6
+        do_pad = torch.randn(sum(lengths), H * D + PAD, device=device, dtype=DTYPE)
+        measure(model, "triton (ours, packed), keep + padded rows: the model's call",
+                lambda qkv: A._attention_fwd(qkv, cu, max_len, scale, keep, seg, PAD)[0], qkv, do_pad, flops,
+                "per-crop factors in the epilogue, [T, C + 8] output (the backward without the bias sums)")
     except ImportError as exc:
         skip(skipped, f"{model} triton", f"ImportError: {exc}")
 

@@ -4,7 +4,9 @@ Rows: all tokens of one GPU step (32 tiles x (2 x 261 + 8 x 54) = 30528 for ViT-
 32 x (2 x 265 + 8 x 58) = 31808 for ViT-G at 1664), bf16 activations, fp32 weight and bias (as
 FSDP2 mixed precision leaves them in the reference path). Bytes: forward reads x, writes y
 (2 R C e); backward reads x and dy, writes dx (3 R C e); weights and the fp32 statistics are
-counted too. Side by side: our Triton kernel, the torch reference (fp32 upcast) eagerly and
+counted too. Side by side: our Triton kernel (also in the block's branch form, with the residual
+stream's copy the block's in-place GEMM updates: one more write forward, the residual gradient's
+read backward), the torch reference (fp32 upcast) eagerly and
 under torch.compile, torch's native F.layer_norm in bf16, and Liger / apex when installed.
 
     python benchmarks/bench_layer_norm.py              # GPU
@@ -78,6 +80,16 @@ for model, (R, C) in SHAPES.items():
         bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg, w=w, b=b: fn(xg, w, b, EPS),
                         [xg, w, b], dy,
                         fwd_bytes, bwd_bytes, copy, device, args)
+    if "triton (ours)" in IMPLS:  # the block's call: the branch form, with the stream's copy (one more write)
+        from virchow_fast.kernels.layer_norm import layer_norm_branch
+
+        def branch_fwd(x=x, w=w, b=b):
+            with torch.no_grad():
+                return layer_norm_branch(x, w, b, EPS, copy=True)
+        # backward: the norm's and the residual stream's gradients, summed in the one kernel (one more read)
+        bench_bandwidth(rows, skipped, model, "triton (ours) branch + stream copy, the model's call", branch_fwd,
+                        lambda xg=xg, w=w, b=b: layer_norm_branch(xg, w, b, EPS, copy=True), [xg, w, b], (dy, dy),
+                        fwd_bytes + R * C * e, bwd_bytes + R * C * e, copy, device, args)
 
 report("bench_layer_norm", rows, BANDWIDTH_COLUMNS, skipped, args, device,
        {"dtype": str(DTYPE), "shapes": SHAPES, "eps": EPS},

@@ -3,8 +3,10 @@
 Rows: all tokens of one GPU step (30528 for ViT-H, fc1 width 2 x 3416; 31808 for ViT-G, 2 x 5464),
 bf16. Bytes: forward reads 2H, writes H per row (3 R H e); backward reads x and dy, writes dx
 (5 R H e). Side by side: our Triton kernel, also with fc1's bias added in it and its gradient
-summed in the backward (the model's call), the torch reference eagerly (with and without the bias)
-and under torch.compile, and Liger's SiLU-mul when installed; the roof is the measured copy bandwidth.
+summed in the backward, and with the per-crop drop-path factors and the 8 columns of the block's
+residual GEMM as well (``keep``, ``pad``: the model's call, fc2's rows ``[k y | k | 0]``), the torch
+reference eagerly (with and without the bias) and under torch.compile, and Liger's SiLU-mul when
+installed; the roof is the measured copy bandwidth.
 
     python benchmarks/bench_swiglu.py              # GPU
     python benchmarks/bench_swiglu.py --cpu-smoke  # tiny shapes, Triton interpreter (automatic without CUDA)
@@ -30,7 +32,7 @@ def impls():
     try:
         from virchow_fast.kernels.swiglu import swiglu as triton_swiglu
         out["triton (ours)"] = lambda x, b: triton_swiglu(x)
-        out["triton (ours) + fc1 bias, the model's call"] = triton_swiglu
+        out["triton (ours) + fc1 bias"] = triton_swiglu
     except ImportError as exc:
         skip(skipped, "triton", f"ImportError: {exc}")
     out["torch reference (eager)"] = lambda x, b: reference.swiglu(x)
@@ -69,6 +71,21 @@ for model, (R, W) in SHAPES.items():
                 return fn(x, bias)
         grads = [xg, bias] if "bias" in impl else [xg]
         bench_bandwidth(rows, skipped, model, impl, fwd, lambda fn=fn, xg=xg, bias=bias: fn(xg, bias), grads, dy,
+                        fwd_bytes, bwd_bytes, copy, device, args)
+    if "triton (ours)" in IMPLS:  # the model's call: 54-row crops, drop path 0.4, fc2's padded rows
+        from virchow_fast.kernels.swiglu import swiglu as triton_swiglu
+        from virchow_fast.model.vit import PAD
+
+        seg = torch.arange(R, device=device) // 54
+        keep = (torch.rand(int(seg[-1]) + 1, device=device) >= 0.4).float() / 0.6
+        dy_pad = torch.randn(R, H + PAD, device=device, dtype=DTYPE)
+
+        def fwd_model(x=x, bias=bias, keep=keep, seg=seg):
+            with torch.no_grad():
+                return triton_swiglu(x, bias, keep, seg, PAD)
+        bench_bandwidth(rows, skipped, model, "triton (ours) + fc1 bias, keep, pad 8: the model's call", fwd_model,
+                        lambda xg=xg, bias=bias, keep=keep, seg=seg: triton_swiglu(xg, bias, keep, seg, PAD),
+                        [xg, bias], dy_pad,
                         fwd_bytes, bwd_bytes, copy, device, args)
 
 report("bench_swiglu", rows, BANDWIDTH_COLUMNS, skipped, args, device, {"dtype": str(DTYPE), "shapes": SHAPES},

@@ -160,7 +160,7 @@ pytest_or_skip() {
 }
 
 compile_baselines() {
-  for b in bench_layer_norm bench_swiglu bench_residual; do "$PY" benchmarks/$b.py --compile || return 1; done
+  for b in bench_layer_norm bench_swiglu bench_residual bench_l2_normalize; do "$PY" benchmarks/$b.py --compile || return 1; done
 }
 
 build_cuda_ext() {
@@ -186,6 +186,7 @@ STEPS=(
   "bench_layer_norm|30|all|$PY benchmarks/bench_layer_norm.py --no-compile"
   "bench_swiglu|30|all|$PY benchmarks/bench_swiglu.py --no-compile"
   "bench_residual|30|all|$PY benchmarks/bench_residual.py --no-compile"
+  "bench_l2_normalize|20|all|$PY benchmarks/bench_l2_normalize.py --no-compile"
   "bench_update|45|all|$PY benchmarks/bench_update.py"
   "bench_head_loss|60|gpu|$PY benchmarks/bench_head_loss.py --iters 5 --no-compile"
   "compile_baselines|90|gpu|compile_baselines"
